@@ -1,0 +1,3 @@
+"""datasetdm-jax: DatasetDM in JAX/Flax."""
+
+__version__ = "0.1.0"
