@@ -1,0 +1,118 @@
+"""`datasetdm bench`: timings measured on whatever device runs it.
+
+Reports compile time, steady-state time (median of repeats), FLOPs from XLA's cost analysis and
+the achieved rate. Comparisons are ratios measured side by side in the same run, never asserts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from datasetdm_jax import features
+from datasetdm_jax.models import presets
+from datasetdm_jax.models.unet import UNet2DConditionConfig, UNet2DConditionModel
+
+UNET_CONFIGS = {"sd15": presets.SD15_UNET, "sd21": presets.SD21_UNET}
+
+
+def random_state(abstract_state, seed: int = 0):
+    """Fills an abstract NNX state with numpy randoms (fast for 1B params, unlike module init)."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = str(path[-1].key if hasattr(path[-1], "key") else path[-1])
+        if name == "kernel":
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            return (rng.standard_normal(leaf.shape, dtype=np.float32) / np.sqrt(fan_in)).astype(leaf.dtype)
+        if name == "scale":
+            return np.ones(leaf.shape, leaf.dtype)
+        if name == "embedding":
+            return rng.standard_normal(leaf.shape, dtype=np.float32).astype(leaf.dtype) * 0.02
+        return np.zeros(leaf.shape, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract_state)
+
+
+@dataclasses.dataclass
+class Timing:
+    name: str
+    compile_s: float
+    median_s: float
+    min_s: float
+    max_s: float
+    gflop: float
+
+    @property
+    def gflops_per_s(self) -> float:
+        return self.gflop / self.median_s
+
+
+def time_jitted(name: str, fn: Callable, *args, repeats: int = 5) -> Timing:
+    """AOT-compiles `fn(*args)` once, then times `repeats` calls after one warm-up call."""
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    gflop = float((cost or {}).get("flops", 0.0)) / 1e9
+    jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t0)
+    return Timing(name, compile_s, statistics.median(times), min(times), max(times), gflop)
+
+
+def bench_unet(config: str = "sd15", size: int = 256, batch: int = 2, repeats: int = 5, capture: bool = True):
+    """UNet forward at image `size` (latent size/8) on a CFG batch of `batch` rows, with/without capture."""
+    cfg = UNet2DConditionConfig.from_dict(UNET_CONFIGS[config])
+    abstract = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    state = jax.device_put(random_state(abstract_state))
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
+    latent = size // 8
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((batch, latent, latent, 4), np.float32))
+    ctx = jnp.asarray(np.random.default_rng(2).standard_normal((batch, 77, cfg.cross_attention_dim), np.float32))
+    t = jnp.full((batch,), 500, jnp.int32)
+
+    def plain(state, x, t, ctx):
+        return nnx.merge(graphdef, state)(x, t, ctx)
+
+    def captured(state, x, t, ctx):
+        eps, taps = nnx.merge(graphdef, state)(x, t, ctx, capture=True)
+        feats = features.extract(taps, "datasetdm", batch // 2)
+        # Reduce so the captured tensors are really computed, as a decoder would consume them.
+        return eps, sum(jnp.mean(v) for v in jax.tree.leaves(feats))
+
+    results = [time_jitted(f"{config} unet {size}px b{batch}", plain, state, x, t, ctx, repeats=repeats)]
+    if capture:
+        results.append(time_jitted(f"{config} unet {size}px b{batch} +capture", captured, state, x, t, ctx, repeats=repeats))
+    return n_params, results
+
+
+def print_table(rows: list[Timing], header: str = "") -> None:
+    if header:
+        print(header)
+    print(f"| run | compile s | median s [min-max] | GFLOP | GFLOP/s |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r.name} | {r.compile_s:.1f} | {r.median_s:.3f} [{r.min_s:.3f}-{r.max_s:.3f}] | {r.gflop:.1f} | {r.gflops_per_s:.1f} |")
+
+
+def main_unet(config: str, size: int, batch: int, repeats: int, json_out: str | None = None) -> None:
+    n_params, rows = bench_unet(config, size, batch, repeats)
+    print_table(rows, f"{config} UNet, {n_params:,} params, device {jax.devices()[0].device_kind} x{jax.device_count()}")
+    if len(rows) == 2:
+        print(f"capture overhead: {rows[1].median_s / rows[0].median_s - 1:+.1%}")
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)

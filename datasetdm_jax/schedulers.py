@@ -1,0 +1,543 @@
+"""Diffusion schedules as pure, jittable functions read from a diffusers ``scheduler_config.json``.
+
+Everything that depends on the number of inference steps (timesteps, per-step coefficients, which
+solver order each step uses) is computed once in numpy when a sampler state is built, so the
+sampling loop is a ``jax.lax.fori_loop`` whose body only indexes precomputed arrays with the
+(traced) loop index ``i``. The numbers follow diffusers' ``DDIMScheduler``, ``PNDMScheduler``
+(PLMS mode) and ``DPMSolverMultistepScheduler`` (DPM-Solver++ 2M), so the same number of model
+calls at the same timesteps gives the same samples.
+
+Usage::
+
+    cfg = ScheduleConfig.from_dict(json.load(open(".../scheduler/scheduler_config.json")))
+    sampler = get_sampler(default_sampler_name(cfg))          # or "ddim" / "pndm" / "dpmpp_2m"
+    x0 = jax.jit(lambda x: sample_loop(sampler, cfg, 50, model_fn, x))(x_T)
+
+Supported subset (anything else is refused with a one-line ``ValueError``): beta schedules
+``linear``, ``scaled_linear``, ``squaredcos_cap_v2`` or ``trained_betas``; prediction types
+``epsilon``, ``v_prediction``, ``sample`` (not for PNDM, as in diffusers); timestep spacings
+``leading``, ``trailing``, ``linspace``; deterministic sampling only (DDIM eta = 0). PNDM runs
+PLMS only (``skip_prk_steps=True``, the SD 1.x setting); PRK warm-up is refused. DPM-Solver is the
+``dpmsolver++`` algorithm with order 1 or 2, ``midpoint`` or ``heun``, optional Karras sigmas.
+No thresholding, no zero-terminal-SNR rescaling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "ScheduleConfig",
+    "Sampler",
+    "SAMPLERS",
+    "alphas_cumprod",
+    "add_noise",
+    "get_velocity",
+    "get_sampler",
+    "default_sampler_name",
+    "sample_loop",
+]
+
+_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+_SPACINGS = ("leading", "trailing", "linspace")
+
+# diffusers' per-class defaults for the keys whose defaults differ between classes; a saved
+# scheduler_config.json normally has all of them, these only matter for hand-written dicts.
+_CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "DDIMScheduler": {"set_alpha_to_one": True, "clip_sample": True, "timestep_spacing": "leading"},
+    "PNDMScheduler": {"set_alpha_to_one": False, "clip_sample": False, "timestep_spacing": "leading"},
+    "DDPMScheduler": {"set_alpha_to_one": True, "clip_sample": True, "timestep_spacing": "leading"},
+    "DPMSolverMultistepScheduler": {
+        "set_alpha_to_one": True, "clip_sample": False, "timestep_spacing": "linspace"},
+}
+_FALLBACK_DEFAULTS = {"set_alpha_to_one": False, "clip_sample": False, "timestep_spacing": "leading"}
+
+_CLASS_TO_SAMPLER = {
+    "DDIMScheduler": "ddim",
+    "PNDMScheduler": "pndm",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+}
+
+
+def _err(key: str, value: Any, expected: str) -> ValueError:
+    return ValueError(f"scheduler config: {key}={value!r} is not supported (expected {expected})")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    """Validated view of a diffusers scheduler config; hashable so it can be a static jit argument."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    trained_betas: tuple[float, ...] | None = None
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "leading"
+    steps_offset: int = 0
+    set_alpha_to_one: bool = False
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    class_name: str = ""
+    # PNDM
+    skip_prk_steps: bool = True
+    # DPM-Solver multistep
+    algorithm_type: str = "dpmsolver++"
+    solver_order: int = 2
+    solver_type: str = "midpoint"
+    lower_order_final: bool = True
+    euler_at_final: bool = False
+    final_sigmas_type: str = "zero"
+    use_karras_sigmas: bool = False
+    lambda_min_clipped: float = -math.inf
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ScheduleConfig":
+        """Parse a scheduler_config.json dict; unknown keys are ignored, unsupported values refused."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"scheduler config: expected a JSON object, got {type(d).__name__}")
+        class_name = str(d.get("_class_name", ""))
+        defaults = _CLASS_DEFAULTS.get(class_name, _FALLBACK_DEFAULTS)
+
+        def get(key: str, default: Any) -> Any:
+            v = d.get(key, None)
+            return default if v is None else v
+
+        def as_bool(key: str, default: bool) -> bool:
+            v = get(key, default)
+            if not isinstance(v, bool):
+                raise _err(key, v, "true or false")
+            return v
+
+        def as_int(key: str, default: int, lo: int) -> int:
+            v = get(key, default)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise _err(key, v, f"an integer >= {lo}")
+            return v
+
+        def as_float(key: str, default: float) -> float:
+            v = get(key, default)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+                raise _err(key, v, "a number")
+            return float(v)
+
+        def as_choice(key: str, default: str, choices: tuple[str, ...]) -> str:
+            v = get(key, default)
+            if v not in choices:
+                raise _err(key, v, "one of " + ", ".join(choices))
+            return v
+
+        n_train = as_int("num_train_timesteps", 1000, 1)
+        trained = d.get("trained_betas", None)
+        if trained is not None:
+            try:
+                trained = tuple(float(b) for b in trained)
+            except (TypeError, ValueError):
+                raise _err("trained_betas", "...", "a list of numbers") from None
+            if len(trained) != n_train or not all(0.0 < b < 1.0 for b in trained):
+                raise _err("trained_betas", f"<{len(trained)} values>",
+                           f"{n_train} values in (0, 1)")
+        # Features we do not implement: refuse rather than silently sample something else.
+        for key in ("thresholding", "rescale_betas_zero_snr", "use_lu_lambdas",
+                    "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas"):
+            if as_bool(key, False):
+                raise _err(key, True, "false; not implemented")
+        if get("variance_type", "fixed_small") in ("learned", "learned_range"):
+            raise _err("variance_type", d["variance_type"], "a fixed variance; learned is not implemented")
+        beta_start = as_float("beta_start", 0.0001)
+        beta_end = as_float("beta_end", 0.02)
+        if trained is None and not (0.0 < beta_start <= beta_end < 1.0):
+            raise ValueError(f"scheduler config: need 0 < beta_start <= beta_end < 1, "
+                             f"got beta_start={beta_start}, beta_end={beta_end}")
+        clip_range = as_float("clip_sample_range", 1.0)
+        if clip_range <= 0:
+            raise _err("clip_sample_range", clip_range, "a positive number")
+        return cls(
+            num_train_timesteps=n_train,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            beta_schedule=as_choice("beta_schedule", "linear", _BETA_SCHEDULES),
+            trained_betas=trained,
+            prediction_type=as_choice("prediction_type", "epsilon", _PREDICTION_TYPES),
+            timestep_spacing=as_choice("timestep_spacing", defaults["timestep_spacing"], _SPACINGS),
+            steps_offset=as_int("steps_offset", 0, 0),
+            set_alpha_to_one=as_bool("set_alpha_to_one", defaults["set_alpha_to_one"]),
+            clip_sample=as_bool("clip_sample", defaults["clip_sample"]),
+            clip_sample_range=clip_range,
+            class_name=class_name,
+            skip_prk_steps=as_bool("skip_prk_steps", class_name != "PNDMScheduler"),
+            algorithm_type=as_choice("algorithm_type", "dpmsolver++", (
+                "dpmsolver++", "dpmsolver", "sde-dpmsolver", "sde-dpmsolver++", "deis")),
+            solver_order=as_int("solver_order", 2, 1),
+            solver_type=as_choice("solver_type", "midpoint", ("midpoint", "heun", "logrho", "bh1", "bh2")),
+            lower_order_final=as_bool("lower_order_final", True),
+            euler_at_final=as_bool("euler_at_final", False),
+            final_sigmas_type=as_choice("final_sigmas_type", "zero", ("zero", "sigma_min")),
+            use_karras_sigmas=as_bool("use_karras_sigmas", False),
+            lambda_min_clipped=as_float("lambda_min_clipped", -math.inf),
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Noise schedule and DDPM forward process
+# ----------------------------------------------------------------------------------------------
+
+def _linspace_f32(start: float, end: float, n: int) -> np.ndarray:
+    """float32 linspace rounded the way torch's CPU kernel rounds it (float32 step, fused
+    multiply-add, second half counted back from the end), so betas match diffusers bit for bit."""
+    s, e = np.float32(start), np.float32(end)
+    step = np.float64((e - s) / np.float32(max(n - 1, 1)))
+    k = np.arange(n, dtype=np.float64)
+    vals = np.where(k < n // 2, np.float64(s) + step * k, np.float64(e) - step * (n - 1 - k))
+    return vals.astype(np.float32)
+
+
+def _betas(cfg: ScheduleConfig) -> np.ndarray:
+    """Betas in float32, as diffusers builds them (its arithmetic is float32 too)."""
+    n = cfg.num_train_timesteps
+    if cfg.trained_betas is not None:
+        return np.asarray(cfg.trained_betas, np.float32)
+    if cfg.beta_schedule == "linear":
+        return _linspace_f32(cfg.beta_start, cfg.beta_end, n)
+    if cfg.beta_schedule == "scaled_linear":
+        root = _linspace_f32(cfg.beta_start ** 0.5, cfg.beta_end ** 0.5, n)
+        return root * root
+    # squaredcos_cap_v2: discretised cosine alpha-bar (Nichol & Dhariwal), betas capped at 0.999.
+    def alpha_bar(s: float) -> float:
+        return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+    return np.array([min(1.0 - alpha_bar((k + 1) / n) / alpha_bar(k / n), 0.999) for k in range(n)],
+                    np.float32)
+
+
+def alphas_cumprod(cfg: ScheduleConfig) -> np.ndarray:
+    """Cumulative product of (1 - beta), float32, shape (num_train_timesteps,)."""
+    return np.cumprod((np.float32(1.0) - _betas(cfg)).astype(np.float64)).astype(np.float32)
+
+
+def _per_sample(coef: jax.Array, ndim: int) -> jax.Array:
+    """Give per-sample coefficients (B,) or a scalar trailing unit axes to broadcast over x."""
+    return coef.reshape(coef.shape + (1,) * (ndim - coef.ndim))
+
+
+def add_noise(cfg: ScheduleConfig, x0: jax.Array, noise: jax.Array, t: jax.Array | int) -> jax.Array:
+    """DDPM forward process q(x_t | x_0): sqrt(abar_t) x0 + sqrt(1 - abar_t) noise; t scalar or (B,)."""
+    ac = jnp.asarray(alphas_cumprod(cfg))[jnp.asarray(t)].astype(x0.dtype)
+    ac = _per_sample(ac, x0.ndim)
+    return jnp.sqrt(ac) * x0 + jnp.sqrt(1 - ac) * noise
+
+
+def get_velocity(cfg: ScheduleConfig, x0: jax.Array, noise: jax.Array, t: jax.Array | int) -> jax.Array:
+    """v-prediction training target: sqrt(abar_t) noise - sqrt(1 - abar_t) x0; t scalar or (B,)."""
+    ac = jnp.asarray(alphas_cumprod(cfg))[jnp.asarray(t)].astype(x0.dtype)
+    ac = _per_sample(ac, x0.ndim)
+    return jnp.sqrt(ac) * noise - jnp.sqrt(1 - ac) * x0
+
+
+# ----------------------------------------------------------------------------------------------
+# Samplers: numpy precomputation + a jittable step indexed by the loop counter
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """A named sampler.
+
+    ``timesteps(cfg, n)`` gives the timestep fed to the model at each of the loop iterations (its
+    length is the number of model calls); ``init(cfg, n, sample)`` builds the state pytree (arrays
+    only: precomputed coefficients, ``timesteps``, history buffers); ``step(state, model_output, i,
+    sample)`` returns ``(prev_sample, state)`` and is traceable with ``i`` a traced integer.
+    All three samplers take x_T = unit Gaussian noise (init_noise_sigma 1) and unscaled model input.
+    """
+
+    name: str
+    timesteps: Callable[[ScheduleConfig, int], np.ndarray]
+    init: Callable[[ScheduleConfig, int, jax.Array], dict]
+    step: Callable[[dict, jax.Array, jax.Array, jax.Array], tuple[jax.Array, dict]]
+    init_noise_sigma: float = 1.0
+
+    def scale_model_input(self, sample: jax.Array, i: jax.Array | int | None = None) -> jax.Array:
+        """Identity for these samplers; kept so callers can be written sampler-agnostically."""
+        return sample
+
+
+def _check_steps(cfg: ScheduleConfig, num_steps: int) -> None:
+    if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    if num_steps > cfg.num_train_timesteps:
+        raise ValueError(f"num_steps={num_steps} exceeds num_train_timesteps={cfg.num_train_timesteps}")
+
+
+def _spaced(cfg: ScheduleConfig, n: int) -> np.ndarray:
+    """DDIM/PNDM spacing of n timesteps, descending."""
+    T = cfg.num_train_timesteps
+    if cfg.timestep_spacing == "linspace":
+        return np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
+    if cfg.timestep_spacing == "leading":
+        return (np.arange(n) * (T // n))[::-1].astype(np.int64) + cfg.steps_offset
+    return np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1  # trailing
+
+
+def _abar_at(ac: np.ndarray, t: np.ndarray, final: float) -> np.ndarray:
+    """alphas_cumprod at t (float64), with ``final`` where t < 0 (one step past the end)."""
+    return np.where(t >= 0, ac[np.clip(t, 0, None)].astype(np.float64), final)
+
+
+def _final_abar(cfg: ScheduleConfig, ac: np.ndarray) -> float:
+    return 1.0 if cfg.set_alpha_to_one else float(ac[0])
+
+
+def _f32(**arrays: np.ndarray) -> dict[str, jax.Array]:
+    return {k: jnp.asarray(np.asarray(v, np.float64), jnp.float32) for k, v in arrays.items()}
+
+
+# --- DDIM (eta = 0) ---------------------------------------------------------------------------
+
+def _ddim_timesteps(cfg: ScheduleConfig, num_steps: int) -> np.ndarray:
+    _check_steps(cfg, num_steps)
+    return _spaced(cfg, num_steps)
+
+
+def _ddim_init(cfg: ScheduleConfig, num_steps: int, sample: jax.Array) -> dict:
+    ts = _ddim_timesteps(cfg, num_steps)
+    ac = alphas_cumprod(cfg)
+    a_t = ac[ts].astype(np.float64)
+    # diffusers steps back by the *leading* stride whatever the spacing; mirrored on purpose.
+    a_prev = _abar_at(ac, ts - cfg.num_train_timesteps // num_steps, _final_abar(cfg, ac))
+    sa, sb = np.sqrt(a_t), np.sqrt(1 - a_t)
+    zero, one = np.zeros_like(sa), np.ones_like(sa)
+    # x0 = x0_x * x + x0_m * out ; eps = e_x * x + e_m * out
+    if cfg.prediction_type == "epsilon":
+        x0_x, x0_m, e_x, e_m = 1 / sa, -sb / sa, zero, one
+    elif cfg.prediction_type == "sample":
+        x0_x, x0_m, e_x, e_m = zero, one, 1 / sb, -sa / sb
+    else:  # v_prediction
+        x0_x, x0_m, e_x, e_m = sa, -sb, sb, sa
+    coef = _f32(x0_x=x0_x, x0_m=x0_m, e_x=e_x, e_m=e_m, sa_prev=np.sqrt(a_prev),
+                sb_prev=np.sqrt(1 - a_prev))
+    clip = cfg.clip_sample_range if cfg.clip_sample else math.inf
+    return {"timesteps": jnp.asarray(ts, jnp.int32), "coef": coef,
+            "clip": jnp.asarray(clip, jnp.float32)}
+
+
+def _ddim_step(state: dict, model_output: jax.Array, i: jax.Array, sample: jax.Array):
+    c = {k: v[i] for k, v in state["coef"].items()}
+    x, m = sample.astype(jnp.float32), model_output.astype(jnp.float32)
+    x0 = jnp.clip(c["x0_x"] * x + c["x0_m"] * m, -state["clip"], state["clip"])
+    eps = c["e_x"] * x + c["e_m"] * m
+    prev = c["sa_prev"] * x0 + c["sb_prev"] * eps
+    return prev.astype(sample.dtype), state
+
+
+# --- PNDM in PLMS mode ------------------------------------------------------------------------
+
+def _pndm_check(cfg: ScheduleConfig) -> None:
+    if not cfg.skip_prk_steps:
+        raise ValueError("scheduler config: skip_prk_steps=False (PNDM Runge-Kutta warm-up) is not "
+                         "supported; set skip_prk_steps=true (the Stable Diffusion setting)")
+    if cfg.prediction_type == "sample":
+        raise _err("prediction_type", "sample", "epsilon or v_prediction for PNDM")
+
+
+def _pndm_timesteps(cfg: ScheduleConfig, num_steps: int) -> np.ndarray:
+    """PLMS timesteps: the second one is repeated, so there are num_steps + 1 model calls."""
+    _check_steps(cfg, num_steps)
+    _pndm_check(cfg)
+    asc = _spaced(cfg, num_steps)[::-1]  # ascending, as PNDM builds them
+    return np.concatenate([asc[:-1], asc[-2:-1], asc[-1:]])[::-1].astype(np.int64)
+
+
+def _pndm_init(cfg: ScheduleConfig, num_steps: int, sample: jax.Array) -> dict:
+    ts = _pndm_timesteps(cfg, num_steps)
+    n = len(ts)
+    ac = alphas_cumprod(cfg)
+    stride = cfg.num_train_timesteps // num_steps
+    idx = np.arange(n)
+    # Step 1 redoes step 0's interval with the averaged output (a Heun-like second call).
+    t_cur = np.where(idx == 1, ts + stride, ts)
+    t_prev = np.where(idx == 1, ts, ts - stride)
+    a_t = ac[t_cur].astype(np.float64)
+    a_p = _abar_at(ac, t_prev, _final_abar(cfg, ac))
+    # PNDM paper eq. (9): x_prev = sc * x - mc * eps
+    sc = np.sqrt(a_p / a_t)
+    mc = (a_p - a_t) / (a_t * np.sqrt(1 - a_p) + np.sqrt(a_t * (1 - a_t) * a_p))
+    if cfg.prediction_type == "v_prediction":  # eps = sqrt(a) v + sqrt(1-a) x
+        x_coef, m_coef = sc - mc * np.sqrt(1 - a_t), -mc * np.sqrt(a_t)
+    else:
+        x_coef, m_coef = sc, -mc
+    # Linear-multistep weights on (current output, last three stored outputs, newest first).
+    w = np.zeros((n, 4))
+    w[:, :] = [55 / 24, -59 / 24, 37 / 24, -9 / 24]
+    w[0] = [1, 0, 0, 0]
+    if n > 1:
+        w[1] = [0.5, 0.5, 0, 0]
+    if n > 2:
+        w[2] = [1.5, -0.5, 0, 0]
+    if n > 3:
+        w[3] = [23 / 12, -16 / 12, 5 / 12, 0]
+    coef = _f32(x=x_coef, m=m_coef, w=w)
+    zeros = jnp.zeros(sample.shape, jnp.float32)
+    return {"timesteps": jnp.asarray(ts, jnp.int32), "coef": coef,
+            "ets": jnp.zeros((3,) + sample.shape, jnp.float32), "first_sample": zeros}
+
+
+def _pndm_step(state: dict, model_output: jax.Array, i: jax.Array, sample: jax.Array):
+    c = {k: v[i] for k, v in state["coef"].items()}
+    m = model_output.astype(jnp.float32)
+    ets = state["ets"]
+    w = c["w"].reshape((4,) + (1,) * m.ndim)
+    combined = w[0] * m + jnp.sum(w[1:] * ets, axis=0)
+    # Step 1 restarts from the sample given to step 0; it does not store its own output.
+    x = jnp.where(i == 1, state["first_sample"], sample.astype(jnp.float32))
+    prev = c["x"] * x + c["m"] * combined
+    pushed = jnp.concatenate([m[None], ets[:2]], axis=0)
+    new_state = dict(state)
+    new_state["ets"] = jnp.where(i == 1, ets, pushed)
+    new_state["first_sample"] = jnp.where(i == 0, sample.astype(jnp.float32), state["first_sample"])
+    return prev.astype(sample.dtype), new_state
+
+
+# --- DPM-Solver++ multistep (order <= 2) ------------------------------------------------------
+
+def _dpm_check(cfg: ScheduleConfig) -> None:
+    if cfg.algorithm_type not in ("dpmsolver++", "deis"):  # diffusers maps deis to dpmsolver++
+        raise _err("algorithm_type", cfg.algorithm_type, "dpmsolver++")
+    if cfg.solver_order > 2:
+        raise _err("solver_order", cfg.solver_order, "1 or 2")
+
+
+def _dpm_sigmas(cfg: ScheduleConfig, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps int64 (n,), sigmas float32 (n + 1,)) exactly as diffusers' set_timesteps."""
+    _check_steps(cfg, num_steps)
+    _dpm_check(cfg)
+    T = cfg.num_train_timesteps
+    ac = alphas_cumprod(cfg)
+    lam = (np.log(np.sqrt(ac)) - np.log(np.sqrt(np.float32(1) - ac))).astype(np.float32)
+    last = T - int(np.searchsorted(lam[::-1], cfg.lambda_min_clipped, side="left"))
+    n = num_steps
+    if cfg.timestep_spacing == "linspace":
+        ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+    elif cfg.timestep_spacing == "leading":
+        ts = (np.arange(n + 1) * (last // (n + 1)))[::-1][:-1].astype(np.int64) + cfg.steps_offset
+    else:
+        ts = np.arange(last, 0, -T / n).round().astype(np.int64) - 1
+    sig_train = (((np.float32(1) - ac) / ac) ** np.float32(0.5)).astype(np.float32)
+    log_sig = np.log(sig_train)
+    if cfg.use_karras_sigmas:
+        rho = 7.0
+        lo, hi = float(sig_train[0]) ** (1 / rho), float(sig_train[-1]) ** (1 / rho)
+        sigmas = (hi + np.linspace(0, 1, n) * (lo - hi)) ** rho
+        ts_f = _sigma_to_t(sigmas, log_sig)
+        if cfg.beta_schedule != "squaredcos_cap_v2":
+            ts_f = ts_f.round()
+        ts = ts_f.astype(np.int64)
+    else:
+        sigmas = np.interp(ts, np.arange(T), sig_train)
+    last_sigma = float(np.sqrt((1 - ac[0]) / ac[0])) if cfg.final_sigmas_type == "sigma_min" else 0.0
+    return ts, np.concatenate([sigmas, [last_sigma]]).astype(np.float32)
+
+
+def _sigma_to_t(sigmas: np.ndarray, log_sig: np.ndarray) -> np.ndarray:
+    """Fractional training timestep of each sigma, by linear interpolation in log-sigma."""
+    log_s = np.log(np.maximum(sigmas, 1e-10))
+    above = (log_s[None, :] - log_sig[:, None]) >= 0
+    low = np.cumsum(above, axis=0).argmax(axis=0).clip(max=len(log_sig) - 2)
+    w = np.clip((log_sig[low] - log_s) / (log_sig[low] - log_sig[low + 1]), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def _dpm_timesteps(cfg: ScheduleConfig, num_steps: int) -> np.ndarray:
+    return _dpm_sigmas(cfg, num_steps)[0]
+
+
+def _dpm_init(cfg: ScheduleConfig, num_steps: int, sample: jax.Array) -> dict:
+    ts, sig = _dpm_sigmas(cfg, num_steps)
+    n = len(ts)
+    sig = sig.astype(np.float64)
+    alpha = 1 / np.sqrt(sig ** 2 + 1)
+    sigma = sig * alpha
+    with np.errstate(divide="ignore"):
+        lam = np.log(alpha) - np.log(sigma)  # +inf at a zero final sigma
+    s_a, s_s, s_l = alpha[:-1], sigma[:-1], lam[:-1]  # at the current step
+    t_a, t_s, t_l = alpha[1:], sigma[1:], lam[1:]  # at the next step
+    # Data prediction x0 = cx * x + cm * model_output, at the current sigma.
+    if cfg.prediction_type == "epsilon":
+        cx, cm = 1 / s_a, -s_s / s_a
+    elif cfg.prediction_type == "sample":
+        cx, cm = np.zeros_like(s_a), np.ones_like(s_a)
+    else:
+        cx, cm = s_a, -s_s
+    h = t_l - s_l
+    with np.errstate(invalid="ignore"):
+        expm = -np.expm1(-h)  # 1 - exp(-h); exactly 1 when the next sigma is zero
+        x_coef = t_s / s_s  # 0 at a zero final sigma
+    d0 = t_a * expm
+    # Which steps are first order: the first, and the last when diffusers lowers the order there.
+    idx = np.arange(n)
+    lower_final = (idx == n - 1) & (cfg.euler_at_final or (cfg.lower_order_final and n < 15)
+                                    or cfg.final_sigmas_type == "zero")
+    first = (idx == 0) | lower_final | (cfg.solver_order == 1)
+    h_prev = np.concatenate([[np.nan], s_l[1:] - s_l[:-1]])  # lambda_s0 - lambda_s1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r0 = h_prev / h
+        if cfg.solver_type == "heun":
+            d1 = t_a * (1 - expm / h)  # alpha_t ((exp(-h) - 1) / h + 1)
+            c_m0, c_m1 = d0 + d1 / r0, -d1 / r0
+        else:  # midpoint
+            c_m0, c_m1 = d0 * (1 + 0.5 / r0), -0.5 * d0 / r0
+    c_m0 = np.where(first, d0, c_m0)
+    c_m1 = np.where(first, 0.0, c_m1)
+    coef = _f32(cx=cx, cm=cm, x=x_coef, m0=c_m0, m1=c_m1)
+    return {"timesteps": jnp.asarray(ts, jnp.int32), "coef": coef,
+            "prev_x0": jnp.zeros(sample.shape, jnp.float32)}
+
+
+def _dpm_step(state: dict, model_output: jax.Array, i: jax.Array, sample: jax.Array):
+    c = {k: v[i] for k, v in state["coef"].items()}
+    x = sample.astype(jnp.float32)
+    x0 = c["cx"] * x + c["cm"] * model_output.astype(jnp.float32)
+    prev = c["x"] * x + c["m0"] * x0 + c["m1"] * state["prev_x0"]
+    return prev.astype(sample.dtype), {**state, "prev_x0": x0}
+
+
+SAMPLERS: dict[str, Sampler] = {
+    "ddim": Sampler("ddim", _ddim_timesteps, _ddim_init, _ddim_step),
+    "pndm": Sampler("pndm", _pndm_timesteps, _pndm_init, _pndm_step),
+    "dpmpp_2m": Sampler("dpmpp_2m", _dpm_timesteps, _dpm_init, _dpm_step),
+}
+
+
+def get_sampler(name: str) -> Sampler:
+    """Look a sampler up by name (``ddim``, ``pndm``, ``dpmpp_2m``)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r} (expected one of {', '.join(SAMPLERS)})")
+    return SAMPLERS[name]
+
+
+def default_sampler_name(cfg: ScheduleConfig) -> str:
+    """The sampler matching the config's ``_class_name``; DDIM for other classes (e.g. DDPM)."""
+    return _CLASS_TO_SAMPLER.get(cfg.class_name, "ddim")
+
+
+def sample_loop(sampler: Sampler, cfg: ScheduleConfig, num_steps: int,
+                model_fn: Callable[[jax.Array, jax.Array], jax.Array], x_T: jax.Array) -> jax.Array:
+    """Run all steps with ``lax.fori_loop``; ``model_fn(x, t)`` gets the int32 timestep t (traced).
+
+    Call under ``jax.jit`` with ``cfg`` and ``num_steps`` static; the step coefficients are built in
+    numpy at trace time.
+    """
+    state = sampler.init(cfg, num_steps, x_T)
+    n = int(state["timesteps"].shape[0])
+
+    def body(i, carry):
+        x, st = carry
+        out = model_fn(sampler.scale_model_input(x, i), st["timesteps"][i])
+        return sampler.step(st, out, i, x)
+
+    x, _ = jax.lax.fori_loop(0, n, body, (x_T, state))
+    return x
