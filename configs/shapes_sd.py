@@ -106,7 +106,9 @@ def get_config(arg=None):
     c.stages = ("vae", "diffusion")  # run in order; each resumes from workdir/<stage>/
     c.export = True               # write the diffusers folder at the end of the diffusion stage
     c.export_dir = ""             # default: <workdir>/model
+    c.export_dtype = "float16"    # safetensors dtype of the shipped folder (halves its size)
     c.max_seconds = 0.0           # >0: stop (with a checkpoint) after this much training time
+    c.max_steps = 0               # >0: stop (with a checkpoint) after this many steps in this run
     c.keep_checkpoints = 2        # orbax max_to_keep per stage
 
     # --- data: the procedural shapes world, item i of a split is a pure function of (seed, i), so

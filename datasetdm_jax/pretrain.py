@@ -333,14 +333,16 @@ class _StopFlag:
 
 
 def _train_stage(st: _Stage, config: ml_collections.ConfigDict, workdir: str,
-                 deadline: float | None) -> bool:
+                 deadline: float | None, budget: list[int] | None) -> bool:
     """Train ``st`` to ``st.cfg.steps``, resuming from ``workdir/<stage>``. Returns True when done,
-    False when stopped early (deadline or SIGTERM), with a checkpoint written either way."""
+    False when stopped early (deadline, step budget or SIGTERM), with a checkpoint written either
+    way. ``budget`` is a one-element list of steps left for this invocation, shared by stages."""
     from tqdm.auto import tqdm
 
     cfg = st.cfg
     total = int(cfg.steps)
-    mesh = jax.make_mesh((jax.local_device_count(),), ("data",))
+    mesh = jax.make_mesh((jax.local_device_count(),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
     repl, data_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     if int(cfg.batch_size) % mesh.size:
         raise ValueError(f"{st.name}.batch_size={cfg.batch_size} is not divisible by {mesh.size} devices")
@@ -439,6 +441,7 @@ def _train_stage(st: _Stage, config: ml_collections.ConfigDict, workdir: str,
                 if done % log_every == 0 or done == total:
                     flush(done)
                 if eval_fn is not None and eval_every > 0 and (done % eval_every == 0 or done == total):
+                    flush(done)
                     ev = jax.device_get(eval_fn(state.get("ema", state["params"]), frozen))
                     rec = {"stage": st.name, "step": done, **{f"eval/{k}": float(v) for k, v in ev.items()}}
                     _append_metrics(workdir, rec)
@@ -446,6 +449,9 @@ def _train_stage(st: _Stage, config: ml_collections.ConfigDict, workdir: str,
                         f"{k}={v:.4g}" for k, v in rec.items() if k.startswith("eval/")))
                     t_log = time.time()  # evaluation time is not training throughput
                 out_of_time = deadline is not None and time.time() >= deadline
+                if budget is not None:
+                    budget[0] -= 1
+                    out_of_time = out_of_time or budget[0] <= 0
                 if (time.time() - t_ckpt >= float(cfg.checkpoint_every_s) or done == total
                         or out_of_time or stop.set):
                     flush(done)
@@ -669,7 +675,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None 
     tg, tp, tr = _split(_build("text_encoder", text_cfg, seed + 2))
     weights, meta = _restore_item(workdir, "diffusion", "ema", {"unet": up, "text_encoder": tp},
                                   config.keep_checkpoints)
-    dtype = np.dtype(config.get("export_dtype", "float32"))
+    dtype = np.dtype(config.export_dtype)
 
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -719,16 +725,18 @@ def export(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> bool:
     """Run (or resume) every stage in ``config.stages``, then export. Returns True when all stages
-    are complete, False when stopped early by ``config.max_seconds`` or SIGTERM (rerun to go on)."""
+    are complete, False when stopped early by ``config.max_seconds``, ``config.max_steps`` or
+    SIGTERM (rerun the same command to go on)."""
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json(indent=2))
     deadline = time.time() + float(config.max_seconds) if float(config.max_seconds) > 0 else None
+    budget = [int(config.max_steps)] if int(config.max_steps) > 0 else None
     for name in config.stages:
         if name not in STAGES:
             raise ValueError(f"unknown stage {name!r} (expected one of {STAGES})")
         stage = _vae_stage(config, workdir) if name == "vae" else _diffusion_stage(config, workdir)
-        if not _train_stage(stage, config, workdir, deadline):
+        if not _train_stage(stage, config, workdir, deadline, budget):
             return False
     if config.export and "diffusion" in config.stages:
         export(config, workdir)

@@ -29,7 +29,10 @@ TINY = dict(
 # gelu with a real, non-maximal eos id (first-occurrence pooling; padding repeats the eos id), so the
 # two pooling rules pick different tokens.
 LEGACY_EOS_ID, EOS_ID = VOCAB - 1, 3
-CASES = {"quick_gelu": dict(hidden_act="quick_gelu", eos_token_id=2), "gelu": dict(hidden_act="gelu", eos_token_id=EOS_ID)}
+CASES = {
+    "quick_gelu": dict(hidden_act="quick_gelu", eos_token_id=2),
+    "gelu": dict(hidden_act="gelu", eos_token_id=EOS_ID),
+}
 
 
 def rel_err(a, b) -> float:

@@ -55,10 +55,13 @@ class CLIPTextConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         cfg = cls(**{k: v for k, v in d.items() if k in names and v is not None})
         if cfg.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"CLIP text encoder: unsupported hidden_act {cfg.hidden_act!r} (use one of {sorted(_ACTIVATIONS)})")
+            raise ValueError(
+                f"CLIP text encoder: unsupported hidden_act {cfg.hidden_act!r} (use one of {sorted(_ACTIVATIONS)})"
+            )
         if cfg.hidden_size % cfg.num_attention_heads:
             raise ValueError(
-                f"CLIP text encoder: hidden_size {cfg.hidden_size} is not divisible by num_attention_heads {cfg.num_attention_heads}"
+                f"CLIP text encoder: hidden_size {cfg.hidden_size} is not divisible by "
+                f"num_attention_heads {cfg.num_attention_heads}"
             )
         if not isinstance(cfg.eos_token_id, int):
             raise ValueError(f"CLIP text encoder: eos_token_id must be one int, got {cfg.eos_token_id!r}")
@@ -149,9 +152,8 @@ class CLIPEncoder(nnx.Module):
     """The stack of encoder layers (`encoder.layers.{i}`)."""
 
     def __init__(self, config: CLIPTextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.layers = nnx.List(
-            [CLIPEncoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(config.num_hidden_layers)]
-        )
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.layers = nnx.List([CLIPEncoderLayer(config, **kw) for _ in range(config.num_hidden_layers)])
 
 
 class CLIPTextTransformer(nnx.Module):

@@ -115,7 +115,8 @@ class UNet2DConditionConfig:
         if not isinstance(layers, int):
             raise ValueError(f"unet config layers_per_block={layers!r}: only an int is supported")
         head_dim = get("attention_head_dim", 8)
-        heads = _per_block("num_attention_heads", get("num_attention_heads", head_dim), n)
+        heads_key = "attention_head_dim" if d.get("num_attention_heads") is None else "num_attention_heads"
+        heads = _per_block(heads_key, get("num_attention_heads", head_dim), n)
         tlayers = get("transformer_layers_per_block", 1)
         if not isinstance(tlayers, int):
             raise ValueError(f"unet config transformer_layers_per_block={tlayers!r}: only an int is supported")
