@@ -67,7 +67,7 @@ def register_preset(preset: Preset) -> Preset:
 
 
 register_preset(Preset("datasetdm", keep_map=lambda name: True, attention="all"))
-register_preset(Preset("lean", keep_map=lambda name: name == "mid" or re.fullmatch(r"up\d+\.layer\d+", name) is not None,
+register_preset(Preset("lean", keep_map=lambda name: name == "mid" or bool(re.fullmatch(r"up\d+\.layer\d+", name)),
                        attention="mean"))
 
 _LOCATION_RANK = {"conv_in": 0, "down": 1, "mid": 2, "up": 3}

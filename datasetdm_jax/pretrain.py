@@ -28,7 +28,6 @@ import json
 import math
 import os
 import queue
-import shutil
 import signal
 import threading
 import time
@@ -658,11 +657,11 @@ def _diffusion_stage(config: ml_collections.ConfigDict, workdir: str) -> _Stage:
 
 
 def export(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None = None) -> str:
-    """Write the diffusers-format folder (EMA weights of the latest diffusion checkpoint, the VAE
-    with its measured ``scaling_factor``, tokenizer, SD 1.x scheduler). Returns the folder."""
-    from safetensors.numpy import save_file
-
-    from datasetdm_jax import convert
+    """Write the diffusers-format folder via ``pretrained.save_pipeline``: EMA weights of the latest
+    diffusion checkpoint, the VAE with its measured ``scaling_factor``, the closed-vocabulary
+    tokenizer and SD 1.x's PNDM scheduler config; weights in ``config.export_dtype``. Returns the
+    folder (default ``<workdir>/model``)."""
+    from datasetdm_jax import pretrained
 
     out_dir = out_dir or config.export_dir or os.path.join(workdir, "model")
     seed = int(config.seed)
@@ -675,48 +674,27 @@ def export(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None 
     tg, tp, tr = _split(_build("text_encoder", text_cfg, seed + 2))
     weights, meta = _restore_item(workdir, "diffusion", "ema", {"unet": up, "text_encoder": tp},
                                   config.keep_checkpoints)
-    dtype = np.dtype(config.export_dtype)
-
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-
-    def write(sub: str, graph, params, rest, cfg: dict, fname: str):
-        model = nnx.merge(graph, params, rest)
-        sd = {k: v.astype(dtype) if v.dtype.kind == "f" else v
-              for k, v in convert.to_torch_state_dict(model).items()}
-        os.makedirs(os.path.join(tmp, sub))
-        save_file(sd, os.path.join(tmp, sub, fname), metadata={"format": "pt"})
-        with open(os.path.join(tmp, sub, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
-
+    dtype = jnp.dtype(config.export_dtype)
     vae_cfg = {**vae_cfg, "scaling_factor": meta["scaling_factor"]}
-    write("vae", vg, vp, vr, vae_cfg, "diffusion_pytorch_model.safetensors")
-    write("unet", ug, weights["unet"], ur, unet_cfg, "diffusion_pytorch_model.safetensors")
-    te = {**text_cfg, "torch_dtype": str(dtype)}
-    write("text_encoder", tg, weights["text_encoder"], tr, te, "model.safetensors")
-    shutil.copytree(tok_folder, os.path.join(tmp, "tokenizer"))
-    os.makedirs(os.path.join(tmp, "scheduler"))
-    with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(_plain(config.scheduler.to_dict()), f, indent=2)
-    index = {
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-        "feature_extractor": [None, None], "image_encoder": [None, None],
-        "requires_safety_checker": False, "safety_checker": [None, None],
-        "scheduler": ["diffusers", "PNDMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    with open(os.path.join(tmp, "model_index.json"), "w") as f:
-        json.dump(index, f, indent=2)
-    with open(os.path.join(tmp, "training.json"), "w") as f:
-        json.dump({"diffusion_step": meta["step"], "weights": "EMA", "config": json.loads(config.to_json())},
-                  f, indent=2)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-    return out_dir
+    parts = {"vae": (vg, vp, vr, vae_cfg), "unet": (ug, weights["unet"], ur, unet_cfg),
+             "text_encoder": (tg, weights["text_encoder"], tr, text_cfg)}
+    graphdefs, params, model_configs = {}, {}, {}
+    for name, (graph, p, rest, cfg) in parts.items():
+        p = jax.tree.map(lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, p)
+        model = nnx.merge(graph, p, rest)
+        graphdefs[name], params[name] = nnx.split(model)
+        mc = getattr(model, "config", None)  # re-parsed: the VAE's scaling_factor is new
+        model_configs[name] = type(mc).from_dict(cfg) if hasattr(mc, "from_dict") else cfg
+    pipe = pretrained.Pipeline(
+        tokenizer=tokens.tokenizer, graphdefs=graphdefs, params=params, model_configs=model_configs,
+        configs={"vae": vae_cfg, "unet": unet_cfg, "text_encoder": text_cfg},
+        scheduler_config=_plain(config.scheduler.to_dict()), dtype=dtype, tokenizer_path=tok_folder,
+        model_index={"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1"})
+    path = pretrained.save_pipeline(pipe, out_dir, overwrite=True)
+    with open(os.path.join(path, "training.json"), "w") as f:
+        json.dump({"diffusion_step": meta["step"], "weights": "EMA", "dtype": str(dtype),
+                   "config": json.loads(config.to_json())}, f, indent=2)
+    return str(path)
 
 
 # ----------------------------------------------------------------------------------------------

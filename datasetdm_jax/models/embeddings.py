@@ -35,7 +35,8 @@ def timestep_embedding(
 class TimestepEmbedding(nnx.Module):
     """`linear_1 -> SiLU -> linear_2`, mapping sinusoidal features to the resnets' temb width."""
 
-    def __init__(self, in_channels: int, time_embed_dim: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, in_channels: int, time_embed_dim: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         self.linear_1 = nnx.Linear(in_channels, time_embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.linear_2 = nnx.Linear(time_embed_dim, time_embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 

@@ -110,7 +110,7 @@ class UNet2DConditionConfig:
         channels = tuple(get("block_out_channels", cls.block_out_channels))
         n = len(channels)
         if len(down) != n or len(up) != n:
-            raise ValueError(f"unet config down_block_types/up_block_types must have {n} entries like block_out_channels")
+            raise ValueError(f"unet config down_block_types/up_block_types need {n} entries (block_out_channels)")
         layers = get("layers_per_block", cls.layers_per_block)
         if not isinstance(layers, int):
             raise ValueError(f"unet config layers_per_block={layers!r}: only an int is supported")

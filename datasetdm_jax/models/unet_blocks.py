@@ -48,7 +48,8 @@ def apply_norm(norm: nnx.Module, x: jax.Array) -> jax.Array:
     return norm(x.astype(jnp.float32)).astype(x.dtype)
 
 
-def conv(cin: int, cout: int, k: int, *, stride: int = 1, padding: int | None = None, dtype, param_dtype, rngs) -> nnx.Conv:
+def conv(cin: int, cout: int, k: int, *, stride: int = 1, padding: int | None = None,
+         dtype, param_dtype, rngs) -> nnx.Conv:
     """k x k NHWC conv with symmetric padding (default 'same' for odd k)."""
     p = (k - 1) // 2 if padding is None else padding
     return nnx.Conv(
