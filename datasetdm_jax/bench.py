@@ -56,21 +56,27 @@ class Timing:
         return self.gflop / self.median_s
 
 
-def time_jitted(name: str, fn: Callable, *args, repeats: int = 5) -> Timing:
-    """AOT-compiles `fn(*args)` once, then times `repeats` calls after one warm-up call."""
-    t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    gflop = float((cost or {}).get("flops", 0.0)) / 1e9
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(repeats):
+def time_jitted(named_fns: list[tuple[str, Callable]], *args, repeats: int = 5) -> list[Timing]:
+    """AOT-compiles each `fn(*args)`, warms each up once, then times them round-robin, interleaved,
+    so that load from other processes hits every variant alike."""
+    compiled, compile_s, gflop = [], [], []
+    for _, fn in named_fns:
         t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
-    return Timing(name, compile_s, statistics.median(times), min(times), max(times), gflop)
+        c = jax.jit(fn).lower(*args).compile()
+        compile_s.append(time.perf_counter() - t0)
+        cost = c.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        gflop.append(float((cost or {}).get("flops", 0.0)) / 1e9)
+        jax.block_until_ready(c(*args))
+        compiled.append(c)
+    times = [[] for _ in named_fns]
+    for _ in range(repeats):
+        for k, c in enumerate(compiled):
+            t0 = time.perf_counter()
+            jax.block_until_ready(c(*args))
+            times[k].append(time.perf_counter() - t0)
+    return [Timing(name, compile_s[k], statistics.median(times[k]), min(times[k]), max(times[k]), gflop[k])
+            for k, (name, _) in enumerate(named_fns)]
 
 
 def bench_unet(config: str = "sd15", size: int = 256, batch: int = 2, repeats: int = 5, capture: bool = True):
@@ -82,7 +88,7 @@ def bench_unet(config: str = "sd15", size: int = 256, batch: int = 2, repeats: i
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
     latent = size // 8
     x = jnp.asarray(np.random.default_rng(1).standard_normal((batch, latent, latent, 4), np.float32))
-    ctx = jnp.asarray(np.random.default_rng(2).standard_normal((batch, 77, cfg.cross_attention_dim), np.float32))
+    ctx = jnp.asarray(np.random.default_rng(2).standard_normal((batch, 77, cfg.cross_attention_dim[0]), np.float32))
     t = jnp.full((batch,), 500, jnp.int32)
 
     def plain(state, x, t, ctx):
@@ -94,10 +100,10 @@ def bench_unet(config: str = "sd15", size: int = 256, batch: int = 2, repeats: i
         # Reduce so the captured tensors are really computed, as a decoder would consume them.
         return eps, sum(jnp.mean(v) for v in jax.tree.leaves(feats))
 
-    results = [time_jitted(f"{config} unet {size}px b{batch}", plain, state, x, t, ctx, repeats=repeats)]
+    named = [(f"{config} unet {size}px b{batch}", plain)]
     if capture:
-        results.append(time_jitted(f"{config} unet {size}px b{batch} +capture", captured, state, x, t, ctx, repeats=repeats))
-    return n_params, results
+        named.append((f"{config} unet {size}px b{batch} +capture", captured))
+    return n_params, time_jitted(named, state, x, t, ctx, repeats=repeats)
 
 
 def print_table(rows: list[Timing], header: str = "") -> None:

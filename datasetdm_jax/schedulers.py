@@ -525,9 +525,13 @@ def default_sampler_name(cfg: ScheduleConfig) -> str:
 
 
 def sample_loop(sampler: Sampler, cfg: ScheduleConfig, num_steps: int,
-                model_fn: Callable[[jax.Array, jax.Array], jax.Array], x_T: jax.Array) -> jax.Array:
+                model_fn: Callable[[jax.Array, jax.Array], jax.Array], x_T: jax.Array,
+                last_model_fn: Callable[[jax.Array, jax.Array], tuple[jax.Array, Any]] | None = None):
     """Run all steps with ``lax.fori_loop``; ``model_fn(x, t)`` gets the int32 timestep t (traced).
 
+    With ``last_model_fn(x, t) -> (model_output, aux)``, the final model call goes through it
+    instead (e.g. a UNet call that captures features) and ``(x_0, aux)`` is returned; the other
+    steps stay in the loop, so capture costs one call, not one per step.
     Call under ``jax.jit`` with ``cfg`` and ``num_steps`` static; the step coefficients are built in
     numpy at trace time.
     """
@@ -539,5 +543,10 @@ def sample_loop(sampler: Sampler, cfg: ScheduleConfig, num_steps: int,
         out = model_fn(sampler.scale_model_input(x, i), st["timesteps"][i])
         return sampler.step(st, out, i, x)
 
-    x, _ = jax.lax.fori_loop(0, n, body, (x_T, state))
-    return x
+    if last_model_fn is None:
+        x, _ = jax.lax.fori_loop(0, n, body, (x_T, state))
+        return x
+    x, state = jax.lax.fori_loop(0, n - 1, body, (x_T, state))
+    out, aux = last_model_fn(sampler.scale_model_input(x, n - 1), state["timesteps"][n - 1])
+    x, _ = sampler.step(state, out, n - 1, x)
+    return x, aux

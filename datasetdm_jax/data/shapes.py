@@ -279,6 +279,13 @@ def caption_for(objects: Sequence[dict[str, Any]], background: tuple[str, str] |
     return text
 
 
+def caption_vocabulary() -> list[str]:
+    """Every word `caption_for` can write: the closed vocabulary of the shapes-world tokenizer."""
+    words = ["a", "an", "and", "on", "background", *_TONE_WORDS["dark"].split()]
+    words += [c for c in CLASSES if c != "background"] + list(COLOUR_NAMES) + list(_KIND_WORDS.values())
+    return list(dict.fromkeys(words))
+
+
 # ----------------------------------------------------------------------------------------------
 # Scenes.
 
