@@ -383,7 +383,7 @@ def _train_stage(st: _Stage, config: ml_collections.ConfigDict, workdir: str,
         if "ema" in state:
             d = _ema_decay(ema_decay, state["step"])
             new["ema"] = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], params)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
         return new, metrics
 
     step_fn = jax.jit(train_step, in_shardings=(repl, data_sh, repl), out_shardings=(repl, repl))
@@ -431,8 +431,7 @@ def _train_stage(st: _Stage, config: ml_collections.ConfigDict, workdir: str,
             for step in range(start, total):
                 batch, next_data_state = pre.next()
                 batch = jax.device_put(st.host_batch(batch), data_sh)
-                state, metrics = step_fn(state, batch, frozen)
-                data_state = next_data_state
+                (state, metrics), data_state = step_fn(state, batch, frozen), next_data_state
                 done = step + 1
                 pending.append((done, metrics))
                 n_log += 1
@@ -536,7 +535,7 @@ def _frozen_vae(config: ml_collections.ConfigDict, workdir: str):
     if meta["step"] < int(config.vae.steps):
         raise ValueError(f"the VAE checkpoint is at step {meta['step']} of {config.vae.steps}; "
                          "finish the vae stage first")
-    return graph, params, rest, model_cfg
+    return graph, params, rest, {**model_cfg, "_trained_steps": meta["step"]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -561,7 +560,7 @@ def _diffusion_stage(config: ml_collections.ConfigDict, workdir: str) -> _Stage:
         raise ValueError("unet.cross_attention_dim must equal text_encoder.hidden_size")
     ug, up, ur = _split(_build("unet", unet_cfg, seed + 1))
     tg, tp, tr = _split(_build("text_encoder", text_cfg, seed + 2))
-    vg, vp, vr, _ = _frozen_vae(config, workdir)
+    vg, vp, vr, vae_info = _frozen_vae(config, workdir)
     sched = _schedule(config)
     if sched.prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError("diffusion training supports epsilon or v_prediction")
@@ -586,6 +585,10 @@ def _diffusion_stage(config: ml_collections.ConfigDict, workdir: str) -> _Stage:
     if latest is not None:
         meta.update(mngr.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
     mngr.close()
+    vae_step = vae_info["_trained_steps"]
+    if meta.setdefault("vae_step", vae_step) != vae_step:
+        raise ValueError(f"the diffusion checkpoint was trained on the VAE at step {meta['vae_step']}, "
+                         f"but the VAE checkpoint is now at step {vae_step}; use a fresh workdir")
     if "scaling_factor" not in meta:
         it = _train_iterator(config, int(dcfg.batch_size), None)
         zs = [np.asarray(jax.jit(encode_latents, static_argnums=3)(
@@ -675,7 +678,8 @@ def export(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None 
     weights, meta = _restore_item(workdir, "diffusion", "ema", {"unet": up, "text_encoder": tp},
                                   config.keep_checkpoints)
     dtype = jnp.dtype(config.export_dtype)
-    vae_cfg = {**vae_cfg, "scaling_factor": meta["scaling_factor"]}
+    vae_cfg = {k: v for k, v in vae_cfg.items() if k != "_trained_steps"}
+    vae_cfg["scaling_factor"] = meta["scaling_factor"]
     parts = {"vae": (vg, vp, vr, vae_cfg), "unet": (ug, weights["unet"], ur, unet_cfg),
              "text_encoder": (tg, weights["text_encoder"], tr, text_cfg)}
     graphdefs, params, model_configs = {}, {}, {}

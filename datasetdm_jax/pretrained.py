@@ -157,7 +157,8 @@ def _model_classes(name: str):
         return CLIPTextConfig, CLIPTextModel, _text_model_key, ("text_model.embeddings.position_ids",)
     if name == "vae":
         from datasetdm_jax.models import vae
-        rename = getattr(vae, "rename_legacy_vae_key", None)
+        # prepare_vae_state_dict (in _prepare_tensors) already renames legacy keys when present.
+        rename = None if hasattr(vae, "prepare_vae_state_dict") else getattr(vae, "rename_legacy_vae_key", None)
         return vae.AutoencoderKLConfig, vae.AutoencoderKL, rename, ()
     if name == "unet":
         from datasetdm_jax.models.unet import UNet2DConditionConfig, UNet2DConditionModel
@@ -307,8 +308,8 @@ class Pipeline:
         def encode(state, x, key):
             mean, logvar = nnx.merge(gd, state).encode(x)
             if key is not None:
-                std = jnp.exp(0.5 * jnp.clip(logvar.astype(jnp.float32), -30.0, 20.0))
-                mean = mean + std.astype(mean.dtype) * jax.random.normal(key, mean.shape, mean.dtype)
+                from datasetdm_jax.models.vae import sample_latent
+                mean = sample_latent(mean, logvar, key)
             return (mean - shift) * scale
 
         fn = self._jit(("vae_encode", key is None), encode)

@@ -61,8 +61,9 @@ def load_tokenizer(folder: str | os.PathLike) -> Any:
 def tokenize(tokenizer: Any, prompts: str | Sequence[str], max_length: int = _MAX_LENGTH) -> np.ndarray:
     """Prompts -> int32 ids (B, max_length): BOS, tokens, EOS, padded; longer prompts are truncated.
 
-    Truncation keeps the first max_length - 2 tokens as diffusers does, and warns once per call
-    with the number of prompts cut (silently dropped words change what is generated).
+    Truncation keeps the first max_length - 2 tokens as diffusers does (same ids as transformers'
+    `truncation=True`), and warns once per call with the number of prompts cut (silently dropped
+    words change what is generated). One tokenizer pass; padding and truncation are done here.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -77,8 +78,14 @@ def tokenize(tokenizer: Any, prompts: str | Sequence[str], max_length: int = _MA
         warnings.warn(
             f"{len(too_long)} of {len(prompts)} prompt(s) longer than {max_length} tokens were truncated "
             f"(first: prompt {too_long[0]}, {len(full[too_long[0]])} tokens)", stacklevel=2)
-    out = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True)["input_ids"]
-    return np.asarray(out, dtype=np.int32)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    out = np.full((len(prompts), max_length), pad, dtype=np.int32)
+    for i, ids in enumerate(full):
+        if len(ids) > max_length:  # keep BOS + the first max_length - 2 tokens, end with EOS
+            ids = ids[: max_length - 1] + [eos]
+        out[i, : len(ids)] = ids
+    return out
 
 
 def write_clip_tokenizer(folder: str | os.PathLike, words: Sequence[str]) -> dict[str, int]:

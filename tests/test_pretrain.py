@@ -109,7 +109,7 @@ def test_diffusion_loss_decreases_on_a_fixed_batch(tiny_run):
         params, opt, loss = step(params, opt)
         losses.append(float(loss))
     assert np.all(np.isfinite(losses)), losses
-    assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3]), losses
+    assert np.mean(losses[-3:]) < 0.75 * np.mean(losses[:3]), losses
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

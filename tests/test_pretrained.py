@@ -2,7 +2,10 @@
 
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -73,8 +76,10 @@ def test_encode_prompt_matches_transformers(pipe, torch_pipe):
     assert pipe._jits["encode"]._cache_size() == 1
 
     skip1 = dataclasses.replace(pipe, clip_skip=1)
-    with torch.no_grad():
-        ref1 = torch_pipe.encode_prompt(PROMPTS, "cpu", 1, False, clip_skip=1)[0].numpy()
+    te = torch_pipe.text_encoder
+    final_norm = getattr(te, "text_model", te).final_layer_norm  # transformers 5 dropped text_model
+    with torch.no_grad():  # diffusers' clip_skip rule: hidden_states[-(k + 1)] -> final LayerNorm
+        ref1 = final_norm(te(ids, output_hidden_states=True).hidden_states[-2]).numpy()
     assert rel_err(skip1.encode_prompt(PROMPTS), ref1) < 1e-4
 
 
@@ -247,7 +252,8 @@ def test_long_prompt_truncated_with_warning(pipe, torch_pipe):
     with pytest.warns(UserWarning, match="1 of 2 prompt"):
         emb = pipe.encode_prompt(prompts)
     assert emb.shape == (2, 77, 32)
-    ids = pipe.tokenize(prompts[:1])
+    with pytest.warns(UserWarning, match="1 of 1 prompt"):
+        ids = pipe.tokenize(prompts[:1])
     ref = torch_pipe.tokenizer(prompts[:1], padding="max_length", max_length=77, truncation=True).input_ids
     np.testing.assert_array_equal(ids, ref)
     with warnings.catch_warnings():
@@ -282,3 +288,9 @@ def test_write_clip_tokenizer(tmp_path):
         write_clip_tokenizer(tmp_path / "bad", ["two words"])
     with pytest.raises(ValueError, match="tokenizer"):
         load_tokenizer(tmp_path / "missing")
+
+
+def test_loading_does_not_import_torch(tiny_dir):
+    code = ("import sys; from datasetdm_jax.pretrained import load_pipeline; "
+            f"load_pipeline({str(tiny_dir)!r}); assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
