@@ -18,28 +18,11 @@ import numpy as np
 from flax import nnx
 
 from datasetdm_jax import features
+from datasetdm_jax.pretrained import random_params
 from datasetdm_jax.models import presets
 from datasetdm_jax.models.unet import UNet2DConditionConfig, UNet2DConditionModel
 
 UNET_CONFIGS = {"sd15": presets.SD15_UNET, "sd21": presets.SD21_UNET}
-
-
-def random_state(abstract_state, seed: int = 0):
-    """Fills an abstract NNX state with numpy randoms (fast for 1B params, unlike module init)."""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = str(path[-1].key if hasattr(path[-1], "key") else path[-1])
-        if name == "kernel":
-            fan_in = int(np.prod(leaf.shape[:-1]))
-            return (rng.standard_normal(leaf.shape, dtype=np.float32) / np.sqrt(fan_in)).astype(leaf.dtype)
-        if name == "scale":
-            return np.ones(leaf.shape, leaf.dtype)
-        if name == "embedding":
-            return rng.standard_normal(leaf.shape, dtype=np.float32).astype(leaf.dtype) * 0.02
-        return np.zeros(leaf.shape, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, abstract_state)
 
 
 @dataclasses.dataclass
@@ -84,7 +67,7 @@ def bench_unet(config: str = "sd15", size: int = 256, batch: int = 2, repeats: i
     cfg = UNet2DConditionConfig.from_dict(UNET_CONFIGS[config])
     abstract = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
-    state = jax.device_put(random_state(abstract_state))
+    state = jax.device_put(random_params(abstract_state))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
     latent = size // 8
     x = jnp.asarray(np.random.default_rng(1).standard_normal((batch, latent, latent, 4), np.float32))

@@ -157,9 +157,8 @@ def _model_classes(name: str):
         return CLIPTextConfig, CLIPTextModel, _text_model_key, ("text_model.embeddings.position_ids",)
     if name == "vae":
         from datasetdm_jax.models import vae
-        # prepare_vae_state_dict (in _prepare_tensors) already renames legacy keys when present.
-        rename = None if hasattr(vae, "prepare_vae_state_dict") else getattr(vae, "rename_legacy_vae_key", None)
-        return vae.AutoencoderKLConfig, vae.AutoencoderKL, rename, ()
+        # Legacy VAE keys are renamed by prepare_vae_state_dict in _prepare_tensors.
+        return vae.AutoencoderKLConfig, vae.AutoencoderKL, None, ()
     if name == "unet":
         from datasetdm_jax.models.unet import UNet2DConditionConfig, UNet2DConditionModel
         return UNet2DConditionConfig, UNet2DConditionModel, None, ()
@@ -173,10 +172,8 @@ def _text_model_key(key: str) -> str:
 
 def _prepare_tensors(name: str, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if name == "vae":
-        from datasetdm_jax.models import vae
-        prepare = getattr(vae, "prepare_vae_state_dict", None)
-        if prepare is not None:
-            return prepare(tensors)
+        from datasetdm_jax.models.vae import prepare_vae_state_dict
+        return prepare_vae_state_dict(tensors)
     return tensors
 
 
@@ -450,3 +447,43 @@ def save_pipeline(pipe: Pipeline, path: str | os.PathLike, *, overwrite: bool = 
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Random weights (smoke runs, benchmarks, shape checks)
+# ----------------------------------------------------------------------------------------------
+
+def random_params(abstract_state: Any, seed: int = 0) -> Any:
+    """Fills an abstract NNX state with numpy draws: kernels N(0, 1/fan_in), norm scales 1,
+    embeddings N(0, 0.02^2), biases 0. Seconds for 1B parameters, unlike eager module init."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        keys = [getattr(k, "key", None) for k in path]  # the last dict key; Variables add a `.value` attr
+        name = str([k for k in keys if k is not None][-1])
+        if name == "kernel":
+            std = 1.0 / np.sqrt(int(np.prod(leaf.shape[:-1])))
+        elif name == "embedding":
+            std = 0.02
+        else:
+            return np.full(leaf.shape, 1.0 if name == "scale" else 0.0, leaf.dtype)
+        return (rng.standard_normal(leaf.shape, dtype=np.float32) * std).astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract_state)
+
+
+def random_pipeline(configs: Mapping[str, dict], scheduler_config: dict, tokenizer_path: str | os.PathLike,
+                    *, dtype: Any = jnp.float32, seed: int = 0) -> Pipeline:
+    """A Pipeline with random weights from diffusers-style `configs` (text_encoder, vae, unet)."""
+    dtype = check_dtype(dtype)
+    graphdefs, params, model_configs = {}, {}, {}
+    for i, name in enumerate(("text_encoder", "vae", "unet")):
+        config_cls, model_cls, _, _ = _model_classes(name)
+        model_configs[name] = config = config_cls.from_dict(configs[name])
+        abstract = nnx.eval_shape(lambda: model_cls(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
+        graphdefs[name], state = nnx.split(abstract)
+        params[name] = jax.device_put(random_params(state, seed + i))
+    return Pipeline(tokenizer=load_tokenizer(tokenizer_path), graphdefs=graphdefs, params=params,
+                    model_configs=model_configs, configs={k: dict(configs[k]) for k in graphdefs},
+                    scheduler_config=dict(scheduler_config), dtype=dtype, tokenizer_path=str(tokenizer_path),
+                    model_index={"_class_name": "StableDiffusionPipeline"})

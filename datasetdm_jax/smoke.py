@@ -12,14 +12,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from datasetdm_jax import generate, pretrained
 from datasetdm_jax.data import shapes
-from datasetdm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
-from datasetdm_jax.models.unet import UNet2DConditionConfig, UNet2DConditionModel
-from datasetdm_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
-from datasetdm_jax.tokenizer import load_tokenizer, write_clip_tokenizer
+from datasetdm_jax.tokenizer import write_clip_tokenizer
 
 TINY_UNET = {
     "block_out_channels": [32, 64], "layers_per_block": 1, "attention_head_dim": 4, "cross_attention_dim": 32,
@@ -40,21 +36,12 @@ PNDM_SD15 = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 
 
 def random_pipeline(folder: str | Path, seed: int = 0) -> pretrained.Pipeline:
     """A random-weight tiny pipeline whose tokenizer knows the shapes world's words."""
-    folder = Path(folder)
-    tok_dir = folder / "tokenizer_src"
+    tok_dir = Path(folder) / "tokenizer_src"
     vocab = write_clip_tokenizer(tok_dir, shapes.caption_vocabulary())
     text_cfg = {**TINY_TEXT, "vocab_size": len(vocab), "bos_token_id": vocab["<|startoftext|>"],
                 "eos_token_id": vocab["<|endoftext|>"], "pad_token_id": vocab["<|endoftext|>"]}
-    parts = {"text_encoder": (CLIPTextConfig, CLIPTextModel, text_cfg), "vae": (AutoencoderKLConfig, AutoencoderKL, TINY_VAE),
-             "unet": (UNet2DConditionConfig, UNet2DConditionModel, TINY_UNET)}
-    graphdefs, params, model_configs = {}, {}, {}
-    for i, (name, (config_cls, model_cls, raw)) in enumerate(parts.items()):
-        model_configs[name] = config_cls.from_dict(raw)
-        graphdefs[name], params[name] = nnx.split(model_cls(model_configs[name], rngs=nnx.Rngs(seed + i)))
-    return pretrained.Pipeline(
-        tokenizer=load_tokenizer(tok_dir), graphdefs=graphdefs, params=params, model_configs=model_configs,
-        configs={name: raw for name, (_, _, raw) in parts.items()}, scheduler_config=PNDM_SD15,
-        tokenizer_path=str(tok_dir), model_index={"_class_name": "StableDiffusionPipeline"})
+    configs = {"text_encoder": text_cfg, "vae": TINY_VAE, "unet": TINY_UNET}
+    return pretrained.random_pipeline(configs, PNDM_SD15, tok_dir, seed=seed)
 
 
 def main(out: str = "work/smoke", steps: int = 4) -> None:

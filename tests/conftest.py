@@ -10,3 +10,27 @@ import jax  # noqa: E402
 jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
+
+import tiny_sd  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random diffusers-format SD folder written by diffusers itself."""
+    return tiny_sd.build_tiny_sd(tmp_path_factory.mktemp("tiny_sd") / "sd")
+
+
+@pytest.fixture(scope="session")
+def torch_pipe(tiny_dir):
+    return tiny_sd.torch_pipeline(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def pipe(tiny_dir):
+    from datasetdm_jax.pretrained import load_pipeline
+
+    return load_pipeline(tiny_dir, dtype=jnp.float32)

@@ -18,39 +18,10 @@ from datasetdm_jax.pretrained import PretrainedError, load_pipeline, save_pipeli
 from datasetdm_jax.tokenizer import load_tokenizer, tokenize, write_clip_tokenizer
 
 import tiny_sd
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
+import torch
+from tiny_sd import nchw, nhwc, rel_err
 
 PROMPTS = ["a red circle", "a photo of a small blue star on a green background"]
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
-
-
-def nchw(x):
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 3, 1, 2)))
-
-
-def nhwc(t):
-    return t.detach().numpy().transpose(0, 2, 3, 1)
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    return tiny_sd.build_tiny_sd(tmp_path_factory.mktemp("tiny_sd") / "sd")
-
-
-@pytest.fixture(scope="session")
-def torch_pipe(tiny_dir):
-    return tiny_sd.torch_pipeline(tiny_dir)
-
-
-@pytest.fixture(scope="session")
-def pipe(tiny_dir):
-    return load_pipeline(tiny_dir, dtype=jnp.float32)
 
 
 @pytest.fixture

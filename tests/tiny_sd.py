@@ -13,6 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 WORDS = ["a", "an", "the", "of", "on", "and", "photo", "red", "green", "blue", "yellow", "circle",
          "square", "triangle", "star", "small", "large", "background"]
 
@@ -117,3 +119,21 @@ def torch_pipeline(folder: str | os.PathLike):
         str(folder), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b|: the parity metric of the test suite."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
+
+
+def nchw(x):
+    """NHWC numpy/JAX -> NCHW torch tensor."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 3, 1, 2)))
+
+
+def nhwc(t):
+    """NCHW torch tensor -> NHWC numpy."""
+    return t.detach().numpy().transpose(0, 2, 3, 1)

@@ -1,0 +1,53 @@
+"""Turning segmentation-decoder outputs into labels: semantic maps and scored instances."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from datasetdm_jax.decoders.pixel_stem import resize
+
+
+def _resize_masks(masks: jax.Array, size: int | tuple[int, int] | None) -> jax.Array:
+    if size is None:
+        return masks
+    return jnp.moveaxis(resize(jnp.moveaxis(masks, 1, -1), size), -1, 1)
+
+
+def semantic_inference(logits: jax.Array, masks: jax.Array, out_size: int | tuple[int, int] | None = None,
+                       min_area: int = 0, fill: int = 0) -> jax.Array:
+    """(B, Q, K+1) logits, (B, Q, h, w) mask logits -> (B, H, W) int32 class map.
+
+    score[k] = sum_q softmax(logits)[q, k] * sigmoid(mask_q) with "no object" dropped, argmax over k.
+    Classes predicted on fewer than `min_area` pixels of an image are replaced by `fill`.
+    """
+    prob = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., :-1]
+    m = jax.nn.sigmoid(_resize_masks(masks.astype(jnp.float32), out_size))
+    seg = jnp.argmax(jnp.einsum("bqk,bqhw->bkhw", prob, m), axis=1).astype(jnp.int32)
+    if min_area > 0:
+        k = prob.shape[-1]
+        area = jax.vmap(lambda s: jnp.bincount(s.reshape(-1), length=k))(seg)      # (B, K)
+        small = jnp.take_along_axis(area, seg.reshape(seg.shape[0], -1), axis=1).reshape(seg.shape) < min_area
+        seg = jnp.where(small, fill, seg)
+    return seg
+
+
+def instance_inference(logits: jax.Array, masks: jax.Array, top_k: int = 100,
+                       out_size: int | tuple[int, int] | None = None) -> dict[str, jax.Array]:
+    """Class-aware instances: top-k of (query, class) pairs by class prob x mean in-mask sigmoid.
+
+    Returns masks (B, k, H, W) bool, scores (B, k), labels (B, k) int32, query (B, k) int32.
+    """
+    b, q, k1 = logits.shape
+    k = k1 - 1
+    prob = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., :-1].reshape(b, q * k)
+    top_k = min(top_k, q * k)
+    cls_score, flat = jax.lax.top_k(prob, top_k)
+    query = (flat // k).astype(jnp.int32)
+    labels = (flat % k).astype(jnp.int32)
+    ml = _resize_masks(masks.astype(jnp.float32), out_size)
+    ml = jnp.take_along_axis(ml, query[:, :, None, None], axis=1)
+    binary = ml > 0
+    s = jax.nn.sigmoid(ml)
+    mask_score = (s * binary).sum((-2, -1)) / (binary.sum((-2, -1)) + 1e-6)
+    return {"masks": binary, "scores": cls_score * mask_score, "labels": labels, "query": query}

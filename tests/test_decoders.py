@@ -1,0 +1,159 @@
+"""P-Decoders on tiny fake Features: shapes, matching, losses, training steps, inference."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from datasetdm_jax.decoders import (
+    decode_heatmaps, feature_spec, gaussian_heatmaps, get_decoder, hungarian_match, instance_inference,
+    joints_mse_loss, segmentation_loss, semantic_inference, silog_loss)
+from datasetdm_jax.decoders.matching import assign
+from datasetdm_jax.features import Features
+
+SEG = dict(num_classes=3, hidden=16, num_queries=5, num_layers=2, heads=2, ffn=32)
+
+
+def fake_features(heads_layers: int, batch: int = 2, seed: int = 0) -> Features:
+    """res {4, 8}; `heads_layers` = L*H of the attention (datasetdm-like > 1, lean-like 1)."""
+    k = jax.random.split(jax.random.PRNGKey(seed), 4)
+    return Features(
+        maps={4: jax.random.normal(k[0], (batch, 4, 4, 12)), 8: jax.random.normal(k[1], (batch, 8, 8, 6))},
+        cross_attention={4: jax.nn.softmax(jax.random.normal(k[2], (batch, 4, 4, heads_layers, 5))),
+                         8: jax.nn.softmax(jax.random.normal(k[3], (batch, 8, 8, heads_layers, 5)))})
+
+
+@pytest.mark.parametrize("hl", [3, 1], ids=["datasetdm", "lean"])
+def test_forward_shapes(hl):
+    f = fake_features(hl)
+    spec = feature_spec(f)
+    assert spec == {4: (12, 5 * hl), 8: (6, 5 * hl)}
+    out = get_decoder("segmentation", spec, SEG, rngs=nnx.Rngs(0))(f)
+    assert out["logits"].shape == (3, 2, 5, 4) and out["masks"].shape == (3, 2, 5, 20, 20)
+    seg_t = get_decoder("segmentation", spec, {**SEG, "text_dim": 7, "mask_size": 16}, rngs=nnx.Rngs(0))
+    out = seg_t(f, jnp.ones((2, 7)))
+    assert out["masks"].shape == (3, 2, 5, 16, 16) and np.isfinite(out["masks"]).all()
+    depth = get_decoder("depth", spec, dict(hidden=8, max_depth=10.0, head_size=16), rngs=nnx.Rngs(0))(f)
+    assert depth.shape == (2, 64, 64) and float(depth.min()) > 0 and float(depth.max()) < 10
+    pose = get_decoder("pose", spec, dict(hidden=8), rngs=nnx.Rngs(0))(f)
+    assert pose.shape == (2, 8, 8, 17)
+    with pytest.raises(ValueError):
+        get_decoder("nope", spec, {}, rngs=nnx.Rngs(0))
+
+
+def test_assignment_is_optimal():
+    rng = np.random.default_rng(0)
+    cost = rng.normal(size=(3, 5, 4)).astype(np.float32)
+    got = np.asarray(jax.jit(assign)(jnp.asarray(cost)))
+    for c, g in zip(cost, got):
+        best = min(itertools.permutations(range(5), 4), key=lambda p: sum(c[q, m] for m, q in enumerate(p)))
+        assert sum(c[q, m] for m, q in enumerate(g)) == pytest.approx(sum(c[q, m] for m, q in enumerate(best)))
+        assert len(set(g.tolist())) == 4
+
+
+def _gt():
+    """One image, 3 slots (2 valid): class 0 on the left half, class 2 on a top-right square."""
+    m = np.zeros((1, 3, 16, 16), np.float32)
+    m[0, 0, :, :8] = 1
+    m[0, 1, :6, 10:] = 1
+    return jnp.array([[0, 2, 0]]), jnp.asarray(m), jnp.array([[True, True, False]])
+
+
+def _perfect(gm, perm):
+    """Outputs with queries perm[0], perm[1] predicting the GT exactly (others: no object)."""
+    logits = np.full((1, 1, 4, 4), -10.0, np.float32)
+    logits[..., 3] = 10.0
+    masks = np.full((1, 1, 4, 16, 16), -10.0, np.float32)
+    for slot, (q, c) in enumerate(zip(perm, (0, 2))):
+        logits[0, 0, q] = -10.0
+        logits[0, 0, q, c] = 10.0
+        masks[0, 0, q] = np.where(np.asarray(gm[0, slot]) > 0, 10.0, -10.0)
+    return {"logits": jnp.asarray(logits), "masks": jnp.asarray(masks)}
+
+
+def test_matching_recovers_permutation():
+    gc, gm, gv = _gt()
+    out = _perfect(gm, (3, 1))
+    q = hungarian_match(out["logits"][-1], out["masks"][-1], gc, gm, gv, jax.random.PRNGKey(0), num_points=256)
+    assert q[0, :2].tolist() == [3, 1]
+
+
+def test_segmentation_loss_perfect_vs_wrong():
+    gc, gm, gv = _gt()
+    key = jax.random.PRNGKey(1)
+    loss = jax.jit(lambda o: segmentation_loss(o, gc, gm, gv, key, num_classes=3, num_points=256))
+    good_total, good = loss(_perfect(gm, (3, 1)))
+    wrong = _perfect(gm, (3, 1))
+    wrong = {"logits": wrong["logits"][..., ::-1], "masks": -wrong["masks"]}
+    bad_total, bad = loss(wrong)
+    assert all(np.isfinite(float(v)) for v in good.values())
+    assert float(good["ce"]) < 1e-3 and float(good["dice"]) < 0.25 and float(good["bce"]) < 0.5
+    assert float(bad_total) > 10 * float(good_total)
+    assert float(silog_loss(jnp.full((1, 4, 4), 2.0), jnp.full((1, 4, 4), 2.0))) < 1e-2
+    assert float(silog_loss(jnp.full((1, 4, 4), 2.0), jnp.array([[[1.0, 3.0, 0.0, 5.0]] * 4]))) > 0.1
+
+
+def _train(model, loss_fn, steps=4, lr=3e-3):
+    opt = nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt):
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        opt.update(model, grads)
+        return loss
+
+    losses = [float(step(model, opt)) for _ in range(steps)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+
+
+def test_training_steps_decrease_losses():
+    f = fake_features(3, batch=1)
+    spec = feature_spec(f)
+    gc, gm, gv = _gt()
+    key = jax.random.PRNGKey(0)
+    seg = get_decoder("segmentation", spec, {**SEG, "num_layers": 1, "mask_size": 16}, rngs=nnx.Rngs(0))
+    _train(seg, lambda m: segmentation_loss(m(f), gc, gm, gv, key, num_classes=3, num_points=128, aux=True)[0])
+
+    depth_gt = jnp.where(jnp.arange(32)[None, :, None] < 16, 2.0, 5.0) * jnp.ones((1, 32, 32))
+    depth = get_decoder("depth", spec, dict(hidden=8, out_size=32, head_size=16), rngs=nnx.Rngs(0))
+    _train(depth, lambda m: silog_loss(m(f), depth_gt), lr=1e-2)
+
+    kp = jnp.array([[[16.0, 16.0], [40.0, 8.0]] + [[0.0, 0.0]] * 15])
+    target, weight = gaussian_heatmaps(kp, jnp.ones((1, 17)), 8, stride=8.0, sigma=1.0)
+    pose = get_decoder("pose", spec, dict(hidden=8), rngs=nnx.Rngs(0))
+    _train(pose, lambda m: joints_mse_loss(m(f), target, weight))
+
+
+def test_heatmap_roundtrip_keeps_all_joints():
+    kp = jnp.array([[[10.0, 20.0], [0.0, 0.0], [63.0, 30.0]] + [[32.0, 32.0]] * 14])
+    vis = jnp.ones((1, 17)).at[0, 5].set(0)
+    hm, w = gaussian_heatmaps(kp, vis, 64, sigma=2.0)
+    assert hm.shape == (1, 64, 64, 17) and float(hm[0, 20, 10, 0]) == pytest.approx(1.0)
+    assert w[0, 5] == 0 and float(hm[..., 5].max()) == 0 and w[0, 1] == 1
+    out, visible = decode_heatmaps(hm)
+    assert out.shape == (1, 17, 3)
+    np.testing.assert_allclose(out[0, :3, :2], [[10, 20], [0, 0], [63, 30]], atol=0.25)
+    assert visible[0, 1] and visible[0, 2] and not visible[0, 5]  # border joints kept
+    # Quarter-pixel shift toward the higher neighbour.
+    hm2 = jnp.zeros((1, 8, 8, 1)).at[0, 3, 4, 0].set(1.0).at[0, 3, 5, 0].set(0.5)
+    np.testing.assert_allclose(decode_heatmaps(hm2, stride=4.0)[0][0, 0], [(4.25) * 4, 12.0, 1.0])
+
+
+def test_semantic_and_instance_inference():
+    # 2 queries, 2 classes (+ no object). Query 0: class 1 on the left column; query 1: class 0 elsewhere.
+    logits = jnp.array([[[-5.0, 5.0, -5.0], [5.0, -5.0, -5.0]]])
+    m = np.full((1, 2, 2, 2), -5.0, np.float32)
+    m[0, 0, :, 0] = 5.0
+    m[0, 1, :, 1] = 5.0
+    seg = semantic_inference(logits, jnp.asarray(m))
+    np.testing.assert_array_equal(seg[0], [[1, 0], [1, 0]])
+    np.testing.assert_array_equal(semantic_inference(logits, jnp.asarray(m), min_area=3, fill=0)[0], [[0, 0], [0, 0]])
+    inst = instance_inference(logits, jnp.asarray(m), top_k=2)
+    assert sorted(inst["labels"][0].tolist()) == [0, 1] and sorted(inst["query"][0].tolist()) == [0, 1]
+    i = int(np.argmax(np.asarray(inst["query"][0]) == 0))
+    np.testing.assert_array_equal(inst["masks"][0, i], [[True, False], [True, False]])
+    assert 0.95 < float(inst["scores"][0, i]) <= 1.0
