@@ -27,20 +27,39 @@ def fake_features(heads_layers: int, batch: int = 2, seed: int = 0) -> Features:
                          8: jax.nn.softmax(jax.random.normal(k[3], (batch, 8, 8, heads_layers, 5)))})
 
 
-@pytest.mark.parametrize("hl", [3, 1], ids=["datasetdm", "lean"])
-def test_forward_shapes(hl):
-    f = fake_features(hl)
-    spec = feature_spec(f)
-    assert spec == {4: (12, 5 * hl), 8: (6, 5 * hl)}
-    out = get_decoder("segmentation", spec, SEG, rngs=nnx.Rngs(0))(f)
+DEPTH = dict(hidden=8, max_depth=10.0, out_size=32, head_size=16)
+POSE = dict(hidden=8)
+forward = nnx.jit(lambda m, f, *a: m(f, *a))
+
+
+@pytest.fixture(scope="module")
+def models():
+    """One set of decoders on the datasetdm-like spec, shared by the shape and training tests."""
+    spec = feature_spec(fake_features(3))
+    return {"segmentation": get_decoder("segmentation", spec, SEG, rngs=nnx.Rngs(0)),
+            "depth": get_decoder("depth", spec, DEPTH, rngs=nnx.Rngs(1)),
+            "pose": get_decoder("pose", spec, POSE, rngs=nnx.Rngs(2))}
+
+
+def test_forward_shapes_datasetdm(models):
+    f = fake_features(3)
+    assert feature_spec(f) == {4: (12, 15), 8: (6, 15)}
+    out = forward(models["segmentation"], f)
     assert out["logits"].shape == (3, 2, 5, 4) and out["masks"].shape == (3, 2, 5, 20, 20)
+    assert np.isfinite(out["masks"]).all()
+    depth = forward(models["depth"], f)
+    assert depth.shape == (2, 32, 32) and float(depth.min()) > 0 and float(depth.max()) < 10
+    assert forward(models["pose"], f).shape == (2, 8, 8, 17)
+
+
+def test_forward_shapes_lean_open_vocab():
+    f = fake_features(1)
+    spec = feature_spec(f)
+    assert spec == {4: (12, 5), 8: (6, 5)}
     seg_t = get_decoder("segmentation", spec, {**SEG, "text_dim": 7, "mask_size": 16}, rngs=nnx.Rngs(0))
-    out = seg_t(f, jnp.ones((2, 7)))
+    out = forward(seg_t, f, jnp.ones((2, 7)))
     assert out["masks"].shape == (3, 2, 5, 16, 16) and np.isfinite(out["masks"]).all()
-    depth = get_decoder("depth", spec, dict(hidden=8, max_depth=10.0, head_size=16), rngs=nnx.Rngs(0))(f)
-    assert depth.shape == (2, 64, 64) and float(depth.min()) > 0 and float(depth.max()) < 10
-    pose = get_decoder("pose", spec, dict(hidden=8), rngs=nnx.Rngs(0))(f)
-    assert pose.shape == (2, 8, 8, 17)
+    assert forward(get_decoder("pose", spec, POSE, rngs=nnx.Rngs(0)), f).shape == (2, 8, 8, 17)
     with pytest.raises(ValueError):
         get_decoder("nope", spec, {}, rngs=nnx.Rngs(0))
 
@@ -110,31 +129,29 @@ def _train(model, loss_fn, steps=4, lr=3e-3):
     assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
 
 
-def test_training_steps_decrease_losses():
-    f = fake_features(3, batch=1)
-    spec = feature_spec(f)
+def test_training_steps_decrease_losses(models):
+    f = fake_features(3)
     gc, gm, gv = _gt()
+    gc, gm, gv = (jnp.concatenate([x, x]) for x in (gc, gm, gv))
     key = jax.random.PRNGKey(0)
-    seg = get_decoder("segmentation", spec, {**SEG, "num_layers": 1, "mask_size": 16}, rngs=nnx.Rngs(0))
-    _train(seg, lambda m: segmentation_loss(m(f), gc, gm, gv, key, num_classes=3, num_points=128, aux=True)[0])
+    _train(models["segmentation"],
+           lambda m: segmentation_loss(m(f), gc, gm, gv, key, num_classes=3, num_points=128, aux=True)[0])
 
-    depth_gt = jnp.where(jnp.arange(32)[None, :, None] < 16, 2.0, 5.0) * jnp.ones((1, 32, 32))
-    depth = get_decoder("depth", spec, dict(hidden=8, out_size=32, head_size=16), rngs=nnx.Rngs(0))
-    _train(depth, lambda m: silog_loss(m(f), depth_gt), lr=1e-2)
+    depth_gt = jnp.where(jnp.arange(32)[None, :, None] < 16, 2.0, 5.0) * jnp.ones((2, 32, 32))
+    _train(models["depth"], lambda m: silog_loss(m(f), depth_gt), lr=1e-2)
 
-    kp = jnp.array([[[16.0, 16.0], [40.0, 8.0]] + [[0.0, 0.0]] * 15])
-    target, weight = gaussian_heatmaps(kp, jnp.ones((1, 17)), 8, stride=8.0, sigma=1.0)
-    pose = get_decoder("pose", spec, dict(hidden=8), rngs=nnx.Rngs(0))
-    _train(pose, lambda m: joints_mse_loss(m(f), target, weight))
+    kp = jnp.array([[[16.0, 16.0], [40.0, 8.0]] + [[0.0, 0.0]] * 15] * 2)
+    target, weight = gaussian_heatmaps(kp, jnp.ones((2, 17)), 8, stride=8.0, sigma=1.0)
+    _train(models["pose"], lambda m: joints_mse_loss(m(f), target, weight))
 
 
 def test_heatmap_roundtrip_keeps_all_joints():
     kp = jnp.array([[[10.0, 20.0], [0.0, 0.0], [63.0, 30.0]] + [[32.0, 32.0]] * 14])
     vis = jnp.ones((1, 17)).at[0, 5].set(0)
-    hm, w = gaussian_heatmaps(kp, vis, 64, sigma=2.0)
+    hm, w = jax.jit(gaussian_heatmaps, static_argnums=2)(kp, vis, 64)
     assert hm.shape == (1, 64, 64, 17) and float(hm[0, 20, 10, 0]) == pytest.approx(1.0)
     assert w[0, 5] == 0 and float(hm[..., 5].max()) == 0 and w[0, 1] == 1
-    out, visible = decode_heatmaps(hm)
+    out, visible = jax.jit(decode_heatmaps)(hm)
     assert out.shape == (1, 17, 3)
     np.testing.assert_allclose(out[0, :3, :2], [[10, 20], [0, 0], [63, 30]], atol=0.25)
     assert visible[0, 1] and visible[0, 2] and not visible[0, 5]  # border joints kept
