@@ -19,12 +19,16 @@ SEG = dict(num_classes=3, hidden=16, num_queries=5, num_layers=2, heads=2, ffn=3
 
 
 def fake_features(heads_layers: int, batch: int = 2, seed: int = 0) -> Features:
-    """res {4, 8}; `heads_layers` = L*H of the attention (datasetdm-like > 1, lean-like 1)."""
-    k = jax.random.split(jax.random.PRNGKey(seed), 4)
-    return Features(
-        maps={4: jax.random.normal(k[0], (batch, 4, 4, 12)), 8: jax.random.normal(k[1], (batch, 8, 8, 6))},
-        cross_attention={4: jax.nn.softmax(jax.random.normal(k[2], (batch, 4, 4, heads_layers, 5))),
-                         8: jax.nn.softmax(jax.random.normal(k[3], (batch, 8, 8, heads_layers, 5)))})
+    """res {4, 8}; `heads_layers` = L*H of the attention (datasetdm-like > 1, lean-like 1). Numpy-made (no op compiles)."""
+    rng = np.random.default_rng(seed)
+
+    def attn(r):
+        a = rng.uniform(size=(batch, r, r, heads_layers, 5)).astype(np.float32)
+        return jnp.asarray(a / a.sum(-1, keepdims=True))
+
+    return Features(maps={4: jnp.asarray(rng.normal(size=(batch, 4, 4, 12)).astype(np.float32)),
+                          8: jnp.asarray(rng.normal(size=(batch, 8, 8, 6)).astype(np.float32))},
+                    cross_attention={4: attn(4), 8: attn(8)})
 
 
 DEPTH = dict(hidden=8, max_depth=10.0, out_size=32, head_size=16)
@@ -91,7 +95,8 @@ def _perfect(gm, perm):
         logits[0, 0, q] = -10.0
         logits[0, 0, q, c] = 10.0
         masks[0, 0, q] = np.where(np.asarray(gm[0, slot]) > 0, 10.0, -10.0)
-    return {"logits": jnp.asarray(logits), "masks": jnp.asarray(masks)}
+    # Two identical decoder layers, so the aux (deep-supervision) sum is exercised too.
+    return {"logits": jnp.asarray(np.concatenate([logits] * 2)), "masks": jnp.asarray(np.concatenate([masks] * 2))}
 
 
 def test_matching_recovers_permutation():
@@ -104,13 +109,13 @@ def test_matching_recovers_permutation():
 def test_segmentation_loss_perfect_vs_wrong():
     gc, gm, gv = _gt()
     key = jax.random.PRNGKey(1)
-    loss = jax.jit(lambda o: segmentation_loss(o, gc, gm, gv, key, num_classes=3, num_points=256))
+    loss = jax.jit(lambda o: segmentation_loss(o, gc, gm, gv, key, num_classes=3, num_points=256, aux=True))
     good_total, good = loss(_perfect(gm, (3, 1)))
     wrong = _perfect(gm, (3, 1))
     wrong = {"logits": wrong["logits"][..., ::-1], "masks": -wrong["masks"]}
     bad_total, bad = loss(wrong)
     assert all(np.isfinite(float(v)) for v in good.values())
-    assert float(good["ce"]) < 1e-3 and float(good["dice"]) < 0.25 and float(good["bce"]) < 0.5
+    assert float(good["ce"]) < 1e-3 and float(good["dice"]) < 0.5 and float(good["bce"]) < 1.0
     assert float(bad_total) > 10 * float(good_total)
     assert float(silog_loss(jnp.full((1, 4, 4), 2.0), jnp.full((1, 4, 4), 2.0))) < 1e-2
     assert float(silog_loss(jnp.full((1, 4, 4), 2.0), jnp.array([[[1.0, 3.0, 0.0, 5.0]] * 4]))) > 0.1
@@ -132,12 +137,12 @@ def _train(model, loss_fn, steps=4, lr=3e-3):
 def test_training_steps_decrease_losses(models):
     f = fake_features(3)
     gc, gm, gv = _gt()
-    gc, gm, gv = (jnp.concatenate([x, x]) for x in (gc, gm, gv))
+    gc, gm, gv = (jnp.asarray(np.concatenate([x, x])) for x in (gc, gm, gv))
     key = jax.random.PRNGKey(0)
     _train(models["segmentation"],
-           lambda m: segmentation_loss(m(f), gc, gm, gv, key, num_classes=3, num_points=128, aux=True)[0])
+           lambda m: segmentation_loss(m(f), gc, gm, gv, key, num_classes=3, num_points=128)[0])
 
-    depth_gt = jnp.where(jnp.arange(32)[None, :, None] < 16, 2.0, 5.0) * jnp.ones((2, 32, 32))
+    depth_gt = jnp.asarray(np.where(np.arange(32)[None, :, None] < 16, 2.0, 5.0) * np.ones((2, 32, 32), np.float32))
     _train(models["depth"], lambda m: silog_loss(m(f), depth_gt), lr=1e-2)
 
     kp = jnp.array([[[16.0, 16.0], [40.0, 8.0]] + [[0.0, 0.0]] * 15] * 2)

@@ -28,7 +28,7 @@ def sine_position_encoding(h: int, w: int, dim: int, temperature: float = 1e4) -
 
     def enc(v):
         p = v[:, None] / dim_t
-        return jnp.stack([jnp.sin(p[:, 0::2]), jnp.cos(p[:, 1::2])], axis=-1).reshape(v.shape[0], -1)
+        return jnp.where(jnp.arange(f) % 2 == 0, jnp.sin(p), jnp.cos(p))  # sin on even, cos on odd
 
     py, px = enc(y), enc(x)
     return jnp.concatenate([jnp.broadcast_to(py[:, None], (h, w, f)), jnp.broadcast_to(px[None], (h, w, f))],
@@ -86,6 +86,8 @@ class SegmentationDecoder(nnx.Module):
     def __init__(self, spec: FeatureSpec, num_classes: int, *, hidden: int = 256, num_queries: int = 100,
                  num_layers: int = 10, heads: int = 8, ffn: int = 2048, mask_size: int | None = None,
                  text_dim: int | None = None, dtype=None, rngs: nnx.Rngs):
+        if hidden % heads or hidden % 2:
+            raise ValueError(f"hidden ({hidden}) must be even and divisible by heads ({heads})")
         self.stem = PixelStem(spec, hidden=hidden, dtype=dtype, rngs=rngs)
         self.num_classes = num_classes
         self.mask_size = mask_size or int(round(2.5 * max(spec)))
