@@ -131,7 +131,7 @@ def get_config(arg=None):
     # --- stage 1: autoencoder (no perceptual or GAN loss: flat-coloured shapes need neither).
     c.vae = ml_collections.ConfigDict()
     c.vae.model = _vae((32, 64, 64), 32, 64)
-    c.vae.steps = 3000
+    c.vae.steps = 2000            # pilot: ~8-15 img/s on 2 shared CPU cores, PSNR 16 dB at step 100
     c.vae.batch_size = 32
     c.vae.lr = 1e-3
     c.vae.warmup_steps = 200
@@ -155,7 +155,7 @@ def get_config(arg=None):
     c.scheduler = dict(SD1_SCHEDULER)
 
     c.diffusion = ml_collections.ConfigDict()
-    c.diffusion.steps = 30000
+    c.diffusion.steps = 15000     # pilot: ~24 img/s (0.75 step/s) on 2 CPU cores: ~5.5 h
     c.diffusion.batch_size = 32   # pilots: batch 64 gave no img/s gain on 2 CPU cores; more steps win
     c.diffusion.lr = 1e-3
     c.diffusion.warmup_steps = 500

@@ -23,6 +23,12 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     bench.main_unet(args.model, args.size, args.batch, args.repeats, args.json)
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> None:
+    from datasetdm_jax import pretrain
+
+    pretrain.main_pretrain(args.config, args.workdir, args.overrides)
+
+
 def _cmd_smoke(args: argparse.Namespace) -> None:
     from datasetdm_jax import smoke
 
@@ -30,13 +36,19 @@ def _cmd_smoke(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="datasetdm", description=__doc__)
+    parser = argparse.ArgumentParser(prog="datasetdm", description="DatasetDM in JAX: annotated synthetic datasets from a frozen Stable Diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("smoke", help="end-to-end check on a tiny random-weight Stable Diffusion (no downloads)")
     p.add_argument("--out", default="work/smoke", help="folder for the tiny diffusers-format model")
     p.add_argument("--steps", type=int, default=4, help="sampling steps")
     p.set_defaults(fn=_cmd_smoke)
+
+    p = sub.add_parser("pretrain", help="train the shapes-world Stable Diffusion from scratch (resumable)")
+    p.add_argument("--config", default="configs/shapes_sd.py", help="config file, optionally FILE.py:ARG (e.g. :tiny)")
+    p.add_argument("--workdir", default="runs/shapes_sd", help="checkpoints, metrics and the exported model")
+    p.add_argument("overrides", nargs="*", help="config overrides as key=value (e.g. diffusion.steps=1000)")
+    p.set_defaults(fn=_cmd_pretrain)
 
     p = sub.add_parser("bench", help="UNet forward timings, FLOPs and capture overhead on this device")
     p.add_argument("--model", default="sd15", choices=["sd15", "sd21"])

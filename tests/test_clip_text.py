@@ -11,6 +11,7 @@ from flax import nnx
 from datasetdm_jax.convert import WeightsError, load_torch_state_dict, torch_key
 from datasetdm_jax.models import presets
 from datasetdm_jax.models.clip_text import POSITION_IDS_KEY, CLIPTextConfig, CLIPTextModel
+from tiny_sd import rel_err
 
 BATCH, SEQ, VOCAB = 3, 77, 100
 TINY = dict(
@@ -33,11 +34,6 @@ CASES = {
     "quick_gelu": dict(hidden_act="quick_gelu", eos_token_id=2),
     "gelu": dict(hidden_act="gelu", eos_token_id=EOS_ID),
 }
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 def _torch_model(config: dict) -> transformers.CLIPTextModel:

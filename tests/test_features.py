@@ -14,8 +14,9 @@ from datasetdm_jax.convert import load_torch_state_dict
 from datasetdm_jax.models import presets
 from datasetdm_jax.models.unet import UNet2DConditionModel
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+import diffusers
+import torch
+from tiny_sd import rel_err
 
 # Cross-attention at every level so resolution 8 gets up, mid and down layers (ordering check).
 TINY = {
@@ -86,11 +87,6 @@ def torch_taps(model, x, t, ctx):
         h.remove()
     cross = OrderedDict((our_name(n), p) for n, p in attn.items())  # insertion = call order
     return eps.permute(0, 2, 3, 1).numpy(), maps, cross
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.fixture(scope="module")

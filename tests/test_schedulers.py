@@ -9,8 +9,9 @@ import pytest
 
 from datasetdm_jax import schedulers as S
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+import diffusers
+import torch
+from tiny_sd import rel_err
 
 _BASE = {
     "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
@@ -55,11 +56,6 @@ X_T = _rng.standard_normal(SHAPE).astype(np.float32)
 def fake_model(x, t, xp):
     """Deterministic stand-in for a UNet: depends on the sample and (non-linearly) on t."""
     return 0.1 * x + xp.cos(t / 137.0) * R
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def torch_scheduler(sampler: str, cfg: dict):

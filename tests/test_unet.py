@@ -10,8 +10,9 @@ from datasetdm_jax.convert import load_torch_state_dict
 from datasetdm_jax.models import presets
 from datasetdm_jax.models.unet import UNet2DConditionConfig, UNet2DConditionModel, count_params
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+import diffusers
+import torch
+from tiny_sd import rel_err
 
 SD1_TINY = {
     "sample_size": 16,
@@ -50,11 +51,6 @@ def jax_unet(config: dict, model_pt):
     model = UNet2DConditionModel(config, rngs=nnx.Rngs(0))
     load_torch_state_dict(model, {k: v.numpy() for k, v in model_pt.state_dict().items()})
     return model
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def inputs(config: dict, batch: int = 2, seed: int = 1):

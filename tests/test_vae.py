@@ -9,6 +9,7 @@ from diffusers import AutoencoderKL as TorchAutoencoderKL
 from flax import nnx
 
 from datasetdm_jax.convert import WeightsError, load_torch_state_dict
+from datasetdm_jax.models import presets
 from datasetdm_jax.models.vae import (
     AutoencoderKL,
     AutoencoderKLConfig,
@@ -16,6 +17,7 @@ from datasetdm_jax.models.vae import (
     rename_legacy_vae_key,
     sample_latent,
 )
+from tiny_sd import nchw, nhwc, rel_err
 
 TINY = {
     "in_channels": 3,
@@ -31,34 +33,6 @@ TINY = {
     "scaling_factor": 0.18215,
     "force_upcast": True,
 }
-
-SD15 = {
-    "_class_name": "AutoencoderKL",
-    "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "in_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "out_channels": 3,
-    "sample_size": 512,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-}
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
-def nchw(x):
-    return np.asarray(x).transpose(0, 3, 1, 2)
-
-
-def nhwc(x):
-    return np.asarray(x).transpose(0, 2, 3, 1)
-
 
 @pytest.fixture(scope="module")
 def torch_vae():
@@ -105,7 +79,7 @@ def image():
 
 def test_parity_with_diffusers(torch_vae, jax_vae, jitted, image):
     with torch.no_grad():
-        post = torch_vae.encode(torch.from_numpy(nchw(image))).latent_dist
+        post = torch_vae.encode(nchw(image)).latent_dist
         ref_dec = torch_vae.decode(post.mean).sample
     mean, logvar, dec = jitted(jax_vae, jnp.asarray(image))
     assert mean.shape == (2, 16, 16, 4) and dec.shape == image.shape
@@ -145,9 +119,9 @@ def test_legacy_keys_load_the_same(state_dict, jax_vae, jitted, image):
 
 def test_sd15_param_count_matches_diffusers():
     with torch.device("meta"):
-        torch_model = TorchAutoencoderKL(**{k: v for k, v in SD15.items() if k != "_class_name"})
+        torch_model = TorchAutoencoderKL(**{k: v for k, v in presets.SD15_VAE.items() if k != "_class_name"})
     ref = sum(p.numel() for p in torch_model.parameters())
-    abstract = nnx.eval_shape(lambda: AutoencoderKL(SD15, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: AutoencoderKL(presets.SD15_VAE, rngs=nnx.Rngs(0)))
     ours = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
     assert ref == ours == 83_653_863
 
@@ -166,5 +140,5 @@ def test_config_refuses_unsupported():
         AutoencoderKLConfig.from_dict({**TINY, "down_block_types": ["DownBlock2D", "DownEncoderBlock2D"]})
     with pytest.raises(ValueError, match="act_fn"):
         AutoencoderKLConfig.from_dict({**TINY, "act_fn": "gelu"})
-    cfg = AutoencoderKLConfig.from_dict({**SD15, "shift_factor": 0.1159, "latents_mean": None})
+    cfg = AutoencoderKLConfig.from_dict({**presets.SD15_VAE, "shift_factor": 0.1159, "latents_mean": None})
     assert cfg.shift_factor == pytest.approx(0.1159) and cfg.downsample_factor == 8
