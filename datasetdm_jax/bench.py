@@ -92,7 +92,7 @@ def bench_unet(config: str = "sd15", size: int = 256, batch: int = 2, repeats: i
 def print_table(rows: list[Timing], header: str = "") -> None:
     if header:
         print(header)
-    print(f"| run | compile s | median s [min-max] | GFLOP | GFLOP/s |\n|---|---|---|---|---|")
+    print("| run | compile s | median s [min-max] | GFLOP | GFLOP/s |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r.name} | {r.compile_s:.1f} | {r.median_s:.3f} [{r.min_s:.3f}-{r.max_s:.3f}] | {r.gflop:.1f} | {r.gflops_per_s:.1f} |")
 

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import queue
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +41,15 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-__all__ = ["run", "export", "main_pretrain", "caption_words", "STAGES", "TrainingDiverged"]
+from datasetdm_jax import pretrained, schedulers
+from datasetdm_jax import tokenizer as tk
+from datasetdm_jax.config_utils import load_config
+from datasetdm_jax.data import pipeline, shapes
+from datasetdm_jax.models.clip_text import CLIPTextModel
+from datasetdm_jax.models.unet import UNet2DConditionModel
+from datasetdm_jax.models.vae import AutoencoderKL
+
+__all__ = ["run", "export", "main_pretrain", "STAGES", "TrainingDiverged"]
 
 STAGES = ("vae", "diffusion")
 METRICS_FILE = "metrics.jsonl"
@@ -57,24 +64,11 @@ class TrainingDiverged(FloatingPointError):
 
 
 def _shapes_config(config: ml_collections.ConfigDict):
-    from datasetdm_jax.data import shapes
-
     d = config.data
     kw = dict(image_size=int(d.image_size), min_objects=int(d.min_objects), max_objects=int(d.max_objects))
     if d.classes:
         kw["classes"] = tuple(d.classes)
     return shapes.ShapesConfig(**kw)
-
-
-def caption_words() -> list[str]:
-    """Every word a shapes-world caption can contain: the closed vocabulary of the tokenizer."""
-    from datasetdm_jax.data import shapes
-
-    words = ["a", "an", "and", "on", "background", "dark"]
-    words += [c for c in shapes.CLASSES if c != "background"]
-    words += list(shapes.COLOUR_NAMES)
-    words += list(shapes._KIND_WORDS.values())  # background kinds as captions name them
-    return list(dict.fromkeys(words))
 
 
 class _Prefetcher:
@@ -113,8 +107,6 @@ class _Prefetcher:
 
 
 def _train_iterator(config: ml_collections.ConfigDict, batch_size: int, data_state: Any | None):
-    from datasetdm_jax.data import pipeline
-
     ds = pipeline.procedural_dataset(config.data.split, batch_size, int(config.data.seed),
                                      config=_shapes_config(config), shuffle_seed=None)
     it = iter(ds)
@@ -125,8 +117,6 @@ def _train_iterator(config: ml_collections.ConfigDict, batch_size: int, data_sta
 
 def _heldout_batch(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The fixed held-out batch (first ``heldout_size`` scenes of the held-out split)."""
-    from datasetdm_jax.data import pipeline
-
     n = int(config.data.heldout_size)
     ds = pipeline.procedural_dataset(config.data.heldout_split, n, int(config.data.seed),
                                      config=_shapes_config(config), shuffle_seed=None)
@@ -138,26 +128,22 @@ class _Tokens:
     """Closed-vocabulary tokenizer with a caption cache (captions repeat a lot)."""
 
     def __init__(self, folder: str, max_length: int):
-        from datasetdm_jax import tokenizer as tk
-
-        self._tk, self.max_length = tk, int(max_length)
+        self.max_length = int(max_length)
         self.tokenizer = tk.load_tokenizer(folder)
         self._cache: dict[str, np.ndarray] = {}
 
     def __call__(self, captions: Sequence[str]) -> np.ndarray:
         missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
         if missing:
-            ids = self._tk.tokenize(self.tokenizer, missing, max_length=self.max_length)
+            ids = tk.tokenize(self.tokenizer, missing, max_length=self.max_length)
             self._cache.update(zip(missing, ids))
         return np.stack([self._cache[c] for c in captions]).astype(np.int32)
 
 
 def _ensure_tokenizer(workdir: str, config: ml_collections.ConfigDict) -> str:
-    from datasetdm_jax import tokenizer as tk
-
     folder = os.path.join(workdir, "tokenizer")
     if not os.path.isfile(os.path.join(folder, "vocab.json")):
-        tk.write_clip_tokenizer(folder, caption_words())
+        tk.write_clip_tokenizer(folder, shapes.caption_vocabulary())
     return folder
 
 
@@ -187,16 +173,10 @@ def _plain(x: Any) -> Any:
 def _build(kind: str, cfg: Mapping[str, Any], seed: int, dtype=jnp.float32) -> nnx.Module:
     rngs = nnx.Rngs(seed)
     if kind == "vae":
-        from datasetdm_jax.models.vae import AutoencoderKL
-
         return AutoencoderKL(dict(cfg), dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     if kind == "unet":
-        from datasetdm_jax.models.unet import UNet2DConditionModel
-
         return UNet2DConditionModel(dict(cfg), dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     if kind == "text_encoder":
-        from datasetdm_jax.models.clip_text import CLIPTextModel
-
         return CLIPTextModel(dict(cfg), dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     raise ValueError(kind)
 
@@ -543,14 +523,10 @@ def _frozen_vae(config: ml_collections.ConfigDict, workdir: str):
 
 
 def _schedule(config: ml_collections.ConfigDict):
-    from datasetdm_jax import schedulers
-
     return schedulers.ScheduleConfig.from_dict(_plain(config.scheduler.to_dict()))
 
 
 def _diffusion_stage(config: ml_collections.ConfigDict, workdir: str) -> _Stage:
-    from datasetdm_jax import schedulers
-
     dcfg = config.diffusion
     seed = int(config.seed)
     tokens = _Tokens(_ensure_tokenizer(workdir, config), config.tokenizer.max_length)
@@ -664,8 +640,6 @@ def export(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None 
     diffusion checkpoint, the VAE with its measured ``scaling_factor``, the closed-vocabulary
     tokenizer and SD 1.x's PNDM scheduler config; weights in ``config.export_dtype``. Returns the
     folder (default ``<workdir>/model``)."""
-    from datasetdm_jax import pretrained
-
     out_dir = out_dir or config.export_dir or os.path.join(workdir, "model")
     seed = int(config.seed)
     tok_folder = _ensure_tokenizer(workdir, config)
@@ -727,8 +701,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> bool:
 
 def main_pretrain(config_path: str, workdir: str, overrides: Sequence[str] | None = None) -> bool:
     """CLI body of ``datasetdm pretrain --config FILE.py[:arg] --workdir DIR [key=value ...]``."""
-    from datasetdm_jax.config_utils import load_config
-
     config = load_config(config_path, overrides)
     done = run(config, workdir)
     print(f"pretrain: {'finished' if done else 'stopped early; rerun the same command to resume'} "

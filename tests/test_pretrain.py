@@ -12,7 +12,6 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-pytest.importorskip("datasetdm_jax.models.vae")
 
 from datasetdm_jax import pretrain  # noqa: E402
 from datasetdm_jax.config_utils import load_config  # noqa: E402
@@ -132,7 +131,8 @@ def test_export_is_a_loadable_diffusers_folder(tiny_run):
         assert os.path.isfile(os.path.join(folder, f)), f
     with open(os.path.join(folder, "vae", "config.json")) as f:
         assert json.load(f)["scaling_factor"] > 0
-    pretrained = pytest.importorskip("datasetdm_jax.pretrained")
+    from datasetdm_jax import pretrained
+
     import jax.numpy as jnp
 
     pipe = pretrained.load_pipeline(folder, jnp.float32)

@@ -1,7 +1,6 @@
 """Capture under a data-parallel mesh: a batch sharded over 2 host devices gives the same features."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
