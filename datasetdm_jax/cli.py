@@ -29,6 +29,19 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
     pretrain.main_pretrain(args.config, args.workdir, args.overrides)
 
 
+def _cmd_fidelity(args: argparse.Namespace) -> None:
+    from datasetdm_jax import judge
+
+    judge.main_fidelity(args.model, args.judge, args.out, args.num_prompts, args.steps, args.guidance,
+                        args.scheduler, args.seed, args.batch, args.judge_steps)
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from datasetdm_jax import train
+
+    train.main_train(args.config, args.workdir, args.overrides)
+
+
 def _cmd_smoke(args: argparse.Namespace) -> None:
     from datasetdm_jax import smoke
 
@@ -50,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="config overrides as key=value (e.g. diffusion.steps=1000)")
     p.set_defaults(fn=_cmd_pretrain)
 
+    p = sub.add_parser("train", help="train a P-Decoder on the frozen SD's features (resumable)")
+    p.add_argument("--config", default="configs/shapes_semantic.py",
+                   help="config file, optionally FILE.py:ARG (e.g. configs/shapes_depth.py:tiny)")
+    p.add_argument("--workdir", default=None, help="checkpoints and metrics (default: the config's workdir)")
+    p.add_argument("overrides", nargs="*", help="config overrides as key=value (e.g. steps=500)")
+    p.set_defaults(fn=_cmd_train)
+
     p = sub.add_parser("bench", help="UNet forward timings, FLOPs and capture overhead on this device")
     p.add_argument("--model", default="sd15", choices=["sd15", "sd21"])
     p.add_argument("--size", type=int, default=256, help="image size in pixels (latent = size / 8)")
@@ -57,6 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.set_defaults(fn=_cmd_bench)
+
+    p = sub.add_parser("fidelity", help="judge whether a shapes-world model draws the prompted class and colour")
+    p.add_argument("--model", required=True, help="diffusers-format model folder")
+    p.add_argument("--judge", default="train", help="judge file, or 'train' to train one (cached in --out)")
+    p.add_argument("--out", default="runs/fidelity", help="folder for the report, sample grid and judge")
+    p.add_argument("--num_prompts", type=int, default=200)
+    p.add_argument("--steps", type=int, default=25, help="sampling steps")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--scheduler", default="pndm", choices=["ddim", "pndm", "dpmpp_2m"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--judge_steps", type=int, default=550, help="training steps when the judge is trained here")
+    p.set_defaults(fn=_cmd_fidelity)
     return parser
 
 

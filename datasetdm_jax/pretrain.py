@@ -143,7 +143,7 @@ class _Tokens:
 def _ensure_tokenizer(workdir: str, config: ml_collections.ConfigDict) -> str:
     folder = os.path.join(workdir, "tokenizer")
     if not os.path.isfile(os.path.join(folder, "vocab.json")):
-        tk.write_clip_tokenizer(folder, shapes.caption_vocabulary())
+        tk.write_clip_tokenizer(folder, shapes.caption_vocabulary(), int(config.tokenizer.max_length))
     return folder
 
 

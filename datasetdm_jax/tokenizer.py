@@ -88,14 +88,17 @@ def tokenize(tokenizer: Any, prompts: str | Sequence[str], max_length: int = _MA
     return out
 
 
-def write_clip_tokenizer(folder: str | os.PathLike, words: Sequence[str]) -> dict[str, int]:
+def write_clip_tokenizer(folder: str | os.PathLike, words: Sequence[str],
+                         model_max_length: int = _MAX_LENGTH) -> dict[str, int]:
     """Writes a minimal CLIP BPE tokenizer folder where each of `words` is one token `word</w>`.
 
     The vocabulary is CLIP's layout in miniature: the 256 byte characters, the same with `</w>`,
     the merge products needed to build each word, then BOS and EOS (so vocab_size is small and
     any text still tokenizes, character by character, outside the word list). Merges are added
     in order so that each word reduces to a single token; appending a merge never changes how an
-    earlier word is split, so one pass suffices. Returns the vocabulary (token -> id).
+    earlier word is split, so one pass suffices. `model_max_length` is the padded context length
+    pipelines use (SD's 77; a small model with short captions can use fewer tokens, which cuts the
+    text encoder's cost). Returns the vocabulary (token -> id).
     """
     byte_chars = _bytes_to_unicode()
     vocab: dict[str, int] = {}
@@ -136,7 +139,7 @@ def write_clip_tokenizer(folder: str | os.PathLike, words: Sequence[str]) -> dic
     }
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
     config = {
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": _MAX_LENGTH, "do_lower_case": True,
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": int(model_max_length), "do_lower_case": True,
         "errors": "replace", "add_prefix_space": False, **special,
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")

@@ -1,0 +1,40 @@
+"""P-Decoder training for semantic segmentation on the shapes world (reference §4).
+
+Run: ``datasetdm train --config configs/shapes_semantic.py`` (rerun to resume). The frozen model is
+the shapes-world SD made by ``datasetdm pretrain --config configs/shapes_sd.py``, exported to
+``models/shapes_sd``. Variant ``:tiny`` is for tests (few steps, few points, tiny decoder).
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+    c = ml_collections.ConfigDict()
+    c.task = "semantic"
+    c.name = "shapes_semantic"
+    c.pipeline = "models/shapes_sd"
+    c.workdir = "runs/shapes_semantic"
+    c.capture = "datasetdm"          # features preset: 'datasetdm' or 'lean'
+    c.timestep = 0                   # official: DDPM set_timesteps(50) -> timesteps[-1] = 0 (reference §2.1)
+    c.seed = 42
+    c.steps = 3000
+    c.max_steps = 0                  # > 0: stop this invocation after that many steps (resumable)
+    c.batch_size = 4
+    c.lr = 1e-4                      # Adam, no weight decay (official)
+    c.num_points = 12544 // 16       # loss point samples per mask; 64 px images have 4096 pixels
+    c.log_every = 10
+    c.eval_every = 500
+    c.checkpoint_every_s = 300.0
+    c.keep_checkpoints = 2
+    c.data = ml_collections.ConfigDict(dict(split="train_labelled", num_images=100, seed=0, image_size=64,
+                                            flip=True))
+    c.eval = ml_collections.ConfigDict(dict(split="test", num_images=64, batch_size=8))
+    c.decoder = ml_collections.ConfigDict(dict(hidden=64, num_queries=10, num_layers=6, heads=4, ffn=256))
+    if arg == "tiny":
+        c.steps, c.batch_size, c.num_points, c.log_every, c.eval_every, c.lr = 4, 2, 64, 1, 0, 1e-3
+        c.data.num_images, c.data.image_size, c.data.flip = 8, 32, False
+        c.eval.num_images, c.eval.batch_size = 4, 4
+        c.decoder = ml_collections.ConfigDict(dict(hidden=32, num_queries=10, num_layers=2, heads=4, ffn=64))
+    elif arg not in (None, ""):
+        raise ValueError(f"unknown variant {arg!r} (expected 'tiny' or none)")
+    return c
