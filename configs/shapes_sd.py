@@ -132,7 +132,7 @@ def get_config(arg=None):
     # --- stage 1: autoencoder (no perceptual or GAN loss: flat-coloured shapes need neither).
     c.vae = ml_collections.ConfigDict()
     c.vae.model = _vae((16, 32, 64), 16, 64)  # pilot: 34 img/s on 2 host devices; (32, 64, 64): 15
-    c.vae.steps = 800
+    c.vae.steps = 600
     c.vae.batch_size = 32
     c.vae.lr = 1e-3
     c.vae.warmup_steps = 100
@@ -156,7 +156,7 @@ def get_config(arg=None):
     c.scheduler = dict(SD1_SCHEDULER)
 
     c.diffusion = ml_collections.ConfigDict()
-    c.diffusion.steps = 6000      # pilot: 48 img/s (1.5 step/s) on 2 host devices: ~70 min alone
+    c.diffusion.steps = 4500      # pilot: 48 img/s (1.5 step/s) on 2 host devices alone: ~50 min
     c.diffusion.batch_size = 32   # pilots: batch 64 gave no img/s gain on 2 CPU cores; more steps win
     c.diffusion.lr = 1e-3
     c.diffusion.warmup_steps = 300
