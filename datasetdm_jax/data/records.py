@@ -1,0 +1,350 @@
+"""Generated datasets on disk: sharded TFRecord (``tf.train.Example``) + ArrayRecord, no TensorFlow.
+
+Every example is one serialized ``tf.train.Example`` (the proto copy that tensorflow-datasets ships,
+wire-identical to TensorFlow's, serialized deterministically so reruns give the same bytes) with
+the standard keys of the TF object-detection API:
+
+=========================================  ================================================
+``image/encoded``, ``image/format``        PNG (default) or JPEG bytes, ``b"png"`` / ``b"jpeg"``
+``image/height``, ``image/width``          int64
+``image/prompt``, ``image/classes``        the prompt (UTF-8) and the class names it names
+``image/index``, ``image/seed``            global example index and sampler seed (noise = fold_in(seed, index))
+``segmentation/class/encoded`` (+format)   8-bit PNG of class ids
+``depth/encoded``, ``depth/scale``         16-bit PNG; metres = value * scale
+``image/object/mask``                      one 0/1 PNG per instance
+``image/object/class/label``, ``.../text``  int64 class ids, names
+``image/object/score``                     float confidence
+``image/object/bbox/{xmin,ymin,xmax,ymax}`` normalised to [0, 1]
+``image/object/keypoint/{x,y,visibility}`` 17 per object, normalised x, y; COCO visibility 0/1/2
+``image/quality``                          float annotation confidence (see ``generate``)
+=========================================  ================================================
+
+A shard is written to a temporary name, fsynced and renamed, so a killed run leaves either a
+complete shard or none; TFRecord framing uses masked CRC32C (``google-crc32c``) as ``tf.data``
+expects. ``grain_source`` / ``read_tfrecords`` read a dataset back as numpy dicts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import struct
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["encode_png", "encode_jpeg", "decode_image", "to_example", "from_example", "serialize_example",
+           "parse_example", "tfrecord_frame", "read_tfrecord", "write_shard", "atomic_write", "sha256_file",
+           "shard_name", "read_manifest", "grain_source", "read_tfrecords", "MANIFEST", "DEPTH_SCALE"]
+
+MANIFEST = "manifest.json"
+DEPTH_SCALE = 1e-3   # metres per 16-bit depth unit: 0..65.5 m in millimetres
+TFRECORD, ARRAY_RECORD = ".tfrecord", ".array_record"
+
+
+# -- image codecs ------------------------------------------------------------------------------
+
+def encode_png(array: np.ndarray) -> bytes:
+    """uint8 (H,W), (H,W,3) or uint16 (H,W) -> PNG bytes (deterministic)."""
+    a = np.ascontiguousarray(array)
+    img = Image.fromarray(a.astype("<u2") if a.dtype == np.uint16 else a)  # uint16 -> mode I;16
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def encode_jpeg(array: np.ndarray, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="JPEG", quality=int(quality))
+    return buf.getvalue()
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """PNG/JPEG bytes -> numpy (uint16 for 16-bit PNGs)."""
+    img = Image.open(io.BytesIO(data))
+    if img.mode in ("I;16", "I;16B", "I"):
+        return np.asarray(img).astype(np.uint16)
+    return np.asarray(img)
+
+
+# -- tf.train.Example --------------------------------------------------------------------------
+
+def _example_pb2():
+    from tensorflow_datasets.proto import tf_example_generated_pb2
+    return tf_example_generated_pb2
+
+
+def serialize_example(features: Mapping[str, Any]) -> bytes:
+    """{key: bytes | str | int | float | list of one kind} -> serialized tf.train.Example.
+
+    Map entries are written in sorted key order (``deterministic=True``), so equal inputs give
+    equal bytes.
+    """
+    ex = _example_pb2().Example()
+    for key, value in features.items():
+        values = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
+        feat = ex.features.feature[key]
+        if not values:
+            feat.bytes_list.SetInParent()
+        elif isinstance(values[0], (bytes, str)):
+            feat.bytes_list.value.extend(v.encode("utf-8") if isinstance(v, str) else v for v in values)
+        elif isinstance(values[0], (float, np.floating)):
+            feat.float_list.value.extend(float(v) for v in values)
+        elif isinstance(values[0], (int, bool, np.integer, np.bool_)):
+            feat.int64_list.value.extend(int(v) for v in values)
+        else:
+            raise TypeError(f"feature {key!r}: unsupported value type {type(values[0]).__name__}")
+    return ex.SerializeToString(deterministic=True)
+
+
+def parse_example(data: bytes) -> dict[str, list]:
+    """Serialized tf.train.Example -> {key: list of bytes / float / int}."""
+    ex = _example_pb2().Example.FromString(data)
+    out = {}
+    for key, feat in ex.features.feature.items():
+        kind = feat.WhichOneof("kind")
+        out[key] = list(getattr(feat, kind).value) if kind else []
+    return out
+
+
+def _bbox(mask: np.ndarray) -> tuple[float, float, float, float]:
+    h, w = mask.shape
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return 0.0, 0.0, 0.0, 0.0
+    return xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h
+
+
+def to_example(rec: Mapping[str, Any], image_format: str = "png", class_names: Sequence[str] | None = None) -> bytes:
+    """One generated example (numpy arrays) -> serialized tf.train.Example with the standard keys.
+
+    ``rec``: ``image`` uint8 (H,W,3), ``prompt``, ``index``, ``seed``; optional ``classes``,
+    ``segmentation`` (H,W) ints, ``depth`` (H,W) metres, ``instance_masks`` (N,H,W) bool with
+    ``instance_labels`` (N,) and ``instance_scores`` (N,), ``keypoints`` (N,17,3) x, y, visibility
+    in pixels, ``quality`` float.
+    """
+    image = np.asarray(rec["image"])
+    h, w = image.shape[:2]
+    fmt = image_format.lower()
+    if fmt not in ("png", "jpeg"):
+        raise ValueError(f"image_format must be 'png' or 'jpeg', got {image_format!r}")
+    f: dict[str, Any] = {
+        "image/encoded": encode_png(image) if fmt == "png" else encode_jpeg(image),
+        "image/format": fmt, "image/height": h, "image/width": w,
+        "image/prompt": str(rec.get("prompt", "")), "image/classes": list(rec.get("classes", ())),
+        "image/index": int(rec.get("index", 0)), "image/seed": int(rec.get("seed", 0)),
+    }
+    if rec.get("segmentation") is not None:
+        seg = np.asarray(rec["segmentation"])
+        if seg.min(initial=0) < 0 or seg.max(initial=0) > 255:
+            raise ValueError("segmentation class ids must be in [0, 255]")
+        f["segmentation/class/encoded"] = encode_png(seg.astype(np.uint8))
+        f["segmentation/class/format"] = "png"
+    if rec.get("depth") is not None:
+        scale = float(rec.get("depth_scale", DEPTH_SCALE))
+        d = np.clip(np.round(np.asarray(rec["depth"], np.float64) / scale), 0, 65535).astype(np.uint16)
+        f["depth/encoded"] = encode_png(d)
+        f["depth/format"] = "png"
+        f["depth/scale"] = scale
+    masks = rec.get("instance_masks")
+    if masks is not None:
+        masks = np.asarray(masks, bool)
+        labels = np.asarray(rec.get("instance_labels", np.zeros(len(masks))), np.int64)
+        boxes = [_bbox(m) for m in masks]
+        f["image/object/mask"] = [encode_png(m.astype(np.uint8)) for m in masks]
+        f["image/object/class/label"] = labels.tolist()
+        if class_names is not None:
+            f["image/object/class/text"] = [class_names[int(k)] for k in labels]
+        f["image/object/score"] = np.asarray(rec.get("instance_scores", np.ones(len(masks))), np.float32).tolist()
+        for j, name in enumerate(("xmin", "ymin", "xmax", "ymax")):
+            f[f"image/object/bbox/{name}"] = [b[j] for b in boxes]
+    if rec.get("keypoints") is not None:
+        kp3 = np.asarray(rec["keypoints"], np.float32)
+        kp = kp3.reshape(-1, 3)
+        f["image/object/keypoint/x"] = (kp[:, 0] / w).tolist()
+        f["image/object/keypoint/y"] = (kp[:, 1] / h).tolist()
+        f["image/object/keypoint/visibility"] = kp[:, 2].astype(np.int64).tolist()
+        f["image/object/keypoint/num"] = int(kp3.shape[-2]) if kp3.ndim == 3 else 17
+    if rec.get("quality") is not None:
+        f["image/quality"] = float(rec["quality"])
+    return serialize_example(f)
+
+
+def from_example(data: bytes) -> dict[str, Any]:
+    """Serialized example -> numpy dict (``image``, ``prompt``, ``segmentation``, ``depth`` in metres,
+    ``instance_masks``/``instance_labels``/``instance_scores``, ``keypoints`` in pixels, ...)."""
+    f = parse_example(data)
+    image = decode_image(f["image/encoded"][0])
+    h, w = image.shape[:2]
+    out: dict[str, Any] = {"image": image, "prompt": f["image/prompt"][0].decode("utf-8"),
+                           "classes": [c.decode("utf-8") for c in f.get("image/classes", [])],
+                           "index": int(f["image/index"][0]), "seed": int(f["image/seed"][0])}
+    if "segmentation/class/encoded" in f:
+        out["segmentation"] = decode_image(f["segmentation/class/encoded"][0])
+    if "depth/encoded" in f:
+        out["depth"] = decode_image(f["depth/encoded"][0]).astype(np.float32) * np.float32(f["depth/scale"][0])
+    if "image/object/mask" in f:
+        masks = [decode_image(m).astype(bool) for m in f["image/object/mask"]]
+        out["instance_masks"] = np.stack(masks) if masks else np.zeros((0, h, w), bool)
+        out["instance_labels"] = np.asarray(f["image/object/class/label"], np.int64)
+        out["instance_scores"] = np.asarray(f["image/object/score"], np.float32)
+    if "image/object/keypoint/x" in f:
+        n = int(f["image/object/keypoint/num"][0])
+        kp = np.stack([np.asarray(f["image/object/keypoint/x"], np.float32) * w,
+                       np.asarray(f["image/object/keypoint/y"], np.float32) * h,
+                       np.asarray(f["image/object/keypoint/visibility"], np.float32)], -1)
+        out["keypoints"] = kp.reshape(-1, n, 3)
+    if "image/quality" in f:
+        out["quality"] = float(f["image/quality"][0])
+    return out
+
+
+# -- TFRecord framing --------------------------------------------------------------------------
+
+def _masked_crc(data: bytes) -> int:
+    import google_crc32c
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def tfrecord_frame(data: bytes) -> bytes:
+    """One TFRecord: uint64 length, masked CRC32C of the length, data, masked CRC32C of the data."""
+    header = struct.pack("<Q", len(data))
+    return header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data))
+
+
+def read_tfrecord(path: str) -> Iterator[bytes]:
+    """Records of a TFRecord file, CRC-checked; a truncated or corrupt file is a one-line error."""
+    with open(path, "rb") as f:
+        while True:
+            header = f.read(12)
+            if not header:
+                return
+            if len(header) < 12:
+                raise ValueError(f"{path}: truncated TFRecord header")
+            (n,), (hcrc,) = struct.unpack("<Q", header[:8]), struct.unpack("<I", header[8:])
+            if _masked_crc(header[:8]) != hcrc:
+                raise ValueError(f"{path}: corrupt TFRecord length CRC")
+            body = f.read(n + 4)
+            if len(body) < n + 4:
+                raise ValueError(f"{path}: truncated TFRecord")
+            if _masked_crc(body[:n]) != struct.unpack("<I", body[n:])[0]:
+                raise ValueError(f"{path}: corrupt TFRecord data CRC")
+            yield body[:n]
+
+
+# -- atomic shard and manifest writes ----------------------------------------------------------
+
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tmp(path: str) -> str:
+    return f"{path}.tmp-{os.getpid()}"
+
+
+def atomic_write(path: str, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` via a temp file + fsync + rename (readers never see a partial file)."""
+    tmp = _tmp(path)
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_name(shard: int, num_shards: int) -> str:
+    return f"data-{shard:05d}-of-{num_shards:05d}"
+
+
+def write_shard(folder: str, name: str, examples: Sequence[bytes], formats: Sequence[str] = ("tfrecord", "array_record")
+                ) -> dict[str, Any]:
+    """Write one shard in each format atomically, then a ``NAME.json`` summary (the completion mark).
+
+    Returns the summary: name, number of records and, per file, its name and sha256.
+    """
+    files = {}
+    for fmt in formats:
+        path = os.path.join(folder, name + {"tfrecord": TFRECORD, "array_record": ARRAY_RECORD}[fmt])
+        tmp = _tmp(path)
+        if fmt == "tfrecord":
+            with open(tmp, "wb") as f:
+                for ex in examples:
+                    f.write(tfrecord_frame(ex))
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            from array_record.python.array_record_module import ArrayRecordWriter
+            w = ArrayRecordWriter(tmp, "group_size:1")
+            for ex in examples:
+                w.write(ex)
+            w.close()
+            _fsync_path(tmp)
+        os.replace(tmp, path)
+        files[fmt] = {"file": os.path.basename(path), "sha256": sha256_file(path)}
+    summary = {"name": name, "num_records": len(examples), "files": files}
+    atomic_write(os.path.join(folder, name + ".json"), json.dumps(summary, indent=1, sort_keys=True))
+    return summary
+
+
+def read_manifest(folder: str) -> dict[str, Any]:
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {MANIFEST} in {folder}: not a finished generated dataset "
+                                "(rerun the `datasetdm generate` command that made it to finish it)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _shard_paths(folder: str, fmt: str) -> list[str]:
+    manifest = read_manifest(folder)
+    return [os.path.join(folder, s["files"][fmt]["file"]) for s in manifest["shards"]]
+
+
+def read_tfrecords(folder: str) -> Iterator[dict[str, Any]]:
+    """Every example of a finished dataset in index order, decoded to numpy (no TensorFlow)."""
+    for path in _shard_paths(folder, "tfrecord"):
+        for data in read_tfrecord(path):
+            yield from_example(data)
+
+
+class _Decode:
+    """Picklable grain map: serialized example -> numpy dict."""
+
+    def __call__(self, data: bytes) -> dict[str, Any]:
+        return from_example(data)
+
+
+def grain_source(folder: str):
+    """A ``grain.MapDataset`` over the ArrayRecord shards (random access), decoded to numpy dicts.
+
+    e.g. ``grain_source(out).shuffle(seed=0).batch(8)``; ragged keys (instances) need a custom batch fn.
+    """
+    import grain
+
+    src = grain.sources.ArrayRecordDataSource(_shard_paths(folder, "array_record"))
+    return grain.MapDataset.source(src).map(_Decode())
