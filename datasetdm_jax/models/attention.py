@@ -78,3 +78,14 @@ class Attention(nnx.Module):
             out, probs = multi_head_attention(q, k, v, kernel=kernel, upcast=self.upcast_attention), None
         out = self.to_out[0](out.reshape(*out.shape[:2], -1))
         return (out, probs) if return_probs else out
+
+    def probabilities(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        """fp32 (B, H, Lq, Lk) softmax of `x`'s queries against `context`'s keys, no values.
+
+        The attention labeller reads queries against a second key set (the class prompt) that must
+        not change the layer's output, so only the probabilities are computed.
+        """
+        split = lambda t: t.reshape(*t.shape[:2], self.heads, self.dim_head)
+        q, k = split(self.to_q(x)).astype(jnp.float32), split(self.to_k(context)).astype(jnp.float32)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * self.dim_head ** -0.5
+        return jax.nn.softmax(logits, axis=-1)

@@ -5,6 +5,8 @@ PyTorch state-dict keys so `convert.load_torch_state_dict` loads released weight
 `capture=True` the call also returns the intermediates DatasetDM reads (see `features.py`):
 `taps["maps"]` (28 tensors for SD 1.5, names like `down1.layer0`) and `taps["cross_attention"]`
 (fp32 probabilities of every attn2, names like `up1.layer2.block0`), both in forward order.
+With `attention=AttentionCapture.request(...)` it also returns the head-averaged self-attention
+and class-prompt attention the training-free labeller reads (`labelers/attention.py`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from flax import nnx
 
 from .attention import Kernel
 from .embeddings import TimestepEmbedding, timestep_embedding
-from .unet_blocks import DownBlock2D, Taps, UNetMidBlock2DCrossAttn, UpBlock2D, _Common, apply_norm, conv, group_norm
+from .unet_blocks import (AttentionCapture, DownBlock2D, Taps, UNetMidBlock2DCrossAttn, UpBlock2D, _Common,
+                          apply_norm, conv, group_norm)
 
 _DOWN_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
 _UP_TYPES = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
@@ -196,12 +199,14 @@ class UNet2DConditionModel(nnx.Module):
         self.conv_out = conv(ch[0], cfg.out_channels, cfg.conv_out_kernel, **kw)
 
     def __call__(self, sample: jax.Array, timesteps: jax.Array | float, encoder_hidden_states: jax.Array, *,
-                 capture: bool = False, attention_kernel: Kernel = "dot"):
+                 capture: bool = False, attention_kernel: Kernel = "dot", attention: AttentionCapture | None = None):
         """eps for `sample` (B, H, W, C_in) at `timesteps` (scalar or (B,)) given text tokens (B, T, D).
 
         With `capture=True` returns `(eps, {"maps": ..., "cross_attention": ...})`, two ordered dicts
         in forward order; cross-attention probabilities are then computed by the dot kernel in fp32,
-        self-attention keeps `attention_kernel`.
+        self-attention keeps `attention_kernel`. With `attention` (an `AttentionCapture.request`)
+        the dict (returned even without `capture`) also holds its `self_attention` and
+        `class_attention` lists; the requested self-attention layers then use the dot kernel.
         """
         cfg = self.config
         factor = 2 ** (len(cfg.block_out_channels) - 1)
@@ -217,21 +222,27 @@ class UNet2DConditionModel(nnx.Module):
             x = 2 * x - 1.0
         context = encoder_hidden_states.astype(self.dtype)
         taps = Taps.empty() if capture else None
+        if attention is not None:  # fresh lists: a request object may be reused across calls
+            attention = attention._replace(self_attention=[], class_attention=[])
 
         x = self.conv_in(x)
         if taps is not None:
             taps.maps["conv_in"] = x
         skips = [x]
         for i, block in enumerate(self.down_blocks):
-            x, s = block(x, temb, context, kernel=attention_kernel, taps=taps, name=f"down{i}")
+            x, s = block(x, temb, context, kernel=attention_kernel, taps=taps, name=f"down{i}", attention=attention)
             skips += s
-        x = self.mid_block(x, temb, context, kernel=attention_kernel, taps=taps, name="mid")
+        x = self.mid_block(x, temb, context, kernel=attention_kernel, taps=taps, name="mid", attention=attention)
         for i, block in enumerate(self.up_blocks):
-            x = block(x, skips, temb, context, kernel=attention_kernel, taps=taps, name=f"up{i}")
+            x = block(x, skips, temb, context, kernel=attention_kernel, taps=taps, name=f"up{i}",
+                      attention=attention)
         x = self.conv_out(jax.nn.silu(apply_norm(self.conv_norm_out, x)))
-        if taps is None:
+        if taps is None and attention is None:
             return x
-        return x, {"maps": taps.maps, "cross_attention": taps.cross_attention}
+        out = {} if taps is None else {"maps": taps.maps, "cross_attention": taps.cross_attention}
+        if attention is not None:
+            out.update(self_attention=attention.self_attention, class_attention=attention.class_attention)
+        return x, out
 
 
 def count_params(model_or_config: nnx.Module | UNet2DConditionConfig | Mapping[str, Any]) -> int:
@@ -243,4 +254,4 @@ def count_params(model_or_config: nnx.Module | UNet2DConditionConfig | Mapping[s
     return sum(int(v.size) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
 
 
-__all__ = ["UNet2DConditionConfig", "UNet2DConditionModel", "count_params"]
+__all__ = ["AttentionCapture", "UNet2DConditionConfig", "UNet2DConditionModel", "count_params"]

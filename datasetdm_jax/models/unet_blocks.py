@@ -2,7 +2,8 @@
 
 Capture is threaded explicitly: every block takes an optional `Taps` (two ordered dicts owned by
 the caller of `UNet2DConditionModel.__call__`) plus its name prefix, and writes its intermediates
-there. With `taps=None` nothing extra is computed.
+there. The attention labeller's request (`AttentionCapture`) is threaded the same way. With
+`taps=None` and `attention=None` nothing extra is computed.
 """
 
 from __future__ import annotations
@@ -26,6 +27,26 @@ class Taps(NamedTuple):
     @classmethod
     def empty(cls) -> "Taps":
         return cls(OrderedDict(), OrderedDict())
+
+
+class AttentionCapture(NamedTuple):
+    """Head-averaged attention for the training-free labeller (Dataset Diffusion), per layer in forward order.
+
+    Only the last `len(class_context)` rows of the batch are read (the conditional half of a CFG
+    batch). Layers with `self_tokens` query positions append their self-attention (Bc, L, L);
+    layers with `cross_tokens` positions append the softmax of their cross-attention queries
+    against `class_context` keys (Bc, L, T), which never feeds the layer's output. fp32.
+    """
+
+    class_context: jax.Array
+    self_tokens: int
+    cross_tokens: int
+    self_attention: list
+    class_attention: list
+
+    @classmethod
+    def request(cls, class_context: jax.Array, self_tokens: int, cross_tokens: int) -> "AttentionCapture":
+        return cls(class_context, int(self_tokens), int(cross_tokens), [], [])
 
 
 def group_norm(channels: int, groups: int, eps: float, *, param_dtype, rngs: nnx.Rngs) -> nnx.GroupNorm:
@@ -152,13 +173,24 @@ class BasicTransformerBlock(nnx.Module):
         self.norm3 = layer_norm(dim, 1e-5, param_dtype=param_dtype, rngs=rngs)
         self.ff = FeedForward(dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, context, *, kernel: Kernel = "dot", capture: bool = False):
+    def __call__(self, x, context, *, kernel: Kernel = "dot", capture: bool = False,
+                 attention: AttentionCapture | None = None):
         """Returns (tokens, cross-attention probabilities (B, H, L, T) fp32 or None)."""
-        x = self.attn1(apply_norm(self.norm1, x), kernel=kernel) + x
-        if capture:
-            a, probs = self.attn2(apply_norm(self.norm2, x), context, return_probs=True)
+        h = apply_norm(self.norm1, x)
+        if attention is not None and x.shape[1] == attention.self_tokens:
+            a, self_probs = self.attn1(h, return_probs=True)
+            attention.self_attention.append(self_probs[-attention.class_context.shape[0]:].mean(axis=1))
         else:
-            a, probs = self.attn2(apply_norm(self.norm2, x), context, kernel=kernel), None
+            a = self.attn1(h, kernel=kernel)
+        x = a + x
+        h = apply_norm(self.norm2, x)
+        if attention is not None and x.shape[1] == attention.cross_tokens:
+            rows = h[-attention.class_context.shape[0]:]
+            attention.class_attention.append(self.attn2.probabilities(rows, attention.class_context).mean(axis=1))
+        if capture:
+            a, probs = self.attn2(h, context, return_probs=True)
+        else:
+            a, probs = self.attn2(h, context, kernel=kernel), None
         x = a + x
         x = self.ff(apply_norm(self.norm3, x)) + x
         return x, probs
@@ -188,7 +220,8 @@ class Transformer2DModel(nnx.Module):
         else:
             self.proj_out = conv(inner, in_channels, 1, **kw)
 
-    def __call__(self, x, context, *, kernel: Kernel = "dot", capture: bool = False):
+    def __call__(self, x, context, *, kernel: Kernel = "dot", capture: bool = False,
+                 attention: AttentionCapture | None = None):
         """Returns (x + transformer(x), list of per-block cross-attention probabilities or Nones)."""
         b, hh, ww, c = x.shape
         h = apply_norm(self.norm, x)
@@ -199,7 +232,7 @@ class Transformer2DModel(nnx.Module):
             h = h.reshape(b, hh * ww, h.shape[-1])
         probs = []
         for block in self.transformer_blocks:
-            h, p = block(h, context, kernel=kernel, capture=capture)
+            h, p = block(h, context, kernel=kernel, capture=capture, attention=attention)
             probs.append(p)
         if self.use_linear_projection:
             h = self.proj_out(h).reshape(b, hh, ww, c)
@@ -256,13 +289,15 @@ class DownBlock2D(nnx.Module):
         else:
             self.downsamplers = None
 
-    def __call__(self, x, temb, context, *, kernel: Kernel = "dot", taps: Taps | None = None, name: str = "down"):
+    def __call__(self, x, temb, context, *, kernel: Kernel = "dot", taps: Taps | None = None, name: str = "down",
+                 attention: AttentionCapture | None = None):
         """Returns (x, skip tensors for the up path: each layer's output, then the downsampled one)."""
         skips = []
         for j, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
             if self.attentions is not None:
-                x, probs = self.attentions[j](x, context, kernel=kernel, capture=taps is not None)
+                x, probs = self.attentions[j](x, context, kernel=kernel, capture=taps is not None,
+                                              attention=attention)
                 _record_attention(taps, f"{name}.layer{j}", probs)
             if taps is not None:
                 taps.maps[f"{name}.layer{j}"] = x
@@ -288,10 +323,11 @@ class UNetMidBlock2DCrossAttn(nnx.Module):
         ])
         self.attentions = nnx.List([_transformer(common, channels, kw) for _ in range(num_layers)])
 
-    def __call__(self, x, temb, context, *, kernel: Kernel = "dot", taps: Taps | None = None, name: str = "mid"):
+    def __call__(self, x, temb, context, *, kernel: Kernel = "dot", taps: Taps | None = None, name: str = "mid",
+                 attention: AttentionCapture | None = None):
         x = self.resnets[0](x, temb)
         for j, (attn, resnet) in enumerate(zip(self.attentions, self.resnets[1:])):
-            x, probs = attn(x, context, kernel=kernel, capture=taps is not None)
+            x, probs = attn(x, context, kernel=kernel, capture=taps is not None, attention=attention)
             _record_attention(taps, f"{name}.layer{j}", probs)
             x = resnet(x, temb)
         if taps is not None:
@@ -320,12 +356,13 @@ class UpBlock2D(nnx.Module):
         self.upsamplers = nnx.List([Upsample2D(out_channels, out_channels, **kw)]) if add_upsample else None
 
     def __call__(self, x, skips: list, temb, context, *, kernel: Kernel = "dot", taps: Taps | None = None,
-                 name: str = "up"):
+                 name: str = "up", attention: AttentionCapture | None = None):
         """Consumes the last `len(resnets)` skips (popped from the end of `skips`, in place)."""
         for j, resnet in enumerate(self.resnets):
             x = resnet(jnp.concatenate([x, skips.pop()], axis=-1), temb)
             if self.attentions is not None:
-                x, probs = self.attentions[j](x, context, kernel=kernel, capture=taps is not None)
+                x, probs = self.attentions[j](x, context, kernel=kernel, capture=taps is not None,
+                                              attention=attention)
                 _record_attention(taps, f"{name}.layer{j}", probs)
             if taps is not None:
                 taps.maps[f"{name}.layer{j}"] = x

@@ -1,0 +1,218 @@
+"""Training-free attention labeller (Dataset Diffusion): images and label maps from one jitted sampler.
+
+For a batch of captions with their class names, the image is generated from
+`caption; name1 name2 ...` with classifier-free guidance, while every UNet call of every step also
+reads, for the conditional half, (a) the self-attention of the layers at `self_res` and (b) the
+softmax of the cross-attention queries of the layers at `cross_res` against the separately
+encoded class prompt `name1 name2 ...` (keys only: it never changes the image). Both are averaged
+over heads and layers inside the UNet call and summed into fp32 running sums carried through the
+sampler's `fori_loop`, so the mean over all steps never leaves the device. After the loop the VAE
+decodes and `refine.attention_labels` turns the means into uint8 label maps of the image size.
+
+Noise for example `i` comes from `fold_in(PRNGKey(seed), i)` as in `generate.py`, so an image is
+the one `generate.sample(pipe, [appended prompt], seed=seed, start_index=i)` draws.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from datasetdm_jax import generate, schedulers
+from datasetdm_jax.labelers import class_prompts, refine
+from datasetdm_jax.models.unet_blocks import AttentionCapture
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionLabelConfig:
+    """Labeller settings (Dataset Diffusion defaults). Resolutions are feature heights; None picks
+    half (self) and a quarter (cross) of the latent height, the paper's 32 and 16 for a 64 latent."""
+
+    tau: int = 4
+    threshold: float = 0.6
+    uncertainty_threshold: float = 0.5
+    self_res: int | None = None
+    cross_res: int | None = None
+    append_class_names: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.tau, (int, np.integer)) or isinstance(self.tau, bool) or self.tau < 0:
+            raise ValueError(f"labeler config tau={self.tau!r}: expected an integer >= 0")
+        if not 0 <= self.uncertainty_threshold <= self.threshold:
+            raise ValueError(f"labeler config: need 0 <= uncertainty_threshold ({self.uncertainty_threshold}) "
+                             f"<= threshold ({self.threshold})")
+        for key in ("self_res", "cross_res"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, (int, np.integer)) or v < 1):
+                raise ValueError(f"labeler config {key}={v!r}: expected a positive integer or None")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "AttentionLabelConfig":
+        """From a dict / ConfigDict; an unknown key is a one-line error naming it."""
+        if d is None:
+            return cls()
+        if isinstance(d, cls):
+            return d
+        d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"labeler config: unknown key {unknown[0]!r} (known: {sorted(known)})")
+        return cls(**d)
+
+
+@dataclasses.dataclass
+class LabelledBatch:
+    """Host outputs: `images` (B, H, W, 3) float32 in [0, 1], `labels` (B, H, W) uint8 (255 = ignore),
+    `prompts` the generation prompts actually used (captions with class names appended)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    prompts: list[str]
+
+
+def attention_resolutions(pipe, latent_hw: tuple[int, int]) -> list[int]:
+    """Feature heights at which the pipeline's UNet has attention layers, for a given latent size."""
+    cfg = pipe.model_configs["unet"]
+    n = len(cfg.block_out_channels)
+    res = {latent_hw[0] // 2 ** (n - 1)}  # the mid block always attends
+    for i, kind in enumerate(cfg.down_block_types):
+        if kind.startswith("CrossAttn"):
+            res.add(latent_hw[0] // 2 ** i)
+    for i, kind in enumerate(cfg.up_block_types):
+        if kind.startswith("CrossAttn"):
+            res.add(latent_hw[0] // 2 ** (n - 1 - i))
+    return sorted(res)
+
+
+def _grid(latent_hw: tuple[int, int], res: int, key: str, available: list[int]) -> tuple[int, int]:
+    if res not in available or latent_hw[0] % res:
+        raise ValueError(f"labeler {key}={res}: the UNet has attention only at feature heights {available} "
+                         f"for a {latent_hw[0]}x{latent_hw[1]} latent; set labeler.{key} to one of them")
+    f = latent_hw[0] // res
+    return res, latent_hw[1] // f
+
+
+def _latent_hw(pipe, height: int | None, width: int | None) -> tuple[int, int]:
+    size = pipe.configs["unet"].get("sample_size", 64)
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    f = pipe.vae_scale_factor
+    h, w = (height or size[0] * f), (width or size[1] * f)
+    if h % f or w % f:
+        raise ValueError(f"height and width must be multiples of {f}, got {h}x{w}")
+    return h // f, w // f
+
+
+def build_labeller_fn(pipe, *, steps: int, guidance: float, scheduler: str, latent_hw: tuple[int, int],
+                      self_hw: tuple[int, int], cross_hw: tuple[int, int], tau: int, threshold: float,
+                      uncertainty_threshold: float):
+    """A pure function (params, cond_ids, uncond_ids, class_prompt_ids, token_weights, class_ids, valid,
+    indices, seed) -> dict(images, labels, self_attention, class_attention); wrap in `jax.jit`.
+
+    `self_attention` (B, Ls, Ls) and `class_attention` (B, Lc, T) are the fp32 means over heads,
+    layers and all sampler steps.
+    """
+    sampler = schedulers.get_sampler(scheduler)
+    sched = pipe.schedule
+    gds = pipe.graphdefs
+    clip_skip, scale, shift = pipe.clip_skip, pipe.scaling_factor, pipe.shift_factor
+    latent_channels = int(pipe.configs["unet"].get("in_channels", 4))
+    image_hw = (latent_hw[0] * pipe.vae_scale_factor, latent_hw[1] * pipe.vae_scale_factor)
+    ls, lc = self_hw[0] * self_hw[1], cross_hw[0] * cross_hw[1]
+
+    def run(params, cond_ids, uncond_ids, class_prompt_ids, token_weights, class_ids, valid, indices, seed):
+        text = nnx.merge(gds["text_encoder"], params["text_encoder"])
+        unet = nnx.merge(gds["unet"], params["unet"])
+        vae = nnx.merge(gds["vae"], params["vae"])
+        b = cond_ids.shape[0]
+        emb = text.encode(jnp.concatenate([uncond_ids, cond_ids, class_prompt_ids]), clip_skip=clip_skip)
+        emb, class_emb = emb[: 2 * b], emb[2 * b:]
+        request = AttentionCapture.request(class_emb, ls, lc)
+        x_T = generate.initial_noise(seed, indices, (*latent_hw, latent_channels), pipe.dtype)
+        state = sampler.init(sched, steps, x_T)
+        n = int(state["timesteps"].shape[0])
+
+        def body(i, carry):
+            x, st, acc_self, acc_cross = carry
+            x2 = jnp.concatenate([x, x])
+            eps, att = unet(x2, jnp.broadcast_to(st["timesteps"][i], (2 * b,)), emb, attention=request)
+            if not att["self_attention"] or not att["class_attention"]:  # trace-time check
+                raise ValueError(f"labeler: no attention layers with {ls} (self) / {lc} (cross) query positions")
+            acc_self = acc_self + sum(att["self_attention"]) / len(att["self_attention"])
+            acc_cross = acc_cross + sum(att["class_attention"]) / len(att["class_attention"])
+            uncond, cond = jnp.split(eps, 2)
+            x, st = sampler.step(st, uncond + guidance * (cond - uncond), i, x)
+            return x, st, acc_self, acc_cross
+
+        zeros = (jnp.zeros((b, ls, ls), jnp.float32), jnp.zeros((b, lc, class_emb.shape[1]), jnp.float32))
+        z, _, acc_self, acc_cross = jax.lax.fori_loop(0, n, body, (x_T, state, *zeros))
+        acc_self, acc_cross = acc_self / n, acc_cross / n
+        images = vae.decode(z / scale + shift)
+        labels = refine.attention_labels(acc_self, acc_cross, token_weights, class_ids, valid, self_hw=self_hw,
+                                         cross_hw=cross_hw, image_hw=image_hw, tau=tau, threshold=threshold,
+                                         uncertainty_threshold=uncertainty_threshold)
+        return {"images": jnp.clip((images.astype(jnp.float32) + 1) / 2, 0, 1), "labels": labels,
+                "self_attention": acc_self, "class_attention": acc_cross}
+
+    return run
+
+
+def _class_ids(names: Sequence[Sequence[str]], ids: Sequence[Sequence[int]] | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+    out = np.zeros((len(names), k), np.int32)
+    valid = np.zeros((len(names), k), bool)
+    for b, row in enumerate(names):
+        row_ids = list(range(1, len(row) + 1)) if ids is None else list(ids[b])
+        if len(row_ids) != len(row):
+            raise ValueError(f"image {b}: {len(row)} class names but {len(row_ids)} class ids")
+        bad = [i for i in row_ids if not 1 <= int(i) <= 254]
+        if bad:
+            raise ValueError(f"image {b}: class id {bad[0]} out of range 1..254 (0 is background, 255 ignore)")
+        out[b, : len(row)] = row_ids
+        valid[b, : len(row)] = True
+    return out, valid
+
+
+def label_batch(pipe, captions: Sequence[str], class_names: Sequence[Sequence[str]], indices: Sequence[int],
+                seed: int = 0, *, class_ids: Sequence[Sequence[int]] | None = None, steps: int = 25,
+                guidance: float = 7.5, scheduler: str = "pndm", negative_prompt: str = "",
+                config: AttentionLabelConfig | Mapping[str, Any] | None = None, height: int | None = None,
+                width: int | None = None, max_classes: int | None = None, return_attention: bool = False):
+    """Images and attention labels for one batch: `LabelledBatch` (and the averaged maps if `return_attention`).
+
+    `class_names[b]` are the classes named for image b (duplicates allowed; multi-word and
+    multi-token names handled); `class_ids[b]` their label values (default 1, 2, ... in order).
+    Label 0 is background, 255 uncertain; an image with no class names is all 255.
+    `indices` are the global example indices (noise `fold_in(PRNGKey(seed), index)`).
+    """
+    cfg = AttentionLabelConfig.from_dict(config)
+    captions, class_names = list(captions), [list(c) for c in class_names]
+    if not captions:
+        raise ValueError("label_batch: no captions given")
+    if not len(captions) == len(class_names) == len(indices):
+        raise ValueError(f"label_batch: {len(captions)} captions, {len(class_names)} class-name lists and "
+                         f"{len(indices)} indices must match")
+    latent_hw = _latent_hw(pipe, height, width)
+    available = attention_resolutions(pipe, latent_hw)
+    self_hw = _grid(latent_hw, cfg.self_res or latent_hw[0] // 2, "self_res", available)
+    cross_hw = _grid(latent_hw, cfg.cross_res or latent_hw[0] // 4, "cross_res", available)
+    k = max_classes or max(4, -(-max(len(c) for c in class_names) // 4) * 4)  # few distinct compiles
+    prompts = [class_prompts.append_class_names(c, n) if cfg.append_class_names else c
+               for c, n in zip(captions, class_names)]
+    class_tok, weights = class_prompts.class_prompt_tokens(pipe.tokenizer, class_names, pipe.max_length, k)
+    ids, valid = _class_ids(class_names, class_ids, k)
+    settings = dict(steps=int(steps), guidance=float(guidance), scheduler=scheduler, latent_hw=latent_hw,
+                    self_hw=self_hw, cross_hw=cross_hw, tau=cfg.tau, threshold=float(cfg.threshold),
+                    uncertainty_threshold=float(cfg.uncertainty_threshold))
+    fn = pipe._jit(("attention_labels", tuple(sorted(settings.items()))), build_labeller_fn(pipe, **settings))
+    out = fn(pipe.params, pipe.tokenize(prompts), pipe.tokenize([negative_prompt] * len(prompts)), class_tok,
+             weights, ids, valid, jnp.asarray(np.asarray(indices, np.int32)), jnp.int32(seed))
+    batch = LabelledBatch(np.asarray(out["images"]), np.asarray(out["labels"]), prompts)
+    if return_attention:
+        return batch, {"self_attention": np.asarray(out["self_attention"]),
+                       "class_attention": np.asarray(out["class_attention"])}
+    return batch

@@ -1,0 +1,62 @@
+"""Class-prompt appending and class-name -> token positions for the attention labeller.
+
+Dataset Diffusion generates from `caption + "; " + class names` and reads the cross-attention of
+a second, separately encoded text, the class prompt (the class names joined by spaces), whose
+tokens act only as keys. Each class's map is the mean over the tokens of its name. The official
+code assumes one token per word, so a name that BPE splits ("aeroplane" -> aerop + lane) shifts
+every later class by a token; here the positions come from the tokenizer itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from datasetdm_jax.tokenizer import tokenize
+
+SEPARATOR = "; "
+
+
+def append_class_names(caption: str, names: Sequence[str]) -> str:
+    """The generation prompt: `caption; name1 name2 ...` (the caption alone when there are no names)."""
+    names = [n.strip() for n in names]
+    return caption if not names else caption + SEPARATOR + " ".join(names)
+
+
+def _name_tokens(tokenizer: Any, name: str) -> list[int]:
+    ids = tokenizer(name, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"class name {name!r} has no tokens")
+    return list(ids)
+
+
+def class_prompt_tokens(tokenizer: Any, names_per_image: Sequence[Sequence[str]], max_length: int,
+                        max_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class-prompt ids (B, max_length) int32 and token weights (B, max_classes, max_length) float32.
+
+    Row b of the ids tokenizes `" ".join(names_per_image[b])`; weights[b, k] is 1/n over the n
+    tokens of the k-th name (0 for padding classes), so `weights @ attention` is each class's
+    mean token map. A class prompt too long for `max_length` is an error: a truncated name would
+    silently read the wrong tokens.
+    """
+    n = len(names_per_image)
+    ids = tokenize(tokenizer, [" ".join(names) for names in names_per_image], max_length=max_length) \
+        if n else np.zeros((0, max_length), np.int32)
+    weights = np.zeros((n, max_classes, max_length), np.float32)
+    for b, names in enumerate(names_per_image):
+        if len(names) > max_classes:
+            raise ValueError(f"image {b}: {len(names)} class names, more than max_classes={max_classes}")
+        pos = 1  # after BOS
+        for k, name in enumerate(names):
+            toks = _name_tokens(tokenizer, name)
+            end = pos + len(toks)
+            if end > max_length - 1:
+                raise ValueError(f"image {b}: class prompt {' '.join(names)!r} needs more than the "
+                                 f"{max_length} tokens of the text encoder; use fewer class names")
+            if list(ids[b, pos:end]) != toks:  # the joined prompt must tokenize as its names do
+                raise ValueError(f"image {b}: class name {name!r} tokenizes differently inside the class prompt "
+                                 f"{' '.join(names)!r}")
+            weights[b, k, pos:end] = 1.0 / len(toks)
+            pos = end
+    return ids, weights
