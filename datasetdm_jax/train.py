@@ -2,21 +2,25 @@
 
 One train step: real image -> VAE latent (posterior mean; the VAE is frozen) -> noised to the
 timestep ``config.timestep`` (default 0: the official code's ``timesteps[-1]`` of a 50-step DDPM
-schedule) with fresh noise -> one UNet pass on the CFG batch [uncond "" ; the image's caption] with feature capture ->
-decoder (segmentation: Mask2Former set loss; depth: SILog) -> Adam. The step is one jitted pure
-function of the decoder's (params, opt state), the batch, and the frozen pipeline params, over a
-data-parallel ``('data',)`` mesh of the local devices.
+schedule) with fresh noise -> one UNet pass on the CFG batch [uncond "" ; the image's caption] with
+feature capture -> decoder -> task loss (``decoders/tasks.py``: Mask2Former set loss for semantic
+and class-aware instance segmentation, SILog for depth, JointsMSE on Gaussian heatmaps for pose)
+-> Adam. The step is one jitted pure function of the decoder's (params, opt state), the batch, and
+the frozen pipeline params, over a data-parallel ``('data',)`` mesh of the local devices.
 
 Resumable like ``pretrain``: step, decoder params, optimiser state and the grain iterator position
 go into an orbax checkpoint; randomness (noise, flips, loss point sampling) is a pure function of
-``(config.seed, step)``, so a stopped-and-rerun training equals an uninterrupted one.
+``(config.seed, step)``, so a stopped-and-rerun training equals an uninterrupted one. Metrics go to
+``metrics.jsonl`` and to TensorBoard event files (tensorboardX) in ``<workdir>/tb``; the validation
+split is scored every ``eval_every`` steps, the test split once at the end (``results.json``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,30 +31,41 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from datasetdm_jax import metrics as mt
 from datasetdm_jax import pretrained, schedulers
 from datasetdm_jax.config_utils import load_config
 from datasetdm_jax.data import pipeline, shapes
-from datasetdm_jax.decoders import feature_spec, get_decoder, segmentation_loss, semantic_inference, silog_loss
+from datasetdm_jax.decoders import feature_spec
+from datasetdm_jax.decoders import tasks
 from datasetdm_jax.pretrain import (METRICS_FILE, TrainingDiverged, _append_metrics, _manager, _StopFlag,
                                     _truncate_metrics)
 
-__all__ = ["Trainer", "run", "evaluate", "main_train", "PRETRAIN_HINT", "METRICS_FILE", "TrainingDiverged"]
+__all__ = ["Trainer", "run", "evaluate", "main_train", "load_trained_decoder", "data_source", "PRETRAIN_HINT",
+           "METRICS_FILE", "RESULTS_FILE", "TrainingDiverged"]
 
 PRETRAIN_HINT = "datasetdm pretrain --config configs/shapes_sd.py"
 STAGE = "decoder"
+RESULTS_FILE = "results.json"
+COMMAND_FILE = "command.txt"
+# Batch keys each task's loss reads (besides image and caption ids); only these go to the devices.
+TASK_KEYS: dict[str, tuple[str, ...]] = {
+    "semantic": ("segmentation",),
+    "instance": ("instances", "instance_classes", "num_instances"),
+    "depth": ("depth",),
+    "pose": ("keypoints", "num_persons"),
+}
+_DTYPES = {"segmentation": np.int32, "depth": np.float32, "instances": bool, "instance_classes": np.int32,
+           "num_instances": np.int32, "keypoints": np.float32, "num_persons": np.int32}
 
 
 def load_frozen_pipeline(path: str) -> pretrained.Pipeline:
-    """The frozen SD; a missing folder is a one-line error naming the command that makes it."""
+    """The frozen SD (empty path: the shipped shapes-world model); a missing one names its command."""
+    if not path:
+        from datasetdm_jax.assets import shapes_sd_path
+        path = shapes_sd_path()
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         raise FileNotFoundError(f"no Stable Diffusion model at {path}; make the shapes-world one with "
                                 f"`{PRETRAIN_HINT}` (or set pipeline=PATH)")
     return pretrained.load_pipeline(path, dtype=jnp.float32)
-
-
-def _shapes_config(config: ml_collections.ConfigDict) -> shapes.ShapesConfig:
-    return shapes.ShapesConfig(image_size=int(config.data.image_size))
 
 
 def _timestep(sched: schedulers.ScheduleConfig, t: int) -> int:
@@ -58,36 +73,99 @@ def _timestep(sched: schedulers.ScheduleConfig, t: int) -> int:
     return int(t) if int(t) >= 0 else int(schedulers._ddim_timesteps(sched, 50)[-1])
 
 
+# ------------------------------------------------------------------------------------------ data
+
+class FilteredSource:
+    """The first ``num`` examples of ``base`` for which ``keep(example)`` holds (found once, in order).
+
+    Deterministic (a pure function of ``base``), random-access, so grain reads it like any source.
+    """
+
+    def __init__(self, base: Any, num: int, keep: Callable[[dict], bool], name: str = "filter"):
+        self.base, self.name, self.indices = base, name, []
+        i = 0
+        while len(self.indices) < num:
+            if i >= len(base):
+                raise ValueError(f"{name}: only {len(self.indices)} of {len(base)} examples qualify, {num} asked")
+            if keep(base[i]):
+                self.indices.append(i)
+            i += 1
+        self.config = getattr(base, "config", None)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.base[self.indices[int(i)]]
+
+
+# name -> predicate on a rendered scene; config.data.filter picks one ('' keeps all).
+SCENE_FILTERS: dict[str, Callable[[dict], bool]] = {
+    "one_person": lambda s: len(s["keypoints"]) == 1,
+    "has_person": lambda s: len(s["keypoints"]) >= 1,
+}
+
+
+def _shapes_source(config: ml_collections.ConfigDict, split: str, num: int, seed: int):
+    cfg = shapes.ShapesConfig(image_size=int(config.data.image_size))
+    name = str(config.data.get("filter", "") or "")
+    if not name:
+        return shapes.make_split(split, num, seed, cfg)
+    if name not in SCENE_FILTERS:
+        raise ValueError(f"data.filter={name!r} is not one of {sorted(SCENE_FILTERS)}")
+    return FilteredSource(shapes.make_split(split, 2**31 - 1, seed, cfg), num, SCENE_FILTERS[name], name)
+
+
+# config.data.source -> (config, split, num, seed) -> random-access source of standard examples.
+SOURCES: dict[str, Callable[..., Any]] = {"shapes": _shapes_source}
+
+
+def data_source(config: ml_collections.ConfigDict, split: str, num: int, seed: int):
+    """The random-access source ``config.data.source`` (default 'shapes') names, for one split."""
+    kind = str(config.data.get("source", "shapes"))
+    if kind not in SOURCES:
+        raise ValueError(f"data.source={kind!r} is not one of {sorted(SOURCES)}")
+    return SOURCES[kind](config, split, int(num), int(seed))
+
+
+def _train_iterator(config: ml_collections.ConfigDict, data_state: Any | None):
+    src = data_source(config, str(config.data.split), int(config.data.num_images), int(config.data.seed))
+    it = iter(pipeline.grain_dataset(src, int(config.batch_size), int(config.data.seed), num_epochs=None))
+    if data_state is not None:
+        it.set_state(data_state)
+    return it
+
+
+# ------------------------------------------------------------------------------------------ trainer
+
 class Trainer:
-    """Holds the frozen pipeline, the decoder's graphdef and the jitted train / predict functions."""
+    """Holds the frozen pipeline, the decoder's graphdef and the jitted train / predict functions.
+
+    ``predict_fn(params, frozen, batch, key)``: images + captions -> labels (``tasks.task_predict``);
+    ``decode_fn(params, features)``: captured Features (e.g. from ``generate.sample_with_features``
+    with the same capture preset) -> labels, for generation.
+    """
 
     def __init__(self, config: ml_collections.ConfigDict, pipe: pretrained.Pipeline | None = None):
         self.config = config
         self.task = str(config.task)
-        if self.task not in ("semantic", "depth"):
-            raise ValueError(f"task must be 'semantic' or 'depth', got {self.task!r}")
+        self.spec = tasks.spec_from_config(config)
         self.pipe = pipe or load_frozen_pipeline(str(config.pipeline))
         self.sched = self.pipe.schedule
         self.t = _timestep(self.sched, config.timestep)
         self.capture = str(config.capture)
-        self.num_classes = len(shapes.CLASSES)
+        self.num_classes = self.spec.num_classes
         size = int(config.data.image_size)
         z = jax.ShapeDtypeStruct((2, size // self.pipe.vae_scale_factor, size // self.pipe.vae_scale_factor,
                                   int(self.pipe.configs["unet"].get("in_channels", 4))), jnp.float32)
         emb = jax.ShapeDtypeStruct((2, self.pipe.max_length, int(self.pipe.configs["unet"]["cross_attention_dim"])),
                                    jnp.float32)
         _, feats = jax.eval_shape(lambda x, e: self._unet(self.pipe.params["unet"], x, e), z, emb)
-        spec = feature_spec(feats)
-        dcfg = dict(config.decoder.to_dict())
-        if self.task == "semantic":
-            dcfg["num_classes"] = self.num_classes
-            name = "segmentation"
-        else:
-            dcfg.setdefault("out_size", size)
-            name = "depth"
-        decoder = get_decoder(name, spec, dcfg, rngs=nnx.Rngs(int(config.seed)))
+        decoder = tasks.build_decoder(self.spec, feature_spec(feats), config.decoder.to_dict(),
+                                      rngs=nnx.Rngs(int(config.seed)))
         self.graph, params, self.rest = nnx.split(decoder, nnx.Param, ...)
         self.init_params = nnx.to_pure_dict(params)
+        self.num_params = int(sum(np.size(x) for x in jax.tree.leaves(self.init_params)))
         self.tx = optax.adam(float(config.lr))
         self.uncond_ids = np.asarray(self.pipe.tokenize([""])[0], np.int32)
         self.base_key = jax.random.key(int(config.seed))
@@ -101,6 +179,7 @@ class Trainer:
         self.step_fn = jax.jit(self.train_step, in_shardings=(self.repl, self.data_sharding, self.repl),
                                out_shardings=(self.repl, self.repl))
         self.predict_fn = jax.jit(self.predict)
+        self.decode_fn = jax.jit(self.decode)
 
     # -- pure pieces -----------------------------------------------------------------------------
     def _unet(self, unet_params, x, emb):
@@ -120,28 +199,22 @@ class Trainer:
         _, feats = self._unet(frozen["unet"], jnp.concatenate([zt, zt]), emb)
         return jax.lax.stop_gradient(feats)
 
+    def apply(self, params, feats):
+        """Raw decoder output on Features (segmentation: all layers' logits and masks)."""
+        return nnx.merge(self.graph, params, self.rest)(feats)
+
     def loss(self, params, frozen, batch, key):
         k_noise, k_loss = jax.random.split(key)
         feats = self.features(frozen, batch["image"], batch["input_ids"], k_noise)
-        out = nnx.merge(self.graph, params, self.rest)(feats)
-        if self.task == "semantic":
-            k = self.num_classes
-            gt_masks = (batch["segmentation"][:, None].astype(jnp.int32)
-                        == jnp.arange(k)[None, :, None, None]).astype(jnp.float32)
-            gt_valid = gt_masks.sum((2, 3)) > 0
-            gt_classes = jnp.broadcast_to(jnp.arange(k), gt_valid.shape)
-            total, parts = segmentation_loss(out, gt_classes, gt_masks, gt_valid, k_loss, num_classes=k,
-                                             num_points=int(self.config.num_points))
-            return total, {n: parts[n] for n in ("ce", "bce", "dice")}
-        return silog_loss(out, batch["depth"]), {}
+        return tasks.task_loss(self.spec, self.apply(params, feats), batch, k_loss)
 
-    def predict(self, params, frozen, batch, key):
-        """Semantic map (B,H,W) int32 or depth (B,H,W) for one batch."""
-        feats = self.features(frozen, batch["image"], batch["input_ids"], key)
-        out = nnx.merge(self.graph, params, self.rest)(feats)
-        if self.task == "semantic":
-            return semantic_inference(out["logits"][-1], out["masks"][-1], out_size=batch["image"].shape[1])
-        return out
+    def decode(self, params, feats) -> dict[str, jax.Array]:
+        """Features -> labels at image resolution (see ``tasks.task_predict``)."""
+        return tasks.task_predict(self.spec, self.apply(params, feats))
+
+    def predict(self, params, frozen, batch, key) -> dict[str, jax.Array]:
+        """Labels for one batch of real images with captions."""
+        return self.decode(params, self.features(frozen, batch["image"], batch["input_ids"], key))
 
     def train_step(self, state, batch, frozen):
         key = jax.random.fold_in(self.base_key, state["step"])
@@ -152,50 +225,61 @@ class Trainer:
 
     # -- host side -------------------------------------------------------------------------------
     def host_batch(self, b: dict, step: int, augment: bool = True) -> dict:
-        """Numpy batch -> the arrays the step needs; optional horizontal flip from (seed, step)."""
+        """Numpy batch -> the arrays this task's step needs; optional horizontal flip from (seed, step)."""
         out = {"image": np.asarray(b["image"], np.float32),
-               "input_ids": np.asarray(self.pipe.tokenize([str(c) for c in b["caption"]]), np.int32),
-               "segmentation": np.asarray(b["segmentation"], np.int32),
-               "depth": np.asarray(b["depth"], np.float32)}
+               "input_ids": np.asarray(self.pipe.tokenize([str(c) for c in b["caption"]]), np.int32)}
+        for k in TASK_KEYS[self.task]:
+            if k not in b:
+                raise KeyError(f"task {self.task!r} needs batch key {k!r}; the data source gave {sorted(b)}")
+            out[k] = np.asarray(b[k], _DTYPES[k])
         if augment and bool(self.config.data.flip):
             rng = np.random.default_rng([int(self.config.seed), int(step)])
-            flip = rng.random(len(out["image"])) < 0.5
-            for k in ("image", "segmentation", "depth"):
-                out[k] = np.where(flip.reshape((-1,) + (1,) * (out[k].ndim - 1)), out[k][:, :, ::-1], out[k])
+            out = tasks.flip_batch(out, rng.random(len(out["image"])) < 0.5)
         return out
 
 
-def _train_iterator(config: ml_collections.ConfigDict, data_state: Any | None):
-    src = shapes.make_split(str(config.data.split), int(config.data.num_images), int(config.data.seed),
-                            _shapes_config(config))
-    it = iter(pipeline.grain_dataset(src, int(config.batch_size), int(config.data.seed), num_epochs=None))
-    if data_state is not None:
-        it.set_state(data_state)
-    return it
+def evaluate(trainer: Trainer, params: Any, split: str | None = None, num: int | None = None,
+             seed: int | None = None, which: str = "eval") -> dict[str, float]:
+    """The task's metrics (``tasks.Evaluator``) on ``num`` images of ``split`` with fixed noise.
 
-
-def evaluate(trainer: Trainer, params: Any, split: str | None = None, num: int | None = None) -> dict[str, float]:
-    """mIoU (semantic) or REL / RMSE / delta1 (depth) on ``num`` images of ``split`` (fixed noise)."""
+    Defaults come from ``config.<which>``: 'eval' (the test split, scored at the end) or 'val'
+    (the validation split scored during training).
+    """
     config = trainer.config
-    split = split or str(config.eval.split)
-    num = int(num or config.eval.num_images)
-    bs = int(config.eval.batch_size)
-    src = shapes.make_split(split, num, int(config.data.seed), _shapes_config(config))
-    ds = pipeline.grain_dataset(src, bs, None, drop_remainder=False)
-    fn = trainer.predict_fn
-    miou = mt.MeanIoU(trainer.num_classes)
-    preds, gts = [], []
+    ecfg = config.get(which) or config.eval
+    split = split or str(ecfg.split)
+    num = int(num or ecfg.num_images)
+    seed = int(ecfg.get("seed", config.data.seed) if seed is None else seed)
+    src = data_source(config, split, num, seed)
+    ds = pipeline.grain_dataset(src, int(ecfg.batch_size), None, drop_remainder=False)
+    ev = tasks.Evaluator(trainer.spec)
     for i, b in enumerate(ds):
         hb = trainer.host_batch(b, 0, augment=False)
-        out = np.asarray(fn(params, trainer.frozen, hb, jax.random.key(int(config.seed) + 7 + i)))
-        if trainer.task == "semantic":
-            miou.update(out, hb["segmentation"])
-        else:
-            preds.append(out)
-            gts.append(hb["depth"])
-    if trainer.task == "semantic":
-        return {"miou": float(miou.compute()[0])}
-    return {k: float(v) for k, v in mt.depth_metrics(np.concatenate(preds), np.concatenate(gts)).items()}
+        pred = jax.device_get(trainer.predict_fn(params, trainer.frozen, hb, jax.random.key(int(config.seed) + 7 + i)))
+        ev.update(pred, b)
+    return ev.compute()
+
+
+class _Summaries:
+    """Metrics to ``metrics.jsonl`` and TensorBoard event files (tensorboardX, no TensorFlow needed).
+
+    On resume the event writer purges events after the checkpoint step, as the JSONL is truncated.
+    """
+
+    def __init__(self, workdir: str, start: int):
+        from tensorboardX import SummaryWriter
+        self.workdir = workdir
+        self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start if start > 0 else None)
+
+    def write(self, step: int, values: dict[str, float], prefix: str = "") -> None:
+        _append_metrics(self.workdir, {"stage": STAGE, "step": step, **{prefix + k: v for k, v in values.items()},
+                                       "time": time.time()})
+        for k, v in values.items():
+            self.tb.add_scalar(f"{prefix or 'train/'}{k}", float(v), step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.tb.close()
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | None = None, *, pipe: pretrained.Pipeline | None = None,
@@ -204,6 +288,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *, pipe: 
 
     ``max_steps`` (or ``config.max_steps`` > 0) stops this invocation after that many steps, with
     a checkpoint, as a kill would; rerun to go on. ``trainer`` reuses a built Trainer (same config).
+    A finished run scores the test split (``config.eval``) into ``results.json``.
     """
     from tqdm.auto import tqdm
 
@@ -244,8 +329,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *, pipe: 
 
     it = _train_iterator(config, data_state)
     log_every, eval_every = max(1, int(config.log_every)), int(config.eval_every)
+    summaries = _Summaries(workdir, start)
     bar = tqdm(total=total, initial=start, desc=f"train {config.task}", dynamic_ncols=True)
-    finished, t_ckpt, done_here = start >= total, time.time(), 0
+    t_ckpt, done_here = time.time(), 0
     try:
         with _StopFlag() as stop:
             for step in range(start, total):
@@ -260,30 +346,101 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *, pipe: 
                 done, done_here = step + 1, done_here + 1
                 bar.update(1)
                 if done % log_every == 0 or done == total:
-                    rec = {"stage": STAGE, "step": done, **{k: float(v) for k, v in m.items()}, "time": time.time()}
-                    _append_metrics(workdir, rec)
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                    summaries.write(done, {k: float(v) for k, v in m.items()})
+                    bar.set_postfix(loss=f"{float(m['loss']):.4f}")
                 if eval_every > 0 and (done % eval_every == 0 or done == total):
-                    ev = evaluate(trainer, state["params"])
-                    _append_metrics(workdir, {"stage": STAGE, "step": done, **{f"eval/{k}": v for k, v in ev.items()}})
-                    bar.write(f"step {done}: " + ", ".join(f"{k}={v:.4g}" for k, v in ev.items()))
+                    ev = evaluate(trainer, state["params"], which="val")
+                    summaries.write(done, ev, prefix="val/")
+                    bar.write(f"step {done} val: " + ", ".join(f"{k}={v:.4g}" for k, v in ev.items()))
                 stop_now = stop.set or (budget > 0 and done_here >= budget)
-                if (time.time() - t_ckpt >= float(config.checkpoint_every_s) or done == total or stop_now):
+                if time.time() - t_ckpt >= float(config.checkpoint_every_s) or done == total or stop_now:
                     save(done)
                     t_ckpt = time.time()
-                if stop_now:
+                if stop_now and done < total:
                     return False, trainer, state["params"]
-            finished = True
+        if not os.path.isfile(os.path.join(workdir, RESULTS_FILE)) or start < total:
+            res = evaluate(trainer, state["params"])
+            summaries.write(total, res, prefix="test/")
+            tmp = os.path.join(workdir, RESULTS_FILE + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump({"task": trainer.task, "step": total, "split": str(config.eval.split),
+                           "num_images": int(config.eval.num_images), "decoder_params": trainer.num_params,
+                           **res}, f, indent=2)
+            os.replace(tmp, os.path.join(workdir, RESULTS_FILE))
     finally:
         bar.close()
+        summaries.close()
         mngr.close()
-    return finished, trainer, state["params"]
+    return True, trainer, state["params"]
 
 
 def main_train(config_path: str, workdir: str | None = None, overrides: Sequence[str] | None = None) -> bool:
     """CLI body of ``datasetdm train --config configs/<task>.py[:arg] [--workdir DIR] [key=value ...]``."""
     config = load_config(config_path, overrides)
+    wd = workdir or str(config.workdir)
+    os.makedirs(wd, exist_ok=True)
+    cmd = " ".join(["datasetdm train --config", config_path] + (["--workdir", workdir] if workdir else [])
+                   + list(overrides or ()))
+    with open(os.path.join(wd, COMMAND_FILE), "w") as f:
+        f.write(cmd + "\n")
     done, trainer, params = run(config, workdir)
-    print(f"train: {'finished' if done else 'stopped early; rerun the same command to resume'} "
-          f"(workdir {workdir or config.workdir})")
+    if done:
+        with open(os.path.join(wd, RESULTS_FILE)) as f:
+            res = json.load(f)
+        print(f"train: finished; test ({res['split']}, {res['num_images']} images): "
+              + ", ".join(f"{k}={v:.4g}" for k, v in res.items() if isinstance(v, float)))
+    else:
+        print("train: stopped early; rerun the same command to resume")
+    print(f"train: workdir {wd}")
     return done
+
+
+def _config_and_workdir(config: ml_collections.ConfigDict | str, workdir: str | None):
+    """A ConfigDict, a config file (``path.py[:arg]``) or a train workdir (holds config.json)."""
+    if isinstance(config, ml_collections.ConfigDict):
+        return config, workdir or str(config.workdir)
+    path = str(config)
+    if os.path.isdir(path):
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_file):
+            raise FileNotFoundError(f"{path} is not a `datasetdm train` workdir (no config.json)")
+        with open(cfg_file) as f:
+            return ml_collections.ConfigDict(json.load(f)), workdir or path
+    cfg = load_config(path)
+    return cfg, workdir or str(cfg.workdir)
+
+
+def load_trained_decoder(config: ml_collections.ConfigDict | str, workdir: str | None = None, *,
+                         pipe: pretrained.Pipeline | None = None, config_path: str | None = None
+                         ) -> tuple[Trainer, Any, int]:
+    """The decoder `datasetdm train` saved: (trainer, params of its latest checkpoint, step).
+
+    ``config``: a ConfigDict, a config file path (``configs/shapes_semantic.py[:arg]``) or the
+    train workdir itself. Use ``trainer.decode_fn(params, features)`` on captured Features, or
+    ``trainer.predict_fn(params, trainer.frozen, batch, key)`` on real images. ``pipe``: an already
+    loaded frozen pipeline (else ``config.pipeline`` is loaded). A missing checkpoint is a one-line
+    FileNotFoundError naming the train command that makes it.
+    """
+    if isinstance(config, str) and config_path is None and not os.path.isdir(config):
+        config_path = config
+    config, workdir = _config_and_workdir(config, workdir)
+    folder = os.path.abspath(os.path.join(workdir, STAGE))
+    steps = sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
+    if not steps:
+        cmd_file = os.path.join(workdir, COMMAND_FILE)
+        if config_path is None and os.path.isfile(cmd_file):
+            with open(cmd_file) as f:
+                cmd = f.read().strip()
+        else:
+            cmd = f"datasetdm train --config {config_path or 'configs/' + str(config.name) + '.py'}"
+            if workdir != str(config.workdir):
+                cmd += f" --workdir {workdir}"
+        raise FileNotFoundError(f"no trained decoder in {folder}; train one with `{cmd}`")
+    trainer = Trainer(config, pipe)
+    mngr = _manager(workdir, STAGE, int(config.keep_checkpoints))
+    try:
+        step = mngr.latest_step()
+        r = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(trainer.init_params)))
+    finally:
+        mngr.close()
+    return trainer, r["params"], int(step)
