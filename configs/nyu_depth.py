@@ -31,7 +31,8 @@ def get_config(arg=None):
     c.data = ml_collections.ConfigDict(dict(
         source="nyu", root="data/nyu", split="train", image_size=512, resize="crop", num_images=250,
         max_objects=1, flip=True, seed=0))
-    c.eval = ml_collections.ConfigDict(dict(split="test", num_images=654, batch_size=1))
+    c.val = ml_collections.ConfigDict(dict(split="test", seed=1, num_images=100, batch_size=1))  # every eval_every
+    c.eval = ml_collections.ConfigDict(dict(split="test", seed=0, num_images=654, batch_size=1))  # at end
     # §3.3: sigmoid x max depth 10 m; the official head is 1024-channel 3x3 convs at 512x512.
     c.decoder = ml_collections.ConfigDict(dict(hidden=256, max_depth=10.0, head_channels=1024))
     c.generate = ml_collections.ConfigDict(dict(scheduler="pndm", steps=50, guidance=5.0))  # §2.1, §5

@@ -23,6 +23,8 @@ def get_config(arg=None):
     # at batch 1 -> 350 epochs = 35000 steps. train.py uses a constant lr for now.
     c.steps = 40000
     c.max_steps = 0
+    c.num_classes = 21               # background + 20 VOC classes (label values 0..20, 255 ignore)
+    c.deep_supervision = False       # §3.1: no auxiliary losses in the official decoder
     c.num_points = 12544             # §4: point samples for matching and mask losses
     c.log_every = 50
     c.eval_every = 5000
@@ -32,8 +34,9 @@ def get_config(arg=None):
     # covers > 18000 px (list file Selected_File/VOC/100.txt); prompt "a photo of a {class}".
     c.data = ml_collections.ConfigDict(dict(
         source="voc", root="data/VOCdevkit/VOC2012", split="train_aug", image_size=512, resize="crop",
-        per_class=5, min_pixels=18000, max_objects=1, flip=True, seed=0))
-    c.eval = ml_collections.ConfigDict(dict(split="val", num_images=1449, batch_size=1))
+        num_images=100, per_class=5, min_pixels=18000, max_objects=1, flip=True, seed=0))
+    c.val = ml_collections.ConfigDict(dict(split="val", seed=1, num_images=100, batch_size=1))  # every eval_every
+    c.eval = ml_collections.ConfigDict(dict(split="val", seed=0, num_images=1449, batch_size=1))  # at end
     # §3.1-3.2: Mask2Former-style head, hidden 256, 10 layers, 8 heads, FFN 2048, 20 queries (VOC).
     c.decoder = ml_collections.ConfigDict(dict(hidden=256, num_queries=20, num_layers=10, heads=8, ffn=2048))
     # §2.1, §5: generation with PNDM (PLMS) 50 steps, CFG 7 for VOC.

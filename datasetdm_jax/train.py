@@ -120,6 +120,15 @@ def _shapes_source(config: ml_collections.ConfigDict, split: str, num: int, seed
 SOURCES: dict[str, Callable[..., Any]] = {"shapes": _shapes_source}
 
 
+def _real_source(config: ml_collections.ConfigDict, split: str, num: int, seed: int):
+    """A real dataset (``data/sources.py``); its few-shot selection applies to the training split only."""
+    from datasetdm_jax.data import sources
+    return sources.build(config.data, split, train=split == str(config.data.split), num=num)
+
+
+SOURCES.update({name: _real_source for name in ("voc", "cityscapes", "coco_instance", "coco_pose", "nyu")})
+
+
 def data_source(config: ml_collections.ConfigDict, split: str, num: int, seed: int):
     """The random-access source ``config.data.source`` (default 'shapes') names, for one split."""
     kind = str(config.data.get("source", "shapes"))

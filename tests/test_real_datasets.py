@@ -390,3 +390,15 @@ def test_paper_selection_numbers():
     assert (c.data.per_class, c.data.min_area, c.data.min_instance_area) == (5, 10000.0, 500.0)
     assert load_config(os.path.join(CONFIGS, "coco_pose.py")).data.num_images == 801
     assert load_config(os.path.join(CONFIGS, "nyu_depth.py")).decoder.max_depth == 10.0
+
+
+def test_train_reads_real_sources(voc_root):
+    from datasetdm_jax import train
+    config = load_config(os.path.join(CONFIGS, "voc_semantic.py"),
+                         [f"data.root={voc_root}", "data.image_size=8", "data.min_pixels=100", "data.per_class=1",
+                          "batch_size=2"])
+    assert train.data_source(config, "train_aug", 100, 0).source.ids == ["2007_000001", "2007_000006"]
+    assert len(train.data_source(config, "val", 1, 1)) == 1  # eval splits: no selection, capped
+    b = next(train._train_iterator(config, None))
+    assert b["image"].shape == (2, 8, 8, 3) and b["segmentation"].shape == (2, 8, 8)
+    assert sorted(b["caption"]) == ["a photo of a bird", "a photo of an aeroplane"]

@@ -70,8 +70,8 @@ class VOCSource(rb.RealSource):
                  label_dir: str | None = None):
         rb.require_dir(root, "VOC 2012")
         self.root = root
-        self.label_dir = label_dir or ("SegmentationClassAug" if os.path.isdir(os.path.join(root, "SegmentationClassAug"))
-                                       else "SegmentationClass")
+        aug = os.path.isdir(os.path.join(root, "SegmentationClassAug"))
+        self.label_dir = label_dir or ("SegmentationClassAug" if aug else "SegmentationClass")
         rb.require_dir(os.path.join(root, self.label_dir), "VOC label")
         rb.require_dir(os.path.join(root, "JPEGImages"), "VOC image")
         ids = read_split(split_file(root, split))
