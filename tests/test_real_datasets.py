@@ -402,3 +402,9 @@ def test_train_reads_real_sources(voc_root):
     b = next(train._train_iterator(config, None))
     assert b["image"].shape == (2, 8, 8, 3) and b["segmentation"].shape == (2, 8, 8)
     assert sorted(b["caption"]) == ["a photo of a bird", "a photo of an aeroplane"]
+
+
+def test_sources_main_lists_selection(voc_root, capsys):
+    sources.main([os.path.join(CONFIGS, "voc_semantic.py"), f"data.root={voc_root}", "data.min_pixels=100",
+                  "data.per_class=1"])
+    assert capsys.readouterr().out.split() == ["2007_000001", "2007_000006"]

@@ -84,8 +84,8 @@ class CityscapesSource(rb.RealSource):
         return rb.check_labels(raw, path, len(CLASSES))
 
     def _class_counts(self, frame: str) -> dict[int, int]:
-        values, counts = np.unique(self.read_label(frame), return_counts=True)
-        return {int(v): int(n) for v, n in zip(values, counts) if v < len(CLASSES)}
+        counts = np.bincount(self.read_label(frame).ravel(), minlength=256)[: len(CLASSES)]
+        return {int(v): int(counts[v]) for v in np.flatnonzero(counts)}
 
     def load(self, frame: str) -> dict[str, Any]:
         image = rb.read_image(self.image_path(frame))

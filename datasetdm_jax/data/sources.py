@@ -88,3 +88,27 @@ def class_names(data: ml_collections.ConfigDict, source: Any | None = None) -> S
         return ()
     src = source if source is not None else build(data, train=False)
     return getattr(getattr(src, "source", src), "classes")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m datasetdm_jax.data.sources CONFIG [key=value ...]``: print the selected items
+    (VOC ids, Cityscapes frames, COCO image ids, NYU frames), one a line, to compare with the
+    official ``Selected_File`` lists."""
+    import sys
+
+    from datasetdm_jax.config_utils import load_config
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        raise SystemExit("usage: python -m datasetdm_jax.data.sources CONFIG [key=value ...]")
+    config = load_config(args[0], args[1:])
+    src = build(config.data, num=_get(config.data, "num_images"))
+    items = getattr(getattr(src, "source", src), "items", None)
+    if items is None:
+        raise SystemExit(f"data.source={config.data.source!r} has no item list")
+    for item in items[: len(src)]:
+        print(item if not isinstance(item, tuple) else item[0])
+
+
+if __name__ == "__main__":
+    main()

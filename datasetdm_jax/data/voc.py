@@ -94,11 +94,10 @@ class VOCSource(rb.RealSource):
         return rb.check_labels(rb.read_index_png(path, "VOC label PNG"), path, len(CLASSES))
 
     def _selection_counts(self, image_id: str, min_pixels: int, single_class: bool) -> dict[int, int]:
-        label = self.read_label(image_id)
-        values, counts = np.unique(label, return_counts=True)
-        if single_class and (len(values) > 2 or rb.IGNORE in values):
+        counts = np.bincount(self.read_label(image_id).ravel(), minlength=256)
+        if single_class and ((counts > 0).sum() > 2 or counts[rb.IGNORE]):
             return {}
-        return {int(v): int(n) for v, n in zip(values, counts) if 0 < v < len(CLASSES)}
+        return {int(v): int(counts[v]) for v in np.flatnonzero(counts[1:len(CLASSES)]) + 1}
 
     def load(self, image_id: str) -> dict[str, Any]:
         image = rb.read_image(os.path.join(self.root, "JPEGImages", f"{image_id}.jpg"))
