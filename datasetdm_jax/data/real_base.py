@@ -96,9 +96,9 @@ def read_depth_png(path: str, scale: float = 1000.0) -> np.ndarray:
 
 def check_labels(labels: np.ndarray, path: str, num_classes: int, ignore: int = IGNORE) -> np.ndarray:
     """Refuse values outside 0..num_classes-1 and ``ignore``; return as uint8."""
-    bad = np.unique(labels[(labels >= num_classes) & (labels != ignore)])
-    if bad.size or (labels < 0).any():
-        bad = np.unique(labels[(labels < 0) | ((labels >= num_classes) & (labels != ignore))])
+    bad_mask = (labels < 0) | ((labels >= num_classes) & (labels != ignore))
+    if bad_mask.any():
+        bad = np.unique(labels[bad_mask])
         raise DatasetError(f"{path}: label values {bad[:8].tolist()} out of range (expected "
                            f"0..{num_classes - 1} or {ignore})")
     return labels.astype(np.uint8)
