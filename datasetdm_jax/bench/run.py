@@ -1,0 +1,183 @@
+"""`datasetdm bench`: every measurement of one run, as one report (a JSON-ready dict).
+
+Sections: UNet forward with / without capture and one sampler step; full generation over a
+batch sweep, side by side with diffusers' PyTorch pipeline on the same weights (fp32, and bf16
+as the stretch), timings interleaved; one P-Decoder train step; compile time cold and warm in
+fresh processes; and peak memory of SD-sized generation from the compiled memory analysis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import sys
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from datasetdm_jax.bench import memory, models, peaks, programs
+from datasetdm_jax.bench.timing import compile_fn, make_timing, time_interleaved
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    model: str = "shapes"             # shapes | sd15 | sd21 | tiny
+    size: int | None = None           # image px; default the model's native size
+    batches: tuple[int, ...] = (1, 4, 16)  # generation sweep; the last is the headline batch
+    steps: int = 25
+    scheduler: str = "pndm"
+    guidance: float = 7.5
+    capture: str = "datasetdm"        # features preset for the "+capture" rows
+    repeats: int = 3
+    dtype: str | None = None          # JAX compute dtype; default float32 on CPU, else bfloat16
+    devices: int | None = None        # local devices to split the batch over (default: all that divide it)
+    torch: bool = True                # diffusers fp32 side by side
+    torch_bf16: bool = True           # and diffusers bf16 (the stretch goal)
+    train_step: bool = True
+    compile_probe: bool = True
+    memory: bool = True
+    memory_model: str = "sd15"
+    memory_sizes: tuple[int, ...] = (512, 768)
+    memory_dtype: str = "bfloat16"
+    memory_budget_gib: float = 16.0   # TPU v5e HBM per chip
+    workdir: str | None = None        # scratch (random models, exported folder); default a temp dir
+
+
+def _log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _micro(cfg: BenchConfig, pipe, size: int, batch: int, peak: float) -> list:
+    """UNet forward with and without capture, and one sampler step, interleaved."""
+    progs = {
+        f"unet fwd (CFG batch {2 * batch})": programs.unet_forward(pipe, batch, size, devices=cfg.devices),
+        f"unet fwd +capture (CFG batch {2 * batch})": programs.unet_forward(pipe, batch, size, capture=cfg.capture,
+                                                                            devices=cfg.devices),
+        f"sampler step ({cfg.scheduler}, {batch} images)": programs.sampler_step(
+            pipe, batch, size, steps=cfg.steps, scheduler=cfg.scheduler, guidance=cfg.guidance, devices=cfg.devices),
+    }
+    compiled = {k: compile_fn(p.fn, *p.args) for k, p in progs.items()}
+    times = time_interleaved({k: (lambda c=compiled[k], p=p: c.fn(*p.args)) for k, p in progs.items()}, cfg.repeats)
+    return [make_timing(k, times[k], compiled[k], devices=progs[k].devices, peak_tflops=peak) for k in progs]
+
+
+def _generation(cfg: BenchConfig, pipe, size: int, batch: int, peak: float, torch_pipes: dict) -> tuple[list, dict]:
+    """Generation of `batch` images with and without capture, and diffusers on the same batch."""
+    rows, calls, comp = [], {}, {}
+    step = programs.sampler_step(pipe, batch, size, steps=cfg.steps, scheduler=cfg.scheduler,
+                                 guidance=cfg.guidance, devices=cfg.devices)
+    step_gflop = compile_fn(step.fn, *step.args).gflop
+    for capture in (None, cfg.capture):
+        name = f"generate b{batch}" + (" +capture" if capture else "")
+        prog = programs.generation(pipe, batch, size, steps=cfg.steps, scheduler=cfg.scheduler,
+                                   guidance=cfg.guidance, capture=capture, devices=cfg.devices)
+        c = compile_fn(prog.fn, *prog.args)
+        # XLA counts the sampler loop's body once: add the other iterations.
+        gflop = c.gflop + (programs.loop_trips(pipe, cfg.steps, cfg.scheduler, capture) - 1) * step_gflop
+        comp[name] = (c, gflop, prog.devices)
+        calls[name] = lambda c=c, p=prog: c.fn(*p.args)
+    from datasetdm_jax.bench import torch_ref
+    for dt, tp in torch_pipes.items():
+        calls[f"diffusers {dt} b{batch}"] = torch_ref.generator(tp, programs.PROMPT, batch, size, cfg.steps,
+                                                                 cfg.guidance)
+    times = time_interleaved(calls, cfg.repeats)
+    for name, secs in times.items():
+        c, gflop, devs = comp.get(name, (None, 0.0, 1))
+        rows.append(make_timing(name, secs, c, gflop=gflop, images=batch, devices=devs,
+                                peak_tflops=peak if c is not None else None))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    jax_s = med[f"generate b{batch}"]
+    cmp = {"batch": batch, "jax_s": jax_s, "jax_capture_s": med[f"generate b{batch} +capture"],
+           "capture_overhead": med[f"generate b{batch} +capture"] / jax_s - 1}
+    for dt in torch_pipes:
+        cmp[f"diffusers_{dt}_s"] = med[f"diffusers {dt} b{batch}"]
+        cmp[f"speedup_vs_{dt}"] = med[f"diffusers {dt} b{batch}"] / jax_s  # > 1: JAX is faster
+    return rows, cmp
+
+
+def _train_step(cfg: BenchConfig, pipe, size: int, peak: float):
+    """One P-Decoder train step (datasetdm_jax.train.Trainer) on shapes-world images at `size`."""
+    from datasetdm_jax import train
+    from datasetdm_jax.config_utils import load_config
+
+    spec = models.configs_file("shapes_semantic.py") + (":tiny" if cfg.model == "tiny" else "")
+    config = load_config(spec, [f"data.image_size={size}", f"capture={cfg.capture}"])
+    tr = train.Trainer(config, pipe)
+    batch = jax.device_put(tr.host_batch(next(train._train_iterator(config, None)), 0), tr.data_sharding)
+    state = jax.device_put({"step": np.zeros((), np.int32), "params": tr.init_params,
+                            "opt": tr.tx.init(tr.init_params)}, tr.repl)
+    c = compile_fn(tr.step_fn, state, batch, tr.frozen)
+    times = time_interleaved({"p": lambda: c.fn(state, batch, tr.frozen)}, cfg.repeats)["p"]
+    n = int(config.batch_size)
+    return make_timing(f"P-Decoder train step ({config.task}, batch {n})", times, c, images=n,
+                       devices=tr.mesh.size, peak_tflops=peak)
+
+
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    """Runs every section `cfg` asks for; returns the report."""
+    if cfg.model not in models.MODELS:
+        raise ValueError(f"--model must be one of {', '.join(models.MODELS)}, got {cfg.model!r}")
+    if not cfg.batches or min(cfg.batches) < 1:
+        raise ValueError(f"--batch must list positive batch sizes, got {cfg.batches!r}")
+    workdir = cfg.workdir or tempfile.mkdtemp(prefix="datasetdm_bench_")
+    _log("device peak")
+    device = peaks.device_peak()
+    peak = device["peak_tflops"]
+    dtype = cfg.dtype or ("float32" if device["platform"] == "cpu" else "bfloat16")
+    _log(f"model {cfg.model}")
+    pipe, source, folder = models.load_model(cfg.model, f"{workdir}/{cfg.model}", jnp.dtype(dtype))
+    size = cfg.size or models.native_size(pipe)
+    report: dict[str, Any] = {
+        "device": device,
+        "model": {"name": cfg.model, "source": source, "params": models.param_counts(pipe), "size": size,
+                  "latent": list(programs.latent_shape(pipe, size)), "tokens": pipe.max_length, "dtype": dtype},
+        "settings": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "workdir"},
+        "rows": [], "generation": [],
+    }
+    head = cfg.batches[-1]
+    _log(f"unet / sampler step, batch {head}")
+    micro = _micro(cfg, pipe, size, head, peak)
+    report["rows"] += micro
+    report["capture_overhead_unet"] = micro[1].median_s / micro[0].median_s - 1
+
+    torch_pipes = {}
+    if cfg.torch or cfg.torch_bf16:
+        from datasetdm_jax.bench import torch_ref
+        folder = models.export(pipe, f"{workdir}/{cfg.model}", folder)
+        for dt, on in (("float32", cfg.torch), ("bfloat16", cfg.torch_bf16)):
+            if on:
+                torch_pipes[dt] = torch_ref.load(folder, dt, cfg.scheduler)
+        report["torch"] = torch_ref.info()
+    for b in cfg.batches:
+        _log(f"generation, batch {b}")
+        rows, cmp = _generation(cfg, pipe, size, b, peak, torch_pipes)
+        report["rows"] += rows
+        report["generation"].append(cmp)
+    del torch_pipes
+
+    if cfg.train_step:
+        _log("P-Decoder train step")
+        report["rows"].append(_train_step(cfg, pipe, size, peak))
+
+    if cfg.compile_probe:
+        from datasetdm_jax.bench import compile_probe
+        _log("compile time in fresh processes (cold, then warm persistent cache)")
+        folder = models.export(pipe, f"{workdir}/{cfg.model}", folder)
+        with tempfile.TemporaryDirectory(prefix="datasetdm_bench_cache_") as cache:
+            report["compile"] = {"program": f"generate b{head} +capture", **compile_probe.run_twice(
+                cache, folder, head, size, cfg.steps, cfg.scheduler, cfg.capture, dtype)}
+
+    if cfg.memory:
+        report["memory"] = []
+        abstract = models.abstract_pipeline(cfg.memory_model, f"{workdir}/{cfg.memory_model}_abstract",
+                                            jnp.dtype(cfg.memory_dtype))
+        for s in cfg.memory_sizes:
+            _log(f"memory analysis: {cfg.memory_model} at {s} px (compile only)")
+            report["memory"].append({"model": cfg.memory_model, **memory.max_batch(
+                abstract, s, capture=cfg.capture, budget_bytes=int(cfg.memory_budget_gib * memory.GIB),
+                scheduler=cfg.scheduler)})
+    report["rows"] = [r.to_dict() for r in report["rows"]]
+    return report
