@@ -20,7 +20,7 @@ def _enable_compilation_cache() -> None:
 def _cmd_bench(args: argparse.Namespace) -> None:
     from datasetdm_jax import bench
 
-    bench.main_unet(args.model, args.size, args.batch, args.repeats, args.json)
+    bench.main(bench.from_args(args), args.json)
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> None:
@@ -70,13 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="config overrides as key=value (e.g. steps=500)")
     p.set_defaults(fn=_cmd_train)
 
-    p = sub.add_parser("bench", help="UNet forward timings, FLOPs and capture overhead on this device")
-    p.add_argument("--model", default="sd15", choices=["sd15", "sd21"])
-    p.add_argument("--size", type=int, default=256, help="image size in pixels (latent = size / 8)")
-    p.add_argument("--batch", type=int, default=2, help="UNet batch (a CFG pair of 1 image is 2)")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    p.set_defaults(fn=_cmd_bench)
+    p = sub.add_parser("bench",    p = sub.add_parser("bench", help="speed, FLOPs, MFU and memory on this device, side by side with diffusers")
+    from datasetdm_jax.bench.config import add_arguments as bench_arguments  # no JAX import
+    bench_arguments(p)
+h)
 
     p = sub.add_parser("fidelity", help="judge whether a shapes-world model draws the prompted class and colour")
     p.add_argument("--model", required=True, help="diffusers-format model folder")

@@ -1,11 +1,12 @@
 """`datasetdm bench`: speed, FLOPs, MFU, memory and a side-by-side with diffusers on this device.
 
-`run.run_bench(BenchConfig(...))` returns the report; `report.print_report` renders it.
+`run.run_bench(BenchConfig(...))` returns the report (a JSON-ready dict); `report.format_report`
+renders it as markdown tables. Importing this package does not import JAX.
 """
 
-from datasetdm_jax.bench.run import BenchConfig, run_bench
+from datasetdm_jax.bench.config import BenchConfig, add_arguments, from_args
 
-__all__ = ["BenchConfig", "run_bench", "main"]
+__all__ = ["BenchConfig", "add_arguments", "from_args", "main"]
 
 
 def main(cfg: BenchConfig, json_out: str | None = None) -> dict:
@@ -13,6 +14,7 @@ def main(cfg: BenchConfig, json_out: str | None = None) -> dict:
     import json
 
     from datasetdm_jax.bench.report import print_report
+    from datasetdm_jax.bench.run import run_bench
 
     rep = run_bench(cfg)
     print_report(rep)

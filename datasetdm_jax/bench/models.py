@@ -20,7 +20,7 @@ from datasetdm_jax import pretrained, smoke
 from datasetdm_jax.assets import shapes_sd_path
 from datasetdm_jax.models import presets
 
-MODELS = ("shapes", "sd15", "sd21", "tiny")
+from datasetdm_jax.bench.config import MODELS
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 

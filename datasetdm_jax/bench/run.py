@@ -19,31 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from datasetdm_jax.bench import memory, models, peaks, programs
+from datasetdm_jax.bench.config import BenchConfig
 from datasetdm_jax.bench.timing import compile_fn, make_timing, time_interleaved
-
-
-@dataclasses.dataclass
-class BenchConfig:
-    model: str = "shapes"             # shapes | sd15 | sd21 | tiny
-    size: int | None = None           # image px; default the model's native size
-    batches: tuple[int, ...] = (1, 4, 16)  # generation sweep; the last is the headline batch
-    steps: int = 25
-    scheduler: str = "pndm"
-    guidance: float = 7.5
-    capture: str = "datasetdm"        # features preset for the "+capture" rows
-    repeats: int = 3
-    dtype: str | None = None          # JAX compute dtype; default float32 on CPU, else bfloat16
-    devices: int | None = None        # local devices to split the batch over (default: all that divide it)
-    torch: bool = True                # diffusers fp32 side by side
-    torch_bf16: bool = True           # and diffusers bf16 (the stretch goal)
-    train_step: bool = True
-    compile_probe: bool = True
-    memory: bool = True
-    memory_model: str = "sd15"
-    memory_sizes: tuple[int, ...] = (512, 768)
-    memory_dtype: str = "bfloat16"
-    memory_budget_gib: float = 16.0   # TPU v5e HBM per chip
-    workdir: str | None = None        # scratch (random models, exported folder); default a temp dir
 
 
 def _log(msg: str) -> None:
