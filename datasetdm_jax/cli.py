@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="config overrides as key=value (e.g. steps=500)")
     p.set_defaults(fn=_cmd_train)
 
-    p = sub.add_parser("bench",    p = sub.add_parser("bench", help="speed, FLOPs, MFU and memory on this device, side by side with diffusers")
+    p = sub.add_parser("bench", help="speed, FLOPs, MFU and memory on this device, side by side with diffusers")
     from datasetdm_jax.bench.config import add_arguments as bench_arguments  # no JAX import
     bench_arguments(p)
 h)
