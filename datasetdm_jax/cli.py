@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="speed, FLOPs, MFU and memory on this device, side by side with diffusers")
     from datasetdm_jax.bench.config import add_arguments as bench_arguments  # no JAX import
     bench_arguments(p)
-h)
+    p.set_defaults(fn=_cmd_bench)
 
     p = sub.add_parser("fidelity", help="judge whether a shapes-world model draws the prompted class and colour")
     p.add_argument("--model", required=True, help="diffusers-format model folder")
