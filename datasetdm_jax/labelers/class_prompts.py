@@ -41,22 +41,25 @@ def class_prompt_tokens(tokenizer: Any, names_per_image: Sequence[Sequence[str]]
     silently read the wrong tokens.
     """
     n = len(names_per_image)
-    ids = tokenize(tokenizer, [" ".join(names) for names in names_per_image], max_length=max_length) \
-        if n else np.zeros((0, max_length), np.int32)
     weights = np.zeros((n, max_classes, max_length), np.float32)
+    spans = []
     for b, names in enumerate(names_per_image):
         if len(names) > max_classes:
             raise ValueError(f"image {b}: {len(names)} class names, more than max_classes={max_classes}")
+        toks = [_name_tokens(tokenizer, name) for name in names]
+        if sum(map(len, toks)) > max_length - 2:  # BOS and EOS take two positions
+            raise ValueError(f"image {b}: class prompt {' '.join(names)!r} needs more than the "
+                             f"{max_length} tokens of the text encoder; use fewer class names")
+        spans.append(toks)
+    ids = tokenize(tokenizer, [" ".join(names) for names in names_per_image], max_length=max_length) \
+        if n else np.zeros((0, max_length), np.int32)
+    for b, (names, toks) in enumerate(zip(names_per_image, spans)):
         pos = 1  # after BOS
-        for k, name in enumerate(names):
-            toks = _name_tokens(tokenizer, name)
-            end = pos + len(toks)
-            if end > max_length - 1:
-                raise ValueError(f"image {b}: class prompt {' '.join(names)!r} needs more than the "
-                                 f"{max_length} tokens of the text encoder; use fewer class names")
-            if list(ids[b, pos:end]) != toks:  # the joined prompt must tokenize as its names do
+        for k, (name, t) in enumerate(zip(names, toks)):
+            end = pos + len(t)
+            if list(ids[b, pos:end]) != t:  # the joined prompt must tokenize as its names do
                 raise ValueError(f"image {b}: class name {name!r} tokenizes differently inside the class prompt "
                                  f"{' '.join(names)!r}")
-            weights[b, k, pos:end] = 1.0 / len(toks)
+            weights[b, k, pos:end] = 1.0 / len(t)
             pos = end
     return ids, weights

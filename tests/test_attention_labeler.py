@@ -1,0 +1,241 @@
+"""Training-free attention labeller: capture vs a PyTorch processor, jitted running sums vs a host loop,
+class-token alignment for multi-token names, torch-compatible bicubic, refinement and thresholds."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from datasetdm_jax import generate, schedulers
+from datasetdm_jax.labelers import LABELERS, AttentionLabelConfig, attention, class_prompts, get_labeler, refine
+from datasetdm_jax.labelers.resize import resize_bicubic
+from datasetdm_jax.models.unet_blocks import AttentionCapture
+from tiny_sd import LATENT_SIZE, rel_err
+
+# "hexagon" is not in the tiny tokenizer's word list, so BPE splits it into several tokens; the
+# class after it ("circle", one token) is where the official one-token-per-word indexing misreads.
+CAPTIONS = ["a red circle and a large star", "a blue square"]
+NAMES = [["hexagon", "circle"], ["square"]]
+IDS = [[7, 1], [2]]
+INDICES = [5, 6]
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def unet_attention(pipe):
+    """One jitted UNet call with the labeller's request (8x8 self, 4x4 class-prompt attention), shared."""
+    gd = pipe.graphdefs["unet"]
+    return jax.jit(lambda s, x, t, emb, ctx: nnx.merge(gd, s)(x, t, emb, attention=AttentionCapture.request(ctx, 64, 16)))
+
+
+@pytest.fixture(scope="module")
+def sharp_pipe(pipe):
+    """The tiny pipeline with 8x larger attention queries. With N(0, 1/fan_in) weights the attention is
+    nearly uniform and S^4 flattens every class map to a ~1e-7 range, where min-max normalisation only
+    amplifies rounding; sharper attention gives maps with real structure to compare."""
+    sharpen = lambda path, x: x * 8 if any(getattr(k, "key", None) == "to_q" for k in path) else x
+    unet = jax.tree_util.tree_map_with_path(sharpen, pipe.params["unet"])
+    return dataclasses.replace(pipe, params={**pipe.params, "unet": unet})
+
+
+# --- class prompts -------------------------------------------------------------------------------
+
+def test_multi_token_class_names_read_their_own_tokens(pipe):
+    tok = pipe.tokenizer
+    hexagon = tok("hexagon", add_special_tokens=False)["input_ids"]
+    circle = tok("circle", add_special_tokens=False)["input_ids"]
+    assert len(hexagon) > 1 and len(circle) == 1  # the case the official code gets wrong
+    ids, w = class_prompts.class_prompt_tokens(tok, NAMES, pipe.max_length, max_classes=4)
+    np.testing.assert_array_equal(ids, pipe.tokenize(["hexagon circle", "square"]))
+    n = len(hexagon)
+    np.testing.assert_allclose(w[0, 0, 1:1 + n], 1 / n)
+    assert w[0, 1, 1 + n] == 1 and ids[0, 1 + n] == circle[0]  # official: word 2 -> token 2 (inside hexagon)
+    np.testing.assert_allclose(w.sum(-1), [[1, 1, 0, 0], [1, 0, 0, 0]], atol=1e-6)
+    assert class_prompts.append_class_names("a red circle", ["hexagon", "circle"]) == "a red circle; hexagon circle"
+    with pytest.raises(ValueError, match="needs more than"):
+        class_prompts.class_prompt_tokens(tok, [["hexagon"] * 20], pipe.max_length, max_classes=20)
+    with pytest.raises(ValueError, match="max_classes"):
+        class_prompts.class_prompt_tokens(tok, [["circle"] * 3], pipe.max_length, max_classes=2)
+
+
+def test_class_maps_follow_multi_token_names(pipe):
+    """Hexagon's tokens attend to the right half, circle's token to the left: labels must follow."""
+    ids, w = class_prompts.class_prompt_tokens(pipe.tokenizer, NAMES[:1], pipe.max_length, max_classes=2)
+    n_hex = int((w[0, 0] > 0).sum())
+    cross = np.full((1, 4, 4, 77), 0.01, np.float32)
+    cross[0, :, 2:, 1:1 + n_hex] = 1.0  # hexagon: right half
+    cross[0, :, :2, 1 + n_hex] = 1.0  # circle: left half
+    labels = refine.attention_labels(jnp.eye(64)[None], jnp.asarray(cross.reshape(1, 16, 77)), jnp.asarray(w),
+                                     jnp.asarray([[7, 1]]), jnp.asarray([[True, True]]), self_hw=(8, 8),
+                                     cross_hw=(4, 4), image_hw=(32, 32), tau=4)
+    labels = np.asarray(labels)[0]
+    assert labels.dtype == np.uint8 and labels.shape == (32, 32)
+    assert (labels[:, :12] == 1).all() and (labels[:, 20:] == 7).all()
+
+
+# --- refinement ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size_in,size_out", [((4, 4), (32, 32)), ((5, 7), (13, 9)), ((8, 6), (3, 4)), ((6, 6), (6, 6))])
+def test_bicubic_matches_torch(size_in, size_out):
+    x = np.random.default_rng(0).standard_normal((2, *size_in, 3)).astype(np.float32)
+    ours = np.asarray(resize_bicubic(jnp.asarray(x), size_out))
+    theirs = torch.nn.functional.interpolate(torch.from_numpy(x.transpose(0, 3, 1, 2)), size=size_out,
+                                             mode="bicubic", align_corners=False).numpy().transpose(0, 2, 3, 1)
+    assert ours.shape == theirs.shape
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_propagate_is_the_matrix_power():
+    rng = np.random.default_rng(1)
+    s = rng.random((2, 16, 16)).astype(np.float32)
+    s /= s.sum(-1, keepdims=True)  # rows sum to one, as softmax rows do
+    c = rng.random((2, 4, 4, 3)).astype(np.float32)
+    want = np.linalg.matrix_power(s.astype(np.float64), 4) @ c.reshape(2, 16, 3)
+    got = np.asarray(refine.propagate(jnp.asarray(s), jnp.asarray(c), 4)).reshape(2, 16, 3)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_array_equal(refine.propagate(jnp.asarray(s), jnp.asarray(c), 0), c)
+
+
+def test_thresholds_normalisation_and_padding():
+    maps = np.zeros((2, 1, 4, 3), np.float32)
+    maps[0, 0, :, 0] = [0.65, 0.55, 0.3, 0.1]
+    maps[0, 0, :, 1] = [0.6, 0.5, 0.2, 0.0]
+    maps[0, 0, :, 2] = 9.0  # padding class: never wins
+    labels = refine.threshold_labels(jnp.asarray(maps), jnp.asarray([[3, 4, 5], [3, 4, 5]]),
+                                     jnp.asarray([[True, True, False], [False] * 3]),
+                                     threshold=0.6, uncertainty_threshold=0.5)
+    np.testing.assert_array_equal(labels[0, 0], [3, 255, 0, 0])
+    np.testing.assert_array_equal(labels[1], 255)  # no class named: nothing is known
+    raised = refine.threshold_labels(jnp.asarray(maps), jnp.asarray([[3, 4, 5]] * 2),
+                                     jnp.asarray([[True, True, False]] * 2), threshold=0.7, uncertainty_threshold=0.6)
+    np.testing.assert_array_equal(raised[0, 0], [255, 0, 0, 0])
+    norm = np.asarray(refine.normalise(jnp.asarray([[[[2.0], [4.0]], [[3.0], [6.0]]], [[[1.0], [1.0]], [[1.0], [1.0]]]])))
+    np.testing.assert_allclose(norm[0, ..., 0], [[0, 0.5], [0.25, 1]])
+    np.testing.assert_array_equal(norm[1], 0)  # constant map: background, not NaN
+
+
+# --- capture inside the UNet -----------------------------------------------------------------------
+
+class _Recorder:
+    """diffusers attention processor: plain softmax attention that records, for the last `bc` rows,
+    head-mean self-attention (64 queries) and head-mean attention against class keys (16 queries)."""
+
+    def __init__(self, store, class_context):
+        self.store, self.ctx = store, class_context
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        cross = encoder_hidden_states is not None
+        context = encoder_hidden_states if cross else hidden_states
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        probs = attn.get_attention_scores(q, attn.head_to_batch_dim(attn.to_k(context)), None)
+        b, lq, bc = hidden_states.shape[0], hidden_states.shape[1], self.ctx.shape[0]
+        if not cross and lq == 64:
+            self.store["self"].append(probs.reshape(b, attn.heads, lq, lq)[-bc:].mean(1).numpy())
+        if cross and lq == 16:
+            qc = attn.head_to_batch_dim(attn.to_q(hidden_states[-bc:]))
+            pc = attn.get_attention_scores(qc, attn.head_to_batch_dim(attn.to_k(self.ctx)), None)
+            self.store["class"].append(pc.reshape(bc, attn.heads, lq, -1).mean(1).numpy())
+        out = attn.batch_to_head_dim(torch.bmm(probs, attn.head_to_batch_dim(attn.to_v(context))))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def test_capture_matches_torch_and_leaves_eps_unchanged(pipe, torch_pipe, unet_attention):
+    rng = np.random.default_rng(2)
+    bc = 2
+    x = rng.standard_normal((2 * bc, LATENT_SIZE, LATENT_SIZE, 4)).astype(np.float32)
+    emb = rng.standard_normal((2 * bc, 77, 32)).astype(np.float32)
+    ctx = rng.standard_normal((bc, 77, 32)).astype(np.float32)
+    t = np.full((2 * bc,), 500.0, np.float32)
+    eps, att = unet_attention(pipe.params["unet"], x, t, emb, ctx)
+    plain = pipe.unet_apply(x, t, emb)
+    assert rel_err(eps, plain) < 1e-5  # reading attention never changes the prediction
+
+    store = {"self": [], "class": []}
+    unet = torch_pipe.unet
+    saved = unet.attn_processors
+    unet.set_attn_processor(_Recorder(store, torch.from_numpy(ctx)))
+    try:
+        with torch.no_grad():
+            unet(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t), torch.from_numpy(emb))
+    finally:
+        unet.set_attn_processor(saved)
+    # tiny UNet: 8x8 attention in down1 (1 layer) and up2 (2 layers); 4x4 in down2 and up1
+    assert len(att["self_attention"]) == len(store["self"]) == 3
+    assert len(att["class_attention"]) == len(store["class"]) == 3
+    for ours, theirs in zip(att["self_attention"] + att["class_attention"], store["self"] + store["class"]):
+        assert ours.shape == theirs.shape
+        assert rel_err(ours, theirs) < 1e-4, rel_err(ours, theirs)
+
+
+# --- the jitted labeller ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def labelled(sharp_pipe):
+    return attention.label_batch(sharp_pipe, CAPTIONS, NAMES, INDICES, seed=0, class_ids=IDS, steps=STEPS,
+                                 scheduler="pndm", return_attention=True)
+
+
+def _host_reference(pipe, unet_attention, prompts):
+    """Mean attention over heads, layers and steps, accumulated on the host one UNet call at a time."""
+    b = len(prompts)
+    ids, w = class_prompts.class_prompt_tokens(pipe.tokenizer, NAMES, pipe.max_length, max_classes=4)
+    emb = pipe.encode_ids(np.concatenate([pipe.tokenize([""] * b), pipe.tokenize(prompts)]))
+    ctx = pipe.encode_ids(ids)
+    sampler = schedulers.get_sampler("pndm")
+    x = generate.initial_noise(0, jnp.asarray(INDICES), (LATENT_SIZE, LATENT_SIZE, 4))
+    st = sampler.init(pipe.schedule, STEPS, x)
+    n = int(st["timesteps"].shape[0])
+    acc_s, acc_c = 0.0, 0.0
+    for i in range(n):
+        t = jnp.full((2 * b,), st["timesteps"][i], jnp.float32)
+        eps, att = unet_attention(pipe.params["unet"], jnp.concatenate([x, x]), t, emb, ctx)
+        acc_s = acc_s + np.mean(np.stack(att["self_attention"]), 0)
+        acc_c = acc_c + np.mean(np.stack(att["class_attention"]), 0)
+        uncond, cond = jnp.split(eps, 2)
+        x, st = sampler.step(st, uncond + 7.5 * (cond - uncond), i, x)
+    return acc_s / n, acc_c / n, w
+
+
+def test_labeller_sums_every_step_inside_the_jit(sharp_pipe, unet_attention, labelled):
+    batch, maps = labelled
+    assert batch.prompts == ["a red circle and a large star; hexagon circle", "a blue square; square"]
+    want_s, want_c, w = _host_reference(sharp_pipe, unet_attention, batch.prompts)
+    assert rel_err(maps["self_attention"], want_s) < 1e-4
+    assert rel_err(maps["class_attention"], want_c) < 1e-4
+    np.testing.assert_allclose(maps["self_attention"].sum(-1), 1, atol=1e-4)  # rows of a softmax mean
+    ref = refine.attention_labels(jnp.asarray(want_s), jnp.asarray(want_c), jnp.asarray(w),
+                                  jnp.asarray([[7, 1, 0, 0], [2, 0, 0, 0]]), jnp.asarray(w.sum(-1) > 0),
+                                  self_hw=(8, 8), cross_hw=(4, 4), image_hw=(32, 32))
+    assert np.mean(np.asarray(ref) == batch.labels) > 0.99
+
+
+def test_labels_and_images(sharp_pipe, labelled):
+    batch, _ = labelled
+    assert batch.labels.shape == (2, 32, 32) and batch.labels.dtype == np.uint8
+    assert set(np.unique(batch.labels[0])) <= {0, 1, 7, 255} and set(np.unique(batch.labels[1])) <= {0, 2, 255}
+    assert (batch.labels[0] != 0).any() and (batch.labels[0] != 255).any()
+    # the image is exactly what plain sampling of the appended prompt draws for those indices
+    plain = generate.sample(sharp_pipe, batch.prompts, steps=STEPS, scheduler="pndm", seed=0, start_index=INDICES[0])
+    np.testing.assert_allclose(batch.images, plain, atol=1e-5)
+
+
+def test_labeller_registry_and_config_errors(pipe):
+    assert get_labeler("attention") is LABELERS["attention"] is attention.label_batch
+    with pytest.raises(ValueError, match="unknown labeler"):
+        get_labeler("crf")
+    with pytest.raises(ValueError, match="unknown key 'tua'"):
+        AttentionLabelConfig.from_dict({"tua": 2})
+    with pytest.raises(ValueError, match="uncertainty_threshold"):
+        AttentionLabelConfig(threshold=0.4, uncertainty_threshold=0.5)
+    assert AttentionLabelConfig.from_dict({"tau": 2}).tau == 2
+    assert attention.attention_resolutions(pipe, (LATENT_SIZE, LATENT_SIZE)) == [2, 4, 8, 16]
+    with pytest.raises(ValueError, match="self_res=3"):
+        attention.label_batch(pipe, CAPTIONS[:1], NAMES[:1], [0], config={"self_res": 3})
+    with pytest.raises(ValueError, match="must match"):
+        attention.label_batch(pipe, CAPTIONS, NAMES[:1], [0, 1])
+    with pytest.raises(ValueError, match="class ids"):
+        attention.label_batch(pipe, CAPTIONS[:1], NAMES[:1], [0], class_ids=[[1]])
