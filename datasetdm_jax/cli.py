@@ -36,16 +36,46 @@ def _cmd_fidelity(args: argparse.Namespace) -> None:
                         args.scheduler, args.seed, args.batch, args.judge_steps)
 
 
+def _cmd_probe(args: argparse.Namespace) -> None:
+    from datasetdm_jax import probe
+
+    probe.main_probe(args.model, args.out, num_train=args.num_train, num_test=args.num_test,
+                     probe_steps=args.steps, scratch_steps=args.steps, seed=args.seed)
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
     from datasetdm_jax import train
 
     train.main_train(args.config, args.workdir, args.overrides)
 
 
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from datasetdm_jax import generate
+
+    if args.coordinator or args.distributed:
+        import jax
+        kw = dict(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                  process_id=args.process_id) if args.coordinator else {}
+        jax.distributed.initialize(**kw)
+    generate.main_generate(args.config, args.num_images, args.out, args.overrides)
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from datasetdm_jax import export
+
+    export.main_export(args.data, args.out, args.min_quality)
+
+
 def _cmd_smoke(args: argparse.Namespace) -> None:
     from datasetdm_jax import smoke
 
     smoke.main(args.out, args.steps)
+
+
+def _cmd_downstream(args: argparse.Namespace) -> None:
+    from datasetdm_jax.downstream import main
+
+    main.main_downstream(args.config, args.workdir, args.overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,10 +100,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="config overrides as key=value (e.g. steps=500)")
     p.set_defaults(fn=_cmd_train)
 
+    p = sub.add_parser("generate", help="generate an annotated dataset (sharded, resumable, multi-host)")
+    p.add_argument("--config", default="configs/shapes_semantic.py", help="config file, optionally FILE.py:ARG")
+    p.add_argument("--num_images", type=int, required=True)
+    p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
+    p.add_argument("--distributed", action="store_true",
+                   help="jax.distributed.initialize() with auto-detection (Cloud TPU pods)")
+    p.add_argument("--coordinator", default=None, help="HOST:PORT of process 0, for a manual multi-process run")
+    p.add_argument("--num_processes", type=int, default=None)
+    p.add_argument("--process_id", type=int, default=None)
+    p.add_argument("overrides", nargs="*", help="config overrides as key=value (e.g. generate.steps=50)")
+    p.set_defaults(fn=_cmd_generate)
+
+    p = sub.add_parser("export", help="a generated dataset to a plain folder (JPEG + PNG) and COCO JSON")
+    p.add_argument("--data", required=True, help="folder written by `datasetdm generate`")
+    p.add_argument("--out", required=True)
+    p.add_argument("--min_quality", type=float, default=None, help="leave out examples below this confidence")
+    p.set_defaults(fn=_cmd_export)
+
     p = sub.add_parser("bench", help="speed, FLOPs, MFU and memory on this device, side by side with diffusers")
     from datasetdm_jax.bench.config import add_arguments as bench_arguments  # no JAX import
     bench_arguments(p)
     p.set_defaults(fn=_cmd_bench)
+
+    p = sub.add_parser("probe", help="1x1-conv head on frozen UNet features vs a scratch segmenter, same 100 images")
+    p.add_argument("--model", default=None, help="diffusers-format model folder (default: the shipped shapes model)")
+    p.add_argument("--out", default="runs/probe", help="folder for probe.json")
+    p.add_argument("--num_train", type=int, default=100, help="labelled real training images")
+    p.add_argument("--num_test", type=int, default=500, help="test-split images")
+    p.add_argument("--steps", type=int, default=600, help="training steps of each head")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=_cmd_probe)
 
     p = sub.add_parser("fidelity", help="judge whether a shapes-world model draws the prompted class and colour")
     p.add_argument("--model", required=True, help="diffusers-format model folder")
@@ -87,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--judge_steps", type=int, default=550, help="training steps when the judge is trained here")
     p.set_defaults(fn=_cmd_fidelity)
+
+    p = sub.add_parser("downstream", help="train downstream models on real / generated / mixed data, evaluate on real test")
+    p.add_argument("--config", default="configs/downstream_shapes.py",
+                   help="config file, optionally FILE.py:ARG (e.g. configs/downstream_voc.py)")
+    p.add_argument("--workdir", default=None, help="report.json and table.txt (default: the config's workdir)")
+    p.add_argument("overrides", nargs="*", help="config overrides as key=value (e.g. synthetic.records=DIR)")
+    p.set_defaults(fn=_cmd_downstream)
     return parser
 
 
