@@ -23,10 +23,10 @@ def get_config(arg=None):
     c.tasks = ("semantic", "depth")
     c.rows = ("real", "synthetic", "real+synthetic")
     c.synthetic_fraction = 0.5          # share of each (c) batch drawn from the synthetic set
-    c.real = ml_collections.ConfigDict(dict(dataset="shapes", root="", split="train_labelled", num=100, seed=0,
-                                            image_size=64))
+    c.real = ml_collections.ConfigDict(dict(source="shapes", root="", split="train_labelled", num_images=100,
+                                            seed=0, image_size=64))
     c.synthetic = ml_collections.ConfigDict(dict(records="", num=0))   # num 0 = all records
-    c.test = ml_collections.ConfigDict(dict(dataset="shapes", root="", splits=("test", "test_shifted"), num=256,
+    c.test = ml_collections.ConfigDict(dict(source="shapes", root="", splits=("test", "test_shifted"), num=256,
                                             seed=0, image_size=64))
     c.augment = ml_collections.ConfigDict(dict(enabled=True, flip=True, scale=(0.75, 1.5), crop=(64, 64),
                                                scale_depth=True))
@@ -37,7 +37,7 @@ def get_config(arg=None):
         skip_stage=1, skip_width=24, decoder_width=64))
     c.depth = task_config("depth", 8, 1500, dict(widths=(16, 32, 64, 96), depth=2, init_depth=8.0, stem_stride=2))
     if arg == "tiny":
-        c.real.num, c.test.num, c.real.image_size, c.test.image_size = 8, 8, 32, 32
+        c.real.num_images, c.test.num, c.real.image_size, c.test.image_size = 8, 8, 32, 32
         c.augment.crop = (32, 32)
         c.eval.batch_size = 4
         c.semantic = task_config("semantic", 8, 3, dict(stages=((8, 2, 1), (8, 2, 1), (16, 1, 2)), depth=1,

@@ -13,14 +13,13 @@ one, so training never knows where its data came from.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 from PIL import Image
 
 __all__ = ["ArraySource", "IterSource", "Augment", "MixedBatches", "batch_counts", "validate_arrays",
-           "shapes_arrays", "records_arrays", "real_arrays", "take", "concat"]
+           "shapes_arrays", "records_arrays", "real_arrays", "stack_examples", "take", "concat"]
 
 IGNORE = 255
 LABEL_KEYS = ("segmentation", "depth")
@@ -230,68 +229,61 @@ class MixedBatches:
 # Loaders
 
 
+def stack_examples(examples, name: str, progress: bool = True, total: int | None = None) -> dict[str, np.ndarray]:
+    """Example dicts (shapes-world keys: image, segmentation, depth, ...) -> an arrays dict."""
+    from tqdm.auto import tqdm
+
+    cols: dict[str, list] = {}
+    for ex in tqdm(examples, desc=name, total=total, disable=not progress, leave=False):
+        for k in ("image",) + LABEL_KEYS:
+            if k in ex:
+                cols.setdefault(k, []).append(np.asarray(ex[k]))
+    if not cols:
+        raise ValueError(f"{name}: no examples")
+    n = len(cols["image"])
+    return validate_arrays({k: np.stack(v) for k, v in cols.items() if len(v) == n}, name)
+
+
 def shapes_arrays(split: str, num: int, seed: int = 0, image_size: int = 64, progress: bool = True
                   ) -> dict[str, np.ndarray]:
     """Render ``num`` scenes of a shapes-world split ('train_labelled', 'test', 'test_shifted', ...)."""
-    from tqdm.auto import tqdm
-
     from datasetdm_jax.data import shapes
 
     src = shapes.make_split(split, int(num), int(seed), shapes.ShapesConfig(image_size=int(image_size)))
-    scenes = [src[i] for i in tqdm(range(len(src)), desc=f"shapes {split}", disable=not progress, leave=False)]
-    return {"image": np.stack([s["image"] for s in scenes]),
-            "segmentation": np.stack([s["segmentation"] for s in scenes]),
-            "depth": np.stack([s["depth"] for s in scenes]).astype(np.float32)}
+    return stack_examples((src[i] for i in range(len(src))), f"shapes {split}", progress, len(src))
 
 
-def records_arrays(path: str, num: int | None = None) -> dict[str, np.ndarray]:
-    """Generated records (``datasetdm_jax.data.records``, TFRecord or ArrayRecord shards + manifest)
-    as an arrays dict: the thin adapter between the generator's output and downstream training."""
+def records_arrays(path: str, num: int | None = None, progress: bool = True) -> dict[str, np.ndarray]:
+    """A generated dataset (``datasetdm_jax.data.records``: sharded TFRecord + manifest) as an arrays
+    dict, the first ``num`` examples in index order (all when None)."""
+    from datasetdm_jax.data import records
+
+    def head():
+        for i, ex in enumerate(records.read_tfrecords(path)):
+            if num and i >= num:
+                return
+            yield ex
+
+    return stack_examples(head(), f"records {path}", progress, num or None)
+
+
+def real_arrays(data: Mapping[str, Any], split: str | None = None, *, train: bool = True,
+                num: int | None = None, progress: bool = True) -> dict[str, np.ndarray]:
+    """A labelled split as an arrays dict, from a data config as ``datasetdm_jax.data.sources.build``
+    reads it (``source`` 'shapes', 'voc', 'cityscapes', 'nyu', ...; ``root``, ``split``,
+    ``image_size``, few-shot selection fields for training splits)."""
+    src = load_real_source(data, split, train=train, num=num)
+    name = f"{data.get('source', 'shapes')} {split or data['split']}"
+    return stack_examples((src[i] for i in range(len(src))), name, progress, len(src))
+
+
+def load_real_source(data: Mapping[str, Any], split: str | None, *, train: bool, num: int | None):
+    """The hook to the dataset sources in ``datasetdm_jax/data/`` (shapes world and real datasets)."""
     try:
-        records = importlib.import_module("datasetdm_jax.data.records")
+        from datasetdm_jax.data import sources
     except ImportError as e:
-        raise ValueError(f"cannot read generated records at {path}: datasetdm_jax.data.records is not "
-                         f"available ({e})") from None
-    return _records_to_arrays(records, path, num)
+        raise ValueError(f"real datasets need datasetdm_jax.data.sources, which is not available ({e})") from None
+    import ml_collections
 
-
-def _records_to_arrays(records, path: str, num: int | None) -> dict[str, np.ndarray]:
-    reader = getattr(records, "read_examples", None) or getattr(records, "iter_examples", None)
-    if reader is None:
-        raise ValueError("datasetdm_jax.data.records has no read_examples/iter_examples reader")
-    exs = []
-    for ex in reader(path):
-        exs.append(ex)
-        if num and len(exs) >= num:
-            break
-    if not exs:
-        raise ValueError(f"no generated records found at {path}")
-    keys = [k for k in ("image",) + LABEL_KEYS if k in exs[0]]
-    return validate_arrays({k: np.stack([np.asarray(e[k]) for e in exs]) for k in keys}, path)
-
-
-REAL_DATASETS = {"voc": "datasetdm_jax.data.voc", "cityscapes": "datasetdm_jax.data.cityscapes",
-                 "nyu": "datasetdm_jax.data.nyu"}
-
-
-def real_arrays(dataset: str, split: str, root: str, num: int | None = None, seed: int = 0,
-                image_size: int = 64) -> dict[str, np.ndarray]:
-    """A real labelled split as an arrays dict: 'shapes' (rendered) or a real dataset under ``root``."""
-    if dataset == "shapes":
-        return shapes_arrays(split, int(num or 100), seed, image_size)
-    if dataset not in REAL_DATASETS:
-        raise ValueError(f"unknown real dataset {dataset!r}; expected 'shapes' or one of {sorted(REAL_DATASETS)}")
-    return _load_real_dataset(dataset, split, root, num)
-
-
-def _load_real_dataset(dataset: str, split: str, root: str, num: int | None) -> dict[str, np.ndarray]:
-    """Hook for the real-dataset loaders in ``datasetdm_jax/data/`` (``voc.py``, ``cityscapes.py``, ``nyu.py``)."""
-    module = REAL_DATASETS[dataset]
-    try:
-        mod = importlib.import_module(module)
-    except ImportError:
-        raise ValueError(f"real dataset {dataset!r}: loader {module} is not available yet") from None
-    loader = getattr(mod, "load_arrays", None)
-    if loader is None:
-        raise ValueError(f"real dataset {dataset!r}: {module} has no load_arrays(split, root, num) function")
-    return validate_arrays(loader(split, root, num), f"{dataset}:{split}")
+    cfg = data if isinstance(data, ml_collections.ConfigDict) else ml_collections.ConfigDict(dict(data))
+    return sources.build(cfg, split, train=train, num=num)

@@ -28,7 +28,7 @@ from datasetdm_jax.downstream.data import IGNORE
 from datasetdm_jax.downstream.models import build_model
 
 __all__ = ["Trained", "train", "evaluate", "predict", "cross_entropy_ignore", "l1_log_loss", "task_loss",
-           "LABEL_KEY"]
+           "LABEL_KEY", "lr_schedule"]
 
 LABEL_KEY = {"semantic": "segmentation", "depth": "depth"}
 
@@ -62,14 +62,48 @@ def _mesh() -> jax.sharding.Mesh:
     return jax.make_mesh((jax.local_device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def _optimizer(cfg: ml_collections.ConfigDict, params) -> optax.GradientTransformation:
+def lr_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warmup then cosine decay to 1% of ``cfg.lr`` over ``cfg.steps``."""
     steps = int(cfg.steps)
     warmup = min(int(cfg.warmup_steps), max(steps - 1, 0))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, float(cfg.lr), warmup, max(steps, warmup + 1),
-                                                  end_value=float(cfg.lr) * 0.01)
+    return optax.warmup_cosine_decay_schedule(0.0, float(cfg.lr), warmup, max(steps, warmup + 1),
+                                              end_value=float(cfg.lr) * 0.01)
+
+
+def _optimizer(lr, grad_clip: float, weight_decay: float, params) -> optax.GradientTransformation:
+    """AdamW at learning rate ``lr`` (a traced scalar inside the step), no decay on biases / norms."""
     mask = jax.tree.map(lambda p: p.ndim > 1, params)
-    return optax.chain(optax.clip_by_global_norm(float(cfg.grad_clip)),
-                       optax.adamw(schedule, weight_decay=float(cfg.weight_decay), mask=mask))
+    return optax.chain(optax.clip_by_global_norm(grad_clip),
+                       optax.adamw(lr, weight_decay=weight_decay, mask=mask))
+
+
+# Jitted steps / forwards keyed by what they close over, so rows of a comparison (same model, other
+# data) and repeated calls share one compile. The learning rate is an argument, not a constant.
+_STEPS: dict[tuple, Any] = {}
+_FORWARDS: dict[tuple, Any] = {}
+
+
+def _step_fn(graphdef, task: str, depth_loss: str, grad_clip: float, weight_decay: float,
+             mesh: jax.sharding.Mesh):
+    cache_key = (graphdef, task, depth_loss, grad_clip, weight_decay, tuple(mesh.devices.flat))
+    if cache_key in _STEPS:
+        return _STEPS[cache_key]
+    key = LABEL_KEY[task]
+    repl, data_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+    def loss_fn(params, rest, batch):
+        out = nnx.merge(graphdef, params, rest)(batch["image"])
+        return task_loss(task, out, batch[key], depth_loss)
+
+    def step(state, rest, batch, lr):
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], rest, batch)
+        tx = _optimizer(lr, grad_clip, weight_decay, state["params"])
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        return {"params": optax.apply_updates(state["params"], updates), "opt": opt}, loss
+
+    _STEPS[cache_key] = jax.jit(step, in_shardings=(repl, repl, data_sh, repl), out_shardings=(repl, repl),
+                                donate_argnums=(0,))
+    return _STEPS[cache_key]
 
 
 @dataclasses.dataclass
@@ -122,23 +156,13 @@ def train(cfg: ml_collections.ConfigDict, batches: Iterator[Mapping[str, np.ndar
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     mesh = _mesh()
     repl, data_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    tx = _optimizer(cfg, params)
-    state = jax.device_put({"params": params, "opt": tx.init(params)}, repl)
+    grad_clip, weight_decay = float(cfg.grad_clip), float(cfg.weight_decay)
+    opt = _optimizer(0.0, grad_clip, weight_decay, params).init(params)
+    state = jax.device_put({"params": params, "opt": opt}, repl)
     rest = jax.device_put(rest, repl)
     key = LABEL_KEY[task]
-    depth_loss = str(cfg.get("depth_loss", "silog"))
-
-    def loss_fn(params, rest, batch):
-        out = nnx.merge(graphdef, params, rest)(batch["image"])
-        return task_loss(task, out, batch[key], depth_loss)
-
-    def step_fn(state, rest, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"], rest, batch)
-        updates, opt = tx.update(grads, state["opt"], state["params"])
-        return {"params": optax.apply_updates(state["params"], updates), "opt": opt}, loss
-
-    step_jit = jax.jit(step_fn, in_shardings=(repl, repl, data_sh), out_shardings=(repl, repl),
-                       donate_argnums=(0,))
+    step_jit = _step_fn(graphdef, task, str(cfg.get("depth_loss", "silog")), grad_clip, weight_decay, mesh)
+    schedule = lr_schedule(cfg)
     steps, log_every = int(cfg.steps), max(1, int(cfg.log_every))
     history: list[tuple[int, float]] = []
     pending: list[tuple[int, jax.Array]] = []
@@ -151,7 +175,7 @@ def train(cfg: ml_collections.ConfigDict, batches: Iterator[Mapping[str, np.ndar
         if len(b["image"]) % mesh.size:
             raise ValueError(f"batch size {len(b['image'])} is not divisible by {mesh.size} devices")
         batch = jax.device_put({"image": b["image"], key: b[key]}, data_sh)
-        state, loss = step_jit(state, rest, batch)
+        state, loss = step_jit(state, rest, batch, np.float32(schedule(step)))
         pending.append((step, loss))
         if step == 0:  # the first step compiles: time from the second on
             jax.block_until_ready(loss)
@@ -182,11 +206,13 @@ def predict(trained: Trained, images: np.ndarray, batch_size: int = 32) -> np.nd
     data_sh = NamedSharding(mesh, P("data"))
     bs = max(mesh.size, -(-int(batch_size) // mesh.size) * mesh.size)
     task, graphdef = trained.task, trained.graphdef
+    if (graphdef, task) not in _FORWARDS:
+        def forward(params, rest, x):
+            out = nnx.merge(graphdef, params, rest)(x)
+            return jnp.argmax(out, axis=-1).astype(jnp.int32) if task == "semantic" else out
 
-    @jax.jit
-    def fwd(params, rest, x):
-        out = nnx.merge(graphdef, params, rest)(x)
-        return jnp.argmax(out, axis=-1).astype(jnp.int32) if task == "semantic" else out
+        _FORWARDS[(graphdef, task)] = jax.jit(forward)
+    fwd = _FORWARDS[(graphdef, task)]
 
     outs = []
     for i in range(0, len(images), bs):
