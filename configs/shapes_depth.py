@@ -31,11 +31,22 @@ def get_config(arg=None):
     c.eval = ml_collections.ConfigDict(dict(split="test", num_images=64, batch_size=8))
     # The official head runs two 3x3 convs at full resolution; a 32-channel head keeps it cheap.
     c.decoder = ml_collections.ConfigDict(dict(hidden=64, max_depth=10.0, head_channels=32))
+    # `datasetdm generate --config configs/shapes_depth.py --num_images N --out DIR`: prompts (kind shapes,
+    # templates or file; see datasetdm_jax/prompts.py), sampler, and the labeller ('decoder': the
+    # P-Decoder `datasetdm train` wrote to `workdir`; other names come from datasetdm_jax.labelers).
+    c.generate = ml_collections.ConfigDict(dict(
+        prompts=ml_collections.ConfigDict(dict(kind="shapes", seed=0, domain="full", path="", classes=(),
+                                               templates=(), max_classes=1)),
+        steps=25, guidance=7.5, scheduler="pndm", negative_prompt="", batch_size=16, seed=0,
+        labeler="decoder", shard_size=256, image_format="png",
+        min_area=0,                 # semantic: classes covering fewer pixels of an image become background
+    ))
     if arg == "tiny":
         c.steps, c.batch_size, c.log_every, c.eval_every, c.lr = 4, 2, 1, 0, 1e-3
         c.data.num_images, c.data.image_size, c.data.flip = 8, 32, False
         c.eval.num_images, c.eval.batch_size = 4, 4
         c.decoder = ml_collections.ConfigDict(dict(hidden=16, max_depth=10.0, head_channels=8))
+        c.generate.steps, c.generate.batch_size, c.generate.shard_size = 2, 2, 3
     elif arg not in (None, ""):
         raise ValueError(f"unknown variant {arg!r} (expected 'tiny' or none)")
     return c

@@ -30,11 +30,22 @@ def get_config(arg=None):
                                             flip=True))
     c.eval = ml_collections.ConfigDict(dict(split="test", num_images=64, batch_size=8))
     c.decoder = ml_collections.ConfigDict(dict(hidden=64, num_queries=10, num_layers=6, heads=4, ffn=256))
+    # `datasetdm generate --config configs/shapes_semantic.py --num_images N --out DIR`: prompts (kind shapes,
+    # templates or file; see datasetdm_jax/prompts.py), sampler, and the labeller ('decoder': the
+    # P-Decoder `datasetdm train` wrote to `workdir`; other names come from datasetdm_jax.labelers).
+    c.generate = ml_collections.ConfigDict(dict(
+        prompts=ml_collections.ConfigDict(dict(kind="shapes", seed=0, domain="full", path="", classes=(),
+                                               templates=(), max_classes=1)),
+        steps=25, guidance=7.5, scheduler="pndm", negative_prompt="", batch_size=16, seed=0,
+        labeler="decoder", shard_size=256, image_format="png",
+        min_area=16,                 # semantic: classes covering fewer pixels of an image become background
+    ))
     if arg == "tiny":
         c.steps, c.batch_size, c.num_points, c.log_every, c.eval_every, c.lr = 4, 2, 64, 1, 0, 1e-3
         c.data.num_images, c.data.image_size, c.data.flip = 8, 32, False
         c.eval.num_images, c.eval.batch_size = 4, 4
         c.decoder = ml_collections.ConfigDict(dict(hidden=32, num_queries=10, num_layers=2, heads=4, ffn=64))
+        c.generate.steps, c.generate.batch_size, c.generate.shard_size = 2, 2, 3
     elif arg not in (None, ""):
         raise ValueError(f"unknown variant {arg!r} (expected 'tiny' or none)")
     return c

@@ -112,3 +112,328 @@ def sample_with_features(pipe, prompts: Sequence[str], steps: int = 25, guidance
     indices = jnp.arange(start_index, start_index + len(prompts), dtype=jnp.int32)
     images, feats = fn(pipe.params, cond, uncond, indices, jnp.int32(seed))
     return np.asarray(images), feats
+
+
+# ==============================================================================================
+# Annotated datasets: `datasetdm generate --config configs/<task>.py --num_images N --out DIR`.
+#
+# Global example i lives in shard i // shard_size; shard s is made by process s % process_count,
+# in fixed batches of `batch_size` global indices (the last one padded), so what an example
+# becomes depends on its index only: reruns, resumed runs and runs on other process counts write
+# the same bytes. A shard is complete once its summary NAME.json exists (written after the data
+# files, each by temp file + fsync + rename); the manifest is written last, by process 0.
+# ==============================================================================================
+
+import dataclasses  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+from typing import Any, Callable, Mapping  # noqa: E402
+
+SPEC_FILE = "spec.json"
+FORMAT = "datasetdm-jax/generated-v1"
+
+
+@dataclasses.dataclass
+class LabelledExamples:
+    """What a labeller returns for a batch: uint8 images (B,H,W,3) and one label dict per image
+    (keys of `records.to_example`: segmentation, depth, instance_masks, keypoints, quality, ...)."""
+
+    images: np.ndarray
+    labels: list[dict[str, Any]]
+    prompts: list[str] | None = None  # the prompts actually used, when the labeller changes them
+
+
+class DecoderLabeler:
+    """DatasetDM's labeller: sampler (last step captured) -> trained P-Decoder -> post-processing,
+    all in one jit over a `data` mesh of the local devices; features never leave the device."""
+
+    name = "decoder"
+
+    def __init__(self, config, pipe=None, config_path: str | None = None):
+        from datasetdm_jax import train
+
+        g = config.generate
+        self.trainer, params, self.step = train.load_trained_decoder(config, pipe=pipe, config_path=config_path)
+        tr = self.trainer
+        self.pipe, self.task, self.config = tr.pipe, tr.task, config
+        self.size = int(config.data.image_size)
+        self.batch_size = int(g.batch_size)
+        n_dev = tr.mesh.size
+        if self.batch_size % n_dev:
+            raise ValueError(f"generate.batch_size={self.batch_size} is not divisible by {n_dev} local devices")
+        self.params = jax.device_put(params, tr.repl)
+        leaves = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(params))]
+        self.params_sha256 = hashlib.sha256(b"".join(x.tobytes() for x in leaves)).hexdigest()
+        self.uncond = tr.pipe.tokenize([str(g.negative_prompt)])[0]
+        sampler = build_sampler_fn(tr.pipe, steps=int(g.steps), guidance=float(g.guidance), scheduler=str(g.scheduler),
+                                   latent_hw=_latent_hw(tr.pipe, self.size, self.size), capture=tr.capture)
+        min_area = int(g.min_area)
+
+        def run(frozen, dec_params, cond, uncond, indices, seed):
+            images, feats = sampler(frozen, cond, uncond, indices, seed)
+            out = nnx.merge(tr.graph, dec_params, tr.rest)(feats)
+            labels = {}
+            if self.task == "semantic":
+                from datasetdm_jax.decoders import semantic_inference
+                from datasetdm_jax.decoders.inference import _resize_masks
+                logits, masks = out["logits"][-1], out["masks"][-1]
+                labels["segmentation"] = semantic_inference(logits, masks, out_size=self.size, min_area=min_area)
+                prob = jax.nn.softmax(logits.astype(jnp.float32), -1)[..., :-1]
+                score = jnp.einsum("bqk,bqhw->bkhw", prob, jax.nn.sigmoid(_resize_masks(masks, self.size)))
+                labels["quality"] = (score.max(1) / (score.sum(1) + 1e-6)).mean((1, 2))
+            else:
+                labels["depth"] = out.astype(jnp.float32)
+            return jnp.round(images * 255).astype(jnp.uint8), labels
+
+        data = tr.data_sharding
+        self.fn = jax.jit(run, in_shardings=(tr.repl, tr.repl, data, data, data, tr.repl), out_shardings=data)
+
+    def __call__(self, prompts, indices: np.ndarray, seed: int) -> LabelledExamples:
+        n, b = len(indices), self.batch_size
+        pad = list(indices) + [indices[-1]] * (b - n)
+        texts = [p.text for p in prompts] + [prompts[-1].text] * (b - n)
+        cond = np.asarray(self.pipe.tokenize(texts), np.int32)
+        uncond = np.broadcast_to(np.asarray(self.uncond, np.int32), cond.shape)
+        tr = self.trainer
+        # explicit placement: jit refuses sharded numpy inputs under jax.distributed
+        cond, uncond, idx = jax.device_put((cond, uncond, np.asarray(pad, np.int32)), tr.data_sharding)
+        seed_arr = jax.device_put(np.int32(seed), tr.repl)
+        images, labels = jax.device_get(self.fn(tr.frozen, self.params, cond, uncond, idx, seed_arr))
+        rows = [{k: v[i] for k, v in labels.items()} for i in range(n)]
+        return LabelledExamples(np.asarray(images[:n]), rows)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "task": self.task, "workdir": os.path.abspath(str(self.config.workdir)),
+                "checkpoint_step": self.step, "params_sha256": self.params_sha256, "capture": self.trainer.capture}
+
+
+class _RegisteredLabeler:
+    """Adapter for a batch labeller of `datasetdm_jax.labelers` (e.g. the training-free `attention`)."""
+
+    def __init__(self, name: str, config, pipe=None, config_path: str | None = None):
+        from datasetdm_jax import labelers, train
+        from datasetdm_jax.data import shapes
+
+        self.name, self.fn, self.config = name, labelers.get_labeler(name), config
+        self.pipe = pipe or train.load_frozen_pipeline(str(config.pipeline))
+        self.class_names = shapes.CLASSES
+
+    def __call__(self, prompts, indices: np.ndarray, seed: int) -> LabelledExamples:
+        g = self.config.generate
+        size = int(self.config.data.image_size)
+        ids = [[self.class_names.index(c) if c in self.class_names else 0 for c in p.classes] for p in prompts]
+        out = self.fn(self.pipe, [p.text for p in prompts], [list(p.classes) for p in prompts], list(indices), seed,
+                      class_ids=ids, steps=int(g.steps), guidance=float(g.guidance), scheduler=str(g.scheduler),
+                      negative_prompt=str(g.negative_prompt), config=g.get("labeler_config", None),
+                      height=size, width=size)
+        images = np.round(np.asarray(out.images) * 255).astype(np.uint8)
+        return LabelledExamples(images, [{"segmentation": s} for s in np.asarray(out.labels)], list(out.prompts))
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+
+LABELERS: dict[str, Callable[..., Any]] = {"decoder": DecoderLabeler}
+
+
+def register_labeler(name: str, factory: Callable[..., Any]) -> None:
+    """Make ``generate.labeler = name`` build ``factory(config, pipe=None, config_path=None)``: a callable
+    ``(prompts, indices, seed) -> LabelledExamples`` with a ``describe() -> dict`` for the manifest."""
+    LABELERS[name] = factory
+
+
+def make_labeler(config, pipe=None, config_path: str | None = None):
+    """The labeller named by ``config.generate.labeler``: ours, or one of ``datasetdm_jax.labelers``."""
+    name = str(config.generate.labeler)
+    if name in LABELERS:
+        return LABELERS[name](config, pipe=pipe, config_path=config_path)
+    return _RegisteredLabeler(name, config, pipe=pipe, config_path=config_path)
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if _canonical(a.get(k)) != _canonical(b.get(k)):
+                return _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+    return f"{path or 'spec'}: {_canonical(a)[:60]} != {_canonical(b)[:60]}"
+
+
+def _model_fingerprint(path: str) -> dict[str, Any]:
+    """The model folder and a hash of its JSON configs (weights are too big to hash on every run)."""
+    if not path:  # "" = the shipped shapes-world model, as in `train.load_frozen_pipeline`
+        from datasetdm_jax.assets import SHAPES_SD
+        path = SHAPES_SD
+    h = hashlib.sha256()
+    for root, dirs, files in sorted(os.walk(path)):
+        dirs.sort()
+        for f in sorted(files):
+            if f.endswith(".json"):
+                h.update(f.encode() + open(os.path.join(root, f), "rb").read())
+    return {"path": os.path.abspath(path), "configs_sha256": h.hexdigest()}
+
+
+def _check_spec(out: str, spec: dict[str, Any]) -> None:
+    """Refuse to mix datasets: ``out`` must be empty/new or hold this very spec."""
+    from datasetdm_jax.data import records
+
+    path = os.path.join(out, SPEC_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        if _canonical(old) != _canonical(spec):
+            raise ValueError(f"{out} holds a dataset made with a different setting ({_first_difference(old, spec)}); "
+                             "choose a new --out, or rerun the command that made it to resume")
+        return
+    if os.path.isdir(out) and [n for n in os.listdir(out) if not n.startswith(".")]:
+        raise ValueError(f"{out} is not empty and has no {SPEC_FILE}: not a dataset of `datasetdm generate`; "
+                         "choose a new --out")
+    os.makedirs(out, exist_ok=True)
+    records.atomic_write(path, json.dumps(spec, indent=1, sort_keys=True))
+
+
+def _shard_stats(labels: list[dict[str, Any]], num_classes: int | None) -> dict[str, Any]:
+    stats: dict[str, Any] = {}
+    if num_classes and labels and "segmentation" in labels[0]:
+        present = np.zeros(num_classes, np.int64)
+        for lab in labels:
+            present += np.bincount(np.asarray(lab["segmentation"]).reshape(-1).clip(0, num_classes - 1),
+                                   minlength=num_classes) > 0
+        stats["images_with_class"] = present.tolist()
+    q = [float(lab["quality"]) for lab in labels if lab.get("quality") is not None]
+    if q:
+        stats["quality_sum"] = float(np.sum(np.asarray(q, np.float64)))
+    return stats
+
+
+def _gather_summaries(mine: list[dict[str, Any]], run_key: str) -> list[dict[str, Any]] | None:
+    """Process 0 gets every process's shard summaries (through jax.distributed's key-value store,
+    so per-host local disks work); other processes get None."""
+    if jax.process_count() == 1:
+        return mine
+    from jax._src import distributed  # the coordinator's key-value store; no public API yet
+
+    client = distributed.global_state.client
+    client.key_value_set(f"{run_key}/{jax.process_index()}", json.dumps(mine))
+    if jax.process_index() != 0:
+        return None
+    out = []
+    for p in range(jax.process_count()):
+        out += json.loads(client.blocking_key_value_get(f"{run_key}/{p}", 3_600_000))
+    return out
+
+
+def generate_dataset(config, num_images: int, out: str, *, config_path: str | None = None, pipe=None,
+                     labeler=None, progress: bool = True) -> dict[str, Any] | None:
+    """Generate (or resume) ``num_images`` annotated examples into ``out``; returns the manifest
+    (None on processes other than 0). See the section comment above for the layout."""
+    from tqdm.auto import tqdm
+
+    from datasetdm_jax import prompts as prompts_lib
+    from datasetdm_jax.data import records, shapes
+
+    g = config.generate
+    num_images = int(num_images)
+    if num_images < 1:
+        raise ValueError(f"--num_images must be >= 1, got {num_images}")
+    source = prompts_lib.from_config(g.prompts, known_classes=shapes.CLASSES)
+    shard_size, seed, fmt = int(g.shard_size), int(g.seed), str(g.image_format)
+    num_shards = -(-num_images // shard_size)
+    pid, nproc = jax.process_index(), jax.process_count()
+    mine = [s for s in range(num_shards) if s % nproc == pid]
+    names = [records.shard_name(s, num_shards) for s in range(num_shards)]
+    todo = [s for s in mine if not os.path.isfile(os.path.join(out, names[s] + ".json"))]
+    spec = {"format": FORMAT, "config": json.loads(config.to_json()), "num_images": num_images,
+            "model": _model_fingerprint(str(config.pipeline)), "prompts": source.describe()}
+    labeler = labeler or (make_labeler(config, pipe=pipe, config_path=config_path) if todo else None)
+    if labeler is not None:
+        spec["labeler"] = labeler.describe()
+    elif os.path.isfile(os.path.join(out, SPEC_FILE)):  # nothing left to do here: keep the stored labeller
+        with open(os.path.join(out, SPEC_FILE)) as f:
+            spec["labeler"] = json.load(f).get("labeler")
+    _check_spec(out, spec)
+
+    def count(s):
+        return min(shard_size, num_images - s * shard_size)
+
+    total = sum(count(s) for s in mine)
+    done_before = total - sum(count(s) for s in todo)
+    bar = tqdm(total=total, initial=done_before, unit="img", desc=f"generate [{pid + 1}/{nproc}]",
+               dynamic_ncols=True, disable=not progress)
+    t0, made = time.time(), 0
+    bs = int(g.batch_size)
+    try:
+        for s in todo:
+            for stale in os.listdir(out):
+                if stale.startswith(names[s]) and ".tmp-" in stale:
+                    os.remove(os.path.join(out, stale))
+            examples, all_labels = [], []
+            lo, hi = s * shard_size, s * shard_size + count(s)
+            for b0 in range(lo, hi, bs):
+                idx = np.arange(b0, min(b0 + bs, hi))
+                ps = source.batch(idx)
+                res = labeler(ps, idx, seed)
+                used = res.prompts or [p.text for p in ps]
+                for k, i in enumerate(idx):
+                    rec = {"image": res.images[k], "prompt": used[k], "classes": list(ps[k].classes),
+                           "index": int(i), "seed": seed, **res.labels[k]}
+                    examples.append(records.to_example(rec, fmt, class_names=shapes.CLASSES))
+                all_labels += res.labels
+                bar.update(len(idx))
+                made += len(idx)
+            records.write_shard(out, names[s], examples, extra={"stats": _shard_stats(all_labels, len(shapes.CLASSES))})
+    finally:
+        bar.close()
+    elapsed = time.time() - t0
+    summaries = []
+    for s in mine:
+        with open(os.path.join(out, names[s] + ".json")) as f:
+            summaries.append(json.load(f))
+    summaries = _gather_summaries(summaries, "datasetdm_generate/" + hashlib.sha256(
+        _canonical(spec).encode()).hexdigest()[:16])
+    if summaries is None:
+        print(f"generate: process {pid} wrote {len(todo)} shard(s), {made} images in {elapsed:.1f} s")
+        return None
+    summaries.sort(key=lambda x: x["name"])
+    manifest = _manifest(spec, summaries, num_images, shard_size)
+    from datasetdm_jax import export
+    export.write_preview(out, [os.path.join(out, x["files"]["tfrecord"]["file"]) for x in summaries[:1]],
+                         os.path.join(out, "preview.png"))
+    records.atomic_write(os.path.join(out, records.MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
+    rate = made / elapsed if elapsed > 0 and made else 0.0
+    print(f"generate: {num_images} images in {num_shards} shard(s) at {out} "
+          f"(this process: {made} made now in {elapsed:.1f} s, {rate:.2f} img/s; {done_before} already there)")
+    return manifest
+
+
+def _manifest(spec: Mapping[str, Any], summaries: list[dict[str, Any]], num_images: int,
+              shard_size: int) -> dict[str, Any]:
+    from datasetdm_jax.data import shapes
+
+    counts: dict[str, Any] = {"images": sum(x["num_records"] for x in summaries)}
+    if counts["images"] != num_images:
+        raise RuntimeError(f"manifest: {counts['images']} records in shards, expected {num_images}")
+    with_class = [x["stats"].get("images_with_class") for x in summaries]
+    if all(w is not None for w in with_class) and with_class:
+        tot = np.sum(np.asarray(with_class), 0)
+        counts["images_with_class"] = {shapes.CLASSES[k]: int(v) for k, v in enumerate(tot)}
+    q = [x["stats"].get("quality_sum") for x in summaries]
+    if all(v is not None for v in q) and q:
+        counts["mean_quality"] = float(np.sum(q) / num_images)
+    return {**spec, "counts": counts, "shard_size": shard_size, "num_shards": len(summaries),
+            "shards": [{k: v for k, v in x.items() if k != "stats"} for x in summaries]}
+
+
+def main_generate(config_path: str, num_images: int, out: str, overrides: Sequence[str] | None = None) -> None:
+    """CLI body of ``datasetdm generate --config FILE.py[:arg] --num_images N --out DIR [key=value ...]``."""
+    from datasetdm_jax.config_utils import load_config
+
+    config = load_config(config_path, overrides)
+    if "generate" not in config:
+        raise ValueError(f"{config_path} has no `generate` section")
+    generate_dataset(config, num_images, out, config_path=config_path.split(":")[0])

@@ -178,8 +178,8 @@ class Trainer:
         self.tx = optax.adam(float(config.lr))
         self.uncond_ids = np.asarray(self.pipe.tokenize([""])[0], np.int32)
         self.base_key = jax.random.key(int(config.seed))
-        self.mesh = jax.make_mesh((jax.local_device_count(),), ("data",),
-                                  axis_types=(jax.sharding.AxisType.Auto,))
+        self.mesh = jax.make_mesh((jax.local_device_count(),), ("data",), devices=jax.local_devices(),
+                                  axis_types=(jax.sharding.AxisType.Auto,))  # local: one per process
         self.repl, self.data_sharding = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P("data"))
         if int(config.batch_size) % self.mesh.size:
             raise ValueError(f"batch_size={config.batch_size} is not divisible by {self.mesh.size} devices")
@@ -446,7 +446,12 @@ def load_trained_decoder(config: ml_collections.ConfigDict | str, workdir: str |
                 cmd += f" --workdir {workdir}"
         raise FileNotFoundError(f"no trained decoder in {folder}; train one with `{cmd}`")
     trainer = Trainer(config, pipe)
-    mngr = _manager(workdir, STAGE, int(config.keep_checkpoints))
+    # Read-only and process-local: every process of a multi-host run (generation) reads the same
+    # files, with none of the cross-process barriers orbax puts around a shared checkpoint.
+    me = jax.process_index()
+    mngr = ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(
+        create=False, read_only=True, enable_async_checkpointing=False,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})))
     try:
         step = mngr.latest_step()
         r = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(trainer.init_params)))

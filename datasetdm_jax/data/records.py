@@ -281,11 +281,11 @@ def shard_name(shard: int, num_shards: int) -> str:
     return f"data-{shard:05d}-of-{num_shards:05d}"
 
 
-def write_shard(folder: str, name: str, examples: Sequence[bytes], formats: Sequence[str] = ("tfrecord", "array_record")
-                ) -> dict[str, Any]:
+def write_shard(folder: str, name: str, examples: Sequence[bytes], formats: Sequence[str] = ("tfrecord", "array_record"),
+                extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write one shard in each format atomically, then a ``NAME.json`` summary (the completion mark).
 
-    Returns the summary: name, number of records and, per file, its name and sha256.
+    Returns the summary: name, number of records, per file its name and sha256, and ``extra``.
     """
     files = {}
     for fmt in formats:
@@ -306,7 +306,7 @@ def write_shard(folder: str, name: str, examples: Sequence[bytes], formats: Sequ
             _fsync_path(tmp)
         os.replace(tmp, path)
         files[fmt] = {"file": os.path.basename(path), "sha256": sha256_file(path)}
-    summary = {"name": name, "num_records": len(examples), "files": files}
+    summary = {"name": name, "num_records": len(examples), "files": files, **dict(extra or {})}
     atomic_write(os.path.join(folder, name + ".json"), json.dumps(summary, indent=1, sort_keys=True))
     return summary
 

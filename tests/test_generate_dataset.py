@@ -1,0 +1,181 @@
+"""`datasetdm generate`: records + manifest, refusal of mixed configs, kill -9 + resume and a 2-process
+run give byte-identical datasets, export to folder + COCO.
+
+One tiny random SD and a randomly initialised decoder saved the way `datasetdm train` saves it;
+the in-process run is the reference every subprocess run is compared with.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from datasetdm_jax import export, generate, pretrained, prompts, smoke, train
+from datasetdm_jax.config_utils import load_config
+from datasetdm_jax.data import records, shapes
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+TINY = os.path.join(CONFIGS, "shapes_semantic.py") + ":tiny"
+NUM = 8  # 3 shards of 3, 3, 2 (tiny: shard_size 3, batch 2)
+CACHE = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
+
+
+def _save_decoder(config, trainer):
+    """What `train.run` writes at a checkpoint, with the initial (random) decoder parameters."""
+    mngr = train._manager(str(config.workdir), train.STAGE, 2)
+    params = jax.device_get(trainer.init_params)
+    mngr.save(1, args=ocp.args.Composite(
+        data=ocp.args.JsonSave({"note": "test"}), params=ocp.args.StandardSave(params),
+        train=ocp.args.StandardSave({"step": np.ones((), np.int32), "opt": trainer.tx.init(params)})), force=True)
+    mngr.wait_until_finished()
+    mngr.close()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    model = pretrained.save_pipeline(smoke.random_pipeline(root / "src"), root / "model")
+    overrides = [f"pipeline={model}", f"workdir={root / 'wd'}"]
+    config = load_config(TINY, overrides)
+    with pytest.raises(FileNotFoundError, match="datasetdm train --config"):
+        generate.generate_dataset(config, NUM, str(root / "never"), progress=False)
+    trainer = train.Trainer(config)
+    _save_decoder(config, trainer)
+    labeler = generate.make_labeler(config)
+    ref = root / "ref"
+    manifest = generate.generate_dataset(config, NUM, str(ref), labeler=labeler, progress=False)
+    return root, overrides, config, labeler, ref, manifest
+
+
+def _files(folder):
+    return {n: (folder / n).read_bytes() for n in sorted(os.listdir(folder))}
+
+
+def _cli(root, args, extra_env=None):
+    env = {**os.environ, "DATASETDM_JAX_CACHE": CACHE, **(extra_env or {})}
+    return subprocess.Popen([sys.executable, "-m", "datasetdm_jax.cli", "generate", "--config", TINY, *args],
+                            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_records_manifest_and_preview(setup):
+    root, _, config, _, ref, manifest = setup
+    names = sorted(os.listdir(ref))
+    assert names == sorted([records.MANIFEST, generate.SPEC_FILE, "preview.png"] + [
+        f"data-0000{s}-of-00003{ext}" for s in range(3) for ext in (".tfrecord", ".array_record", ".json")])
+    assert manifest["counts"]["images"] == NUM and manifest["num_shards"] == 3
+    assert [s["num_records"] for s in manifest["shards"]] == [3, 3, 2]
+    assert manifest["prompts"]["kind"] == "shapes" and manifest["labeler"]["name"] == "decoder"
+    assert sum(manifest["counts"]["images_with_class"].values()) >= NUM
+    for s in manifest["shards"]:
+        for f in s["files"].values():
+            assert records.sha256_file(str(ref / f["file"])) == f["sha256"]
+    exs = list(records.read_tfrecords(str(ref)))
+    src = prompts.from_config(config.generate.prompts)
+    assert [e["index"] for e in exs] == list(range(NUM))
+    assert [e["prompt"] for e in exs] == [src[i].text for i in range(NUM)]
+    for e in exs:
+        assert e["image"].shape == (32, 32, 3) and e["image"].dtype == np.uint8
+        assert e["segmentation"].shape == (32, 32) and e["segmentation"].max() < len(shapes.CLASSES)
+        assert 0 <= e["quality"] <= 1
+    grain_ds = records.grain_source(str(ref))
+    np.testing.assert_array_equal(grain_ds[5]["image"], exs[5]["image"])
+    assert len({e["image"].tobytes() for e in exs}) == NUM      # distinct noise per index
+    # the same indices through the plain sampler give the same images (one sampler, index-keyed noise)
+    plain = generate.sample(config_pipe(setup), [src[i].text for i in (4, 5)], steps=2, scheduler="pndm",
+                            seed=0, height=32, width=32, start_index=4)
+    assert np.abs(np.round(plain * 255) - np.stack([exs[4]["image"], exs[5]["image"]])).max() <= 1
+
+
+def config_pipe(setup):
+    return setup[3].pipe
+
+
+def test_rerun_is_a_no_op_and_other_configs_are_refused(setup):
+    root, overrides, config, labeler, ref, manifest = setup
+    before = _files(ref)
+    again = generate.generate_dataset(config, NUM, str(ref), labeler=labeler, progress=False)
+    assert again == manifest and _files(ref) == before
+    other = load_config(TINY, overrides + ["generate.guidance=3.0"])
+    with pytest.raises(ValueError, match=r"different setting \(config.generate.guidance"):
+        generate.generate_dataset(other, NUM, str(ref), labeler=labeler, progress=False)
+    with pytest.raises(ValueError, match=r"different setting \(num_images"):
+        generate.generate_dataset(config, NUM + 1, str(ref), labeler=labeler, progress=False)
+    stray = root / "stray"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        generate.generate_dataset(config, NUM, str(stray), labeler=labeler, progress=False)
+    assert _files(ref) == before
+
+
+def test_kill_9_then_rerun_is_byte_identical(setup):
+    root, overrides, _, _, ref, _ = setup
+    out = root / "killed"
+    args = ["--num_images", str(NUM), "--out", str(out), *overrides]
+    p = _cli(root, args)
+    first = out / "data-00000-of-00003.json"
+    deadline = time.time() + 240
+    while not first.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    log = p.communicate()[0]
+    assert first.exists(), log
+    assert not (out / records.MANIFEST).exists()                   # killed mid-run
+    p = _cli(root, args)
+    log = p.communicate(timeout=300)[0]
+    assert p.returncode == 0, log
+    assert "img/s" in log and "generate: 8 images in 3 shard(s)" in log
+    assert _files(out) == _files(ref)
+
+
+def test_two_processes_equal_one(setup):
+    root, overrides, _, _, ref, _ = setup
+    out = root / "multi"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [_cli(root, ["--num_images", str(NUM), "--out", str(out), "--coordinator", f"127.0.0.1:{port}",
+                         "--num_processes", "2", "--process_id", str(k), *overrides]) for k in (0, 1)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert "process 1 wrote 1 shard(s)" in logs[1]
+    assert _files(out) == _files(ref)
+
+
+def test_export_folder_and_coco(setup):
+    from pycocotools.coco import COCO
+
+    root, _, _, _, ref, _ = setup
+    out = root / "export"
+    stats = export.export_folder(str(ref), str(out))
+    assert stats["images"] == NUM
+    assert len(os.listdir(out / "images")) == NUM and len(os.listdir(out / "segmentation")) == NUM
+    coco = COCO(str(out / "annotations.json"))
+    assert len(coco.getImgIds()) == NUM and len(coco.getAnnIds()) == stats["annotations"]
+    exs = {e["index"]: e for e in records.read_tfrecords(str(ref))}
+    for ann in coco.loadAnns(coco.getAnnIds()):
+        seg = exs[ann["image_id"]]["segmentation"]
+        np.testing.assert_array_equal(coco.annToMask(ann).astype(bool), seg == ann["category_id"])
+    prompts_lines = (out / "prompts.jsonl").read_text().splitlines()
+    assert json.loads(prompts_lines[3])["prompt"] == exs[3]["prompt"]
+    cut = export.export_folder(str(ref), str(root / "export_q"), min_quality=1.1)
+    assert cut == {"images": 0, "dropped": NUM, "annotations": 0}
+
+
+def test_preview_has_depth_colour_rows():
+    scene = shapes.render_scene(0, shapes.ShapesConfig(image_size=16))
+    ex = {"image": scene["image"], "segmentation": scene["segmentation"], "depth": scene["depth"],
+          "keypoints": scene["keypoints"]}
+    grid = export.preview_grid([ex, ex], scale=1)
+    assert grid.size == (32, 48)
+    depth_tile = np.asarray(grid)[32:48, :16]
+    np.testing.assert_array_equal(depth_tile, export.colorize_depth(scene["depth"]))
+    assert len(np.unique(depth_tile.reshape(-1, 3), axis=0)) > 2
