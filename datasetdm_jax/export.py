@@ -157,6 +157,7 @@ def to_coco(examples: Iterable[dict[str, Any]], file_name=lambda ex: f"{ex['inde
 
 def export_folder(data: str, out: str, min_quality: float | None = None, jpeg_quality: int = 95) -> dict[str, int]:
     """Write the plain folder and ``annotations.json``; examples below ``min_quality`` are left out."""
+    records.read_manifest(data)  # a one-line error for an unfinished or foreign folder, before writing
     for sub in ("images", "segmentation", "depth"):
         os.makedirs(os.path.join(out, sub), exist_ok=True)
     kept, dropped = [], 0
