@@ -29,7 +29,8 @@ STEPS = 3
 def unet_attention(pipe):
     """One jitted UNet call with the labeller's request (8x8 self, 4x4 class-prompt attention), shared."""
     gd = pipe.graphdefs["unet"]
-    return jax.jit(lambda s, x, t, emb, ctx: nnx.merge(gd, s)(x, t, emb, attention=AttentionCapture.request(ctx, 64, 16)))
+    call = lambda s, x, t, emb, ctx: nnx.merge(gd, s)(x, t, emb, attention=AttentionCapture.request(ctx, 64, 16))
+    return jax.jit(call)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,8 @@ def test_class_maps_follow_multi_token_names(pipe):
 
 # --- refinement ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("size_in,size_out", [((4, 4), (32, 32)), ((5, 7), (13, 9)), ((8, 6), (3, 4)), ((6, 6), (6, 6))])
+@pytest.mark.parametrize("size_in,size_out",
+                         [((4, 4), (32, 32)), ((5, 7), (13, 9)), ((8, 6), (3, 4)), ((6, 6), (6, 6))])
 def test_bicubic_matches_torch(size_in, size_out):
     x = np.random.default_rng(0).standard_normal((2, *size_in, 3)).astype(np.float32)
     ours = np.asarray(resize_bicubic(jnp.asarray(x), size_out))
@@ -113,7 +115,8 @@ def test_thresholds_normalisation_and_padding():
     raised = refine.threshold_labels(jnp.asarray(maps), jnp.asarray([[3, 4, 5]] * 2),
                                      jnp.asarray([[True, True, False]] * 2), threshold=0.7, uncertainty_threshold=0.6)
     np.testing.assert_array_equal(raised[0, 0], [255, 0, 0, 0])
-    norm = np.asarray(refine.normalise(jnp.asarray([[[[2.0], [4.0]], [[3.0], [6.0]]], [[[1.0], [1.0]], [[1.0], [1.0]]]])))
+    two = [[[[2.0], [4.0]], [[3.0], [6.0]]], [[[1.0], [1.0]], [[1.0], [1.0]]]]  # (2, 2, 2, 1); the second constant
+    norm = np.asarray(refine.normalise(jnp.asarray(two)))
     np.testing.assert_allclose(norm[0, ..., 0], [[0, 0.5], [0.25, 1]])
     np.testing.assert_array_equal(norm[1], 0)  # constant map: background, not NaN
 

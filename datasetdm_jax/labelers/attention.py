@@ -162,7 +162,9 @@ def build_labeller_fn(pipe, *, steps: int, guidance: float, scheduler: str, late
     return run
 
 
-def _class_ids(names: Sequence[Sequence[str]], ids: Sequence[Sequence[int]] | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _class_ids(names: Sequence[Sequence[str]], ids: Sequence[Sequence[int]] | None,
+               k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(B, k) int32 label values and validity mask; default values 1, 2, ... per image."""
     out = np.zeros((len(names), k), np.int32)
     valid = np.zeros((len(names), k), bool)
     for b, row in enumerate(names):
