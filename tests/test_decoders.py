@@ -179,3 +179,86 @@ def test_semantic_and_instance_inference():
     i = int(np.argmax(np.asarray(inst["query"][0]) == 0))
     np.testing.assert_array_equal(inst["masks"][0, i], [[True, False], [True, False]])
     assert 0.95 < float(inst["scores"][0, i]) <= 1.0
+
+
+# ----------------------------------------------------------------------------- tasks (decoders/tasks.py)
+
+from datasetdm_jax.decoders import tasks  # noqa: E402
+
+
+def test_flip_batch_mirrors_keypoints_and_swaps_left_right():
+    kp = np.zeros((1, 1, 17, 3), np.float32)
+    kp[0, 0, 5] = (10.0, 4.0, 2)       # left shoulder
+    kp[0, 0, 0] = (3.0, 1.0, 1)        # nose (occluded)
+    img = np.random.default_rng(0).normal(size=(1, 4, 32, 3)).astype(np.float32)
+    inst = np.zeros((1, 2, 4, 32), bool)
+    inst[0, 0, :, :3] = True
+    b = {"image": img, "keypoints": kp, "instances": inst}
+    f = tasks.flip_batch(b, np.array([True]))
+    assert tuple(f["keypoints"][0, 0, 6]) == (22.0, 4.0, 2)          # now the right shoulder, x -> W - x
+    assert tuple(f["keypoints"][0, 0, 0]) == (29.0, 1.0, 1) and f["keypoints"][0, 0, 5, 2] == 0
+    assert f["instances"][0, 0, :, -3:].all() and not f["instances"][0, 0, :, :-3].any()
+    np.testing.assert_array_equal(f["image"][0], img[0, :, ::-1])
+    back = tasks.flip_batch(f, np.array([True]))
+    np.testing.assert_array_equal(back["keypoints"], kp)
+    np.testing.assert_array_equal(tasks.flip_batch(b, np.array([False]))["keypoints"], kp)
+
+
+def test_pose_targets_draw_every_person_and_weight_visible_joints():
+    spec = tasks.TaskSpec("pose", image_size=32, num_classes=8, sigma=1.0)
+    kp = np.zeros((1, 3, 17, 3), np.float32)
+    kp[0, 0, 0] = (8.0, 8.0, 2)
+    kp[0, 1, 0] = (24.0, 20.0, 1)
+    kp[0, 2, 1] = (4.0, 4.0, 2)        # third slot is padding (num_persons = 2): ignored
+    target, weight = tasks.pose_targets(spec, jnp.asarray(kp), jnp.asarray([2]), 16)
+    assert target.shape == (1, 16, 16, 17) and weight.shape == (1, 17)
+    assert float(target[0, 4, 4, 0]) == 1.0 and float(target[0, 10, 12, 0]) == 1.0
+    assert float(weight[0, 0]) == 1.0 and float(weight[0, 1]) == 0.0 and float(target[..., 1].max()) == 0.0
+
+
+def test_task_predict_and_evaluator_score_a_perfect_instance_prediction():
+    spec = tasks.TaskSpec("instance", image_size=8, num_classes=4, top_k=1)   # one (query, class) pair kept
+    # 2 queries, head classes 3 (+ no-object); query 0 says head class 1 (data class 2) on the left half.
+    logits = jnp.asarray([[[-9, 9, -9, -9], [-9, -9, -9, 9]]], jnp.float32)[None]
+    masks = np.full((1, 1, 2, 8, 8), -9.0, np.float32)
+    masks[..., 0, :, :4] = 9.0
+    pred = jax.device_get(tasks.task_predict(spec, {"logits": logits, "masks": jnp.asarray(masks)}))
+    assert pred["labels"][0, 0] == 2 and pred["masks"][0, 0, :, :4].all() and not pred["masks"][0, 0, :, 4:].any()
+    gt = np.zeros((1, 3, 8, 8), bool)
+    gt[0, 0, :, :4] = True
+    ev = tasks.Evaluator(spec)
+    ev.update(pred, {"instances": gt, "instance_classes": np.array([[2, 0, 0]]), "num_instances": np.array([1])})
+    r = ev.compute()
+    assert r["AP"] == pytest.approx(1.0) and r["ap_agnostic"] == pytest.approx(1.0)
+    ev = tasks.Evaluator(spec)                          # right mask, wrong class: class-aware AP 0
+    ev.update(pred, {"instances": gt, "instance_classes": np.array([[3, 0, 0]]), "num_instances": np.array([1])})
+    r = ev.compute()
+    assert r["AP"] == pytest.approx(0.0) and r["ap_agnostic"] == pytest.approx(1.0)
+
+
+def test_pose_prediction_at_the_keypoints_scores_ap_one():
+    spec = tasks.TaskSpec("pose", image_size=32, num_classes=8, sigma=1.0)
+    rng = np.random.default_rng(0)
+    kp = np.zeros((1, 1, 17, 3), np.float32)
+    kp[0, 0, :, :2] = rng.integers(4, 28, size=(17, 2)) // 2 * 2      # on the stride-2 grid
+    kp[0, 0, :, 2] = 2
+    hm, _ = tasks.pose_targets(spec, jnp.asarray(kp), jnp.asarray([1]), 16)
+    pred = jax.device_get(tasks.task_predict(spec, hm))
+    assert pred["keypoints"].shape == (1, 1, 17, 3)
+    ev = tasks.Evaluator(spec)
+    ev.update(pred, {"keypoints": kp, "num_persons": np.array([1])})
+    assert ev.compute()["AP"] == pytest.approx(1.0)
+
+
+def test_deep_supervision_adds_every_layer_and_is_refused_for_depth(models):
+    f = fake_features(3)
+    out = forward(models["segmentation"], f)
+    seg = np.zeros((2, 8, 8), np.int32)
+    seg[:, :4] = 1
+    batch = {"segmentation": jnp.asarray(seg)}
+    kw = dict(image_size=8, num_classes=3, num_points=16)
+    last, _ = tasks.task_loss(tasks.TaskSpec("semantic", **kw), out, batch, jax.random.key(0))
+    deep, _ = tasks.task_loss(tasks.TaskSpec("semantic", deep_supervision=True, **kw), out, batch, jax.random.key(0))
+    assert np.isfinite(float(deep)) and float(deep) > float(last) > 0
+    with pytest.raises(ValueError, match="deep_supervision"):
+        tasks.TaskSpec("depth", deep_supervision=True, **kw)

@@ -6,19 +6,27 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from datasetdm_jax.decoders.pixel_stem import FeatureSpec, PixelStem
+from datasetdm_jax.decoders.pixel_stem import FeatureSpec, PixelStem, resize
 
 
 class PoseDecoder(nnx.Module):
-    """Returns heatmaps (B, R, R, num_joints) at the highest feature resolution R (64 for SD)."""
+    """Returns heatmaps (B, S, S, num_joints), S = `out_size` or the highest feature resolution R.
 
-    def __init__(self, spec: FeatureSpec, *, hidden: int = 256, num_joints: int = 17, dtype=None,
-                 rngs: nnx.Rngs):
+    The official heatmaps are at R (64 for SD at 512 px, stride 8). Small images (the shapes world:
+    64 px, R = 16) need a finer grid for keypoints to be localisable, hence `out_size`: the fused
+    map is bilinearly resized to it before the 1x1 head.
+    """
+
+    def __init__(self, spec: FeatureSpec, *, hidden: int = 256, num_joints: int = 17, out_size: int | None = None,
+                 dtype=None, rngs: nnx.Rngs):
         self.stem = PixelStem(spec, hidden=hidden, grow=True, dtype=dtype, rngs=rngs)
+        self.out_size = out_size
         self.head = nnx.Conv(self.stem.out_channels, num_joints, (1, 1), dtype=dtype, rngs=rngs)
 
     def __call__(self, features) -> jax.Array:
         x, _ = self.stem(features)
+        if self.out_size:
+            x = resize(x, self.out_size)
         return self.head(x).astype(jnp.float32)
 
 
