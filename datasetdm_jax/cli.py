@@ -36,6 +36,12 @@ def _cmd_fidelity(args: argparse.Namespace) -> None:
                         args.scheduler, args.seed, args.batch, args.judge_steps)
 
 
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from datasetdm_jax import demo
+
+    demo.main_demo(args.config, args.overrides)
+
+
 def _cmd_probe(args: argparse.Namespace) -> None:
     from datasetdm_jax import probe
 
@@ -47,6 +53,12 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from datasetdm_jax import train
 
     train.main_train(args.config, args.workdir, args.overrides)
+
+
+def _cmd_baseline(args: argparse.Namespace) -> None:
+    from datasetdm_jax import baselines
+
+    baselines.main_baseline(args.config, args.workdir, args.overrides)
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
@@ -82,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="datasetdm", description="DatasetDM in JAX: annotated synthetic datasets from a frozen Stable Diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    p = sub.add_parser("demo", help="the shapes-world proof: P-Decoders, generation, downstream table (no downloads)")
+    p.add_argument("--config", default=None, help="default configs/shapes_demo.py; configs/shapes_demo.py:small is quick")
+    p.add_argument("overrides", nargs="*", help="config overrides as key=value (e.g. generate.num_images=2048)")
+    p.set_defaults(fn=_cmd_demo)
+
     p = sub.add_parser("smoke", help="end-to-end check on a tiny random-weight Stable Diffusion (no downloads)")
     p.add_argument("--out", default="work/smoke", help="folder for the tiny diffusers-format model")
     p.add_argument("--steps", type=int, default=4, help="sampling steps")
@@ -99,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=None, help="checkpoints and metrics (default: the config's workdir)")
     p.add_argument("overrides", nargs="*", help="config overrides as key=value (e.g. steps=500)")
     p.set_defaults(fn=_cmd_train)
+
+    p = sub.add_parser("baseline", help="train and score a scratch conv model with the same head and data as `train`")
+    p.add_argument("--config", default="configs/shapes_semantic.py", help="train config file, optionally FILE.py:ARG")
+    p.add_argument("--workdir", default=None, help="writes baseline.json here (default: the config's workdir)")
+    p.add_argument("overrides", nargs="*", help="config overrides as key=value (e.g. steps=500 baseline.width=16)")
+    p.set_defaults(fn=_cmd_baseline)
 
     p = sub.add_parser("generate", help="generate an annotated dataset (sharded, resumable, multi-host)")
     p.add_argument("--config", default="configs/shapes_semantic.py", help="config file, optionally FILE.py:ARG")

@@ -146,45 +146,61 @@ class LabelledExamples:
 
 
 class DecoderLabeler:
-    """DatasetDM's labeller: sampler (last step captured) -> trained P-Decoder -> post-processing,
-    all in one jit over a `data` mesh of the local devices; features never leave the device."""
+    """DatasetDM's labeller: sampler (last step captured) -> trained P-Decoder(s) -> post-processing,
+    all in one jit over a `data` mesh of the local devices; features never leave the device.
+
+    ``also``: more task configs (e.g. depth beside semantic) whose trained decoders label the same
+    images from the same captured features, so one sampler pass yields every annotation."""
 
     name = "decoder"
 
-    def __init__(self, config, pipe=None, config_path: str | None = None):
+    def __init__(self, config, pipe=None, config_path: str | None = None, *, also: Sequence[Any] = ()):
         from datasetdm_jax import train
 
         g = config.generate
         self.trainer, params, self.step = train.load_trained_decoder(config, pipe=pipe, config_path=config_path)
         tr = self.trainer
         self.pipe, self.task, self.config = tr.pipe, tr.task, config
+        decoders = [(tr, params, self.step, config)]
+        for cfg in also:
+            t2, p2, s2 = train.load_trained_decoder(cfg, pipe=tr.pipe)
+            if t2.capture != tr.capture:
+                raise ValueError(f"{cfg.name}: capture {t2.capture!r} differs from {config.name}'s {tr.capture!r}; "
+                                 "decoders labelling one sampler pass must read the same features")
+            decoders.append((t2, p2, s2, cfg))
         self.size = int(config.data.image_size)
         self.batch_size = int(g.batch_size)
         n_dev = tr.mesh.size
         if self.batch_size % n_dev:
             raise ValueError(f"generate.batch_size={self.batch_size} is not divisible by {n_dev} local devices")
-        self.params = jax.device_put(params, tr.repl)
-        leaves = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(params))]
-        self.params_sha256 = hashlib.sha256(b"".join(x.tobytes() for x in leaves)).hexdigest()
+        self.params = jax.device_put([p for _, p, _, _ in decoders], tr.repl)
+        self.parts = [{"task": t.task, "workdir": os.path.abspath(str(c.workdir)), "checkpoint_step": s,
+                       "params_sha256": _sha256(p)} for t, p, s, c in decoders]
         self.uncond = tr.pipe.tokenize([str(g.negative_prompt)])[0]
         sampler = build_sampler_fn(tr.pipe, steps=int(g.steps), guidance=float(g.guidance), scheduler=str(g.scheduler),
                                    latent_hw=_latent_hw(tr.pipe, self.size, self.size), capture=tr.capture)
         min_area = int(g.min_area)
+        size = self.size
 
-        def run(frozen, dec_params, cond, uncond, indices, seed):
-            images, feats = sampler(frozen, cond, uncond, indices, seed)
-            out = nnx.merge(tr.graph, dec_params, tr.rest)(feats)
-            labels = {}
-            if self.task == "semantic":
+        def label(t, params, feats):
+            out = nnx.merge(t.graph, params, t.rest)(feats)
+            if t.task == "semantic":
                 from datasetdm_jax.decoders import semantic_inference
                 from datasetdm_jax.decoders.inference import _resize_masks
                 logits, masks = out["logits"][-1], out["masks"][-1]
-                labels["segmentation"] = semantic_inference(logits, masks, out_size=self.size, min_area=min_area)
                 prob = jax.nn.softmax(logits.astype(jnp.float32), -1)[..., :-1]
-                score = jnp.einsum("bqk,bqhw->bkhw", prob, jax.nn.sigmoid(_resize_masks(masks, self.size)))
-                labels["quality"] = (score.max(1) / (score.sum(1) + 1e-6)).mean((1, 2))
-            else:
-                labels["depth"] = out.astype(jnp.float32)
+                score = jnp.einsum("bqk,bqhw->bkhw", prob, jax.nn.sigmoid(_resize_masks(masks, size)))
+                return {"segmentation": semantic_inference(logits, masks, out_size=size, min_area=min_area),
+                        "quality": (score.max(1) / (score.sum(1) + 1e-6)).mean((1, 2))}
+            if t.task == "depth":
+                return {"depth": out.astype(jnp.float32)}
+            raise ValueError(f"generation labels tasks semantic and depth, not {t.task!r}")
+
+        def run(frozen, dec_params, cond, uncond, indices, seed):
+            images, feats = sampler(frozen, cond, uncond, indices, seed)
+            labels = {}
+            for (t, _, _, _), p in zip(decoders, dec_params):
+                labels.update(label(t, p, feats))
             return jnp.round(images * 255).astype(jnp.uint8), labels
 
         data = tr.data_sharding
@@ -205,8 +221,16 @@ class DecoderLabeler:
         return LabelledExamples(np.asarray(images[:n]), rows)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "task": self.task, "workdir": os.path.abspath(str(self.config.workdir)),
-                "checkpoint_step": self.step, "params_sha256": self.params_sha256, "capture": self.trainer.capture}
+        first = self.parts[0]
+        desc = {"name": self.name, **first, "capture": self.trainer.capture}
+        if len(self.parts) > 1:
+            desc["also"] = self.parts[1:]
+        return desc
+
+
+def _sha256(params: Any) -> str:
+    leaves = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(params))]
+    return hashlib.sha256(b"".join(x.tobytes() for x in leaves)).hexdigest()
 
 
 class _RegisteredLabeler:
