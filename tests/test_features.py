@@ -180,7 +180,8 @@ def test_preset_shapes(run):
 
 def test_capture_off_matches_capture_on(run):
     _, (eps, _, _, _), plain = run
-    np.testing.assert_allclose(plain, eps, rtol=1e-5, atol=1e-6)
+    # Two different XLA programs: fp32 reassociation moves a few values by ~1e-6 (seen: 1.3e-6).
+    np.testing.assert_allclose(plain, eps, rtol=1e-5, atol=1e-5)
 
 
 def test_sd15_channel_counts():
