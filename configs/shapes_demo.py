@@ -16,14 +16,14 @@ def get_config(arg=None):
     c.model = ""                      # "" = the shipped shapes-world SD (datasetdm_jax/assets/shapes_sd)
     # P-Decoders: the task configs and the overrides the demo applies to them.
     c.decoders = ml_collections.ConfigDict(dict(
-        semantic=ml_collections.ConfigDict(dict(config="shapes_semantic.py", steps=1500)),
-        depth=ml_collections.ConfigDict(dict(config="shapes_depth.py", steps=800)),
+        semantic=ml_collections.ConfigDict(dict(config="shapes_semantic.py", steps=1000)),
+        depth=ml_collections.ConfigDict(dict(config="shapes_depth.py", steps=600)),
     ))
     # Generation: one sampler pass labels each image with every decoder (semantic + depth).
-    c.generate = ml_collections.ConfigDict(dict(num_images=1024, steps=20, guidance=7.5, scheduler="dpmpp_2m",
+    c.generate = ml_collections.ConfigDict(dict(num_images=1024, steps=15, guidance=7.5, scheduler="dpmpp_2m",
                                                 batch_size=32, seed=0, shard_size=256))
-    c.downstream = ml_collections.ConfigDict(dict(config="downstream_shapes.py", semantic_steps=1500,
-                                                  depth_steps=1500, test_images=256))
+    c.downstream = ml_collections.ConfigDict(dict(config="downstream_shapes.py", semantic_steps=1000,
+                                                  depth_steps=1000, test_images=256))
     # What the paper claims, checked against the measured table (reported either way).
     c.claims = ml_collections.ConfigDict(dict(min_miou_gain=5.0))
     if arg == "small":
