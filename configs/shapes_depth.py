@@ -1,8 +1,8 @@
 """P-Decoder training for depth on the shapes world (reference §4: SILog loss).
 
 Run: ``datasetdm train --config configs/shapes_depth.py`` (rerun to resume). The frozen model is
-the shapes-world SD made by ``datasetdm pretrain --config configs/shapes_sd.py``, exported to
-``models/shapes_sd``. Variant ``:tiny`` is for tests.
+the shipped shapes-world SD (made by ``datasetdm pretrain --config configs/shapes_sd.py``);
+``pipeline=PATH`` picks another diffusers-format folder. Variant ``:tiny`` is for tests.
 """
 
 import ml_collections
@@ -12,7 +12,7 @@ def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.task = "depth"
     c.name = "shapes_depth"
-    c.pipeline = "models/shapes_sd"
+    c.pipeline = ""                 # "" = the shipped shapes-world SD (datasetdm_jax/assets/shapes_sd)
     c.workdir = "runs/shapes_depth"
     c.capture = "datasetdm"
     c.timestep = 0                   # official: DDPM set_timesteps(50) -> timesteps[-1] = 0 (reference §2.1)
@@ -28,7 +28,10 @@ def get_config(arg=None):
     c.keep_checkpoints = 2
     c.data = ml_collections.ConfigDict(dict(split="train_labelled", num_images=100, seed=0, image_size=64,
                                             flip=True))
-    c.eval = ml_collections.ConfigDict(dict(split="test", num_images=64, batch_size=8))
+    # val: scored every eval_every steps (test-distribution scenes of another seed); eval: the test
+    # split, scored once at the end into results.json.
+    c.val = ml_collections.ConfigDict(dict(split="test", seed=1, num_images=32, batch_size=8))
+    c.eval = ml_collections.ConfigDict(dict(split="test", seed=0, num_images=256, batch_size=8))
     # The official head runs two 3x3 convs at full resolution; a 32-channel head keeps it cheap.
     c.decoder = ml_collections.ConfigDict(dict(hidden=64, max_depth=10.0, head_channels=32))
     # `datasetdm generate --config configs/shapes_depth.py --num_images N --out DIR`: prompts (kind shapes,
@@ -42,9 +45,10 @@ def get_config(arg=None):
         min_area=0,                 # semantic: classes covering fewer pixels of an image become background
     ))
     if arg == "tiny":
-        c.steps, c.batch_size, c.log_every, c.eval_every, c.lr = 4, 2, 1, 0, 1e-3
+        c.steps, c.batch_size, c.log_every, c.eval_every, c.lr = 4, 2, 1, 2, 1e-3
         c.data.num_images, c.data.image_size, c.data.flip = 8, 32, False
-        c.eval.num_images, c.eval.batch_size = 4, 4
+        c.eval.num_images, c.eval.batch_size = 4, 2
+        c.val.num_images, c.val.batch_size = 2, 2
         c.decoder = ml_collections.ConfigDict(dict(hidden=16, max_depth=10.0, head_channels=8))
         c.generate.steps, c.generate.batch_size, c.generate.shard_size = 2, 2, 3
     elif arg not in (None, ""):

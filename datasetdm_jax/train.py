@@ -82,13 +82,15 @@ class FilteredSource:
     """
 
     def __init__(self, base: Any, num: int, keep: Callable[[dict], bool], name: str = "filter"):
-        self.base, self.name, self.indices = base, name, []
+        self.base, self.name, self.indices, self._kept = base, name, [], []
         i = 0
         while len(self.indices) < num:
             if i >= len(base):
                 raise ValueError(f"{name}: only {len(self.indices)} of {len(base)} examples qualify, {num} asked")
-            if keep(base[i]):
+            example = base[i]
+            if keep(example):
                 self.indices.append(i)
+                self._kept.append(example)  # small sets (labelled / eval images): keep, don't re-render
             i += 1
         self.config = getattr(base, "config", None)
 
@@ -96,7 +98,7 @@ class FilteredSource:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> dict:
-        return self.base[self.indices[int(i)]]
+        return self._kept[int(i)]
 
 
 # name -> predicate on a rendered scene; config.data.filter picks one ('' keeps all).
@@ -150,7 +152,8 @@ def _train_iterator(config: ml_collections.ConfigDict, data_state: Any | None):
 class Trainer:
     """Holds the frozen pipeline, the decoder's graphdef and the jitted train / predict functions.
 
-    ``predict_fn(params, frozen, batch, key)``: images + captions -> labels (``tasks.task_predict``);
+    ``step_fn(state, batch, frozen)``: one train step; ``predict_fn(params, frozen, batch, key)``:
+    images + captions -> labels (``tasks.task_predict``);
     ``decode_fn(params, features)``: captured Features (e.g. from ``generate.sample_with_features``
     with the same capture preset) -> labels, for generation.
     """
@@ -184,10 +187,15 @@ class Trainer:
         if int(config.batch_size) % self.mesh.size:
             raise ValueError(f"batch_size={config.batch_size} is not divisible by {self.mesh.size} devices")
         self.frozen = jax.device_put({k: self.pipe.params[k] for k in ("vae", "unet", "text_encoder")}, self.repl)
-        # Jitted once per Trainer, so resumed runs in one process (tests) reuse the compilation.
-        self.step_fn = jax.jit(self.train_step, in_shardings=(self.repl, self.data_sharding, self.repl),
-                               out_shardings=(self.repl, self.repl))
-        self.predict_fn = jax.jit(self.predict)
+        # Two jits per step: the frozen SD's features, then the decoder's update. Split so the big
+        # SD half is one compilation whatever the task (the persistent cache shares it between
+        # trainers of equal shapes); jitted once per Trainer, so resumed runs in one process reuse it.
+        self.features_fn = jax.jit(self.features, in_shardings=(self.repl, self.data_sharding,
+                                                                 self.data_sharding, self.repl))
+        self._noise_key = jax.jit(lambda step: jax.random.split(jax.random.fold_in(self.base_key, step))[0])
+        self._decoder_step = jax.jit(self.decoder_step, in_shardings=(self.repl, self.data_sharding,
+                                                                      self.data_sharding),
+                                     out_shardings=(self.repl, self.repl))
         self.decode_fn = jax.jit(self.decode)
 
     # -- pure pieces -----------------------------------------------------------------------------
@@ -212,10 +220,8 @@ class Trainer:
         """Raw decoder output on Features (segmentation: all layers' logits and masks)."""
         return nnx.merge(self.graph, params, self.rest)(feats)
 
-    def loss(self, params, frozen, batch, key):
-        k_noise, k_loss = jax.random.split(key)
-        feats = self.features(frozen, batch["image"], batch["input_ids"], k_noise)
-        return tasks.task_loss(self.spec, self.apply(params, feats), batch, k_loss)
+    def loss(self, params, feats, batch, key):
+        return tasks.task_loss(self.spec, self.apply(params, feats), batch, key)
 
     def decode(self, params, feats) -> dict[str, jax.Array]:
         """Features -> labels at image resolution (see ``tasks.task_predict``)."""
@@ -225,12 +231,22 @@ class Trainer:
         """Labels for one batch of real images with captions."""
         return self.decode(params, self.features(frozen, batch["image"], batch["input_ids"], key))
 
-    def train_step(self, state, batch, frozen):
-        key = jax.random.fold_in(self.base_key, state["step"])
-        (loss, aux), grads = jax.value_and_grad(self.loss, has_aux=True)(state["params"], frozen, batch, key)
+    def decoder_step(self, state, feats, batch):
+        """One Adam step of the decoder on captured features (pure; keys from (seed, step))."""
+        key = jax.random.split(jax.random.fold_in(self.base_key, state["step"]))[1]
+        (loss, aux), grads = jax.value_and_grad(self.loss, has_aux=True)(state["params"], feats, batch, key)
         updates, opt = self.tx.update(grads, state["opt"], state["params"])
         new = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates), "opt": opt}
         return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+
+    def step_fn(self, state, batch, frozen):
+        """One train step on a device batch: (state, batch, frozen) -> (new state, metrics)."""
+        feats = self.features_fn(frozen, batch["image"], batch["input_ids"], self._noise_key(state["step"]))
+        return self._decoder_step(state, feats, batch)
+
+    def predict_fn(self, params, frozen, batch, key) -> dict[str, jax.Array]:
+        """Jitted ``predict``: labels for one batch of real images with captions."""
+        return self.decode_fn(params, self.features_fn(frozen, batch["image"], batch["input_ids"], key))
 
     # -- host side -------------------------------------------------------------------------------
     def host_batch(self, b: dict, step: int, augment: bool = True) -> dict:
@@ -262,10 +278,14 @@ def evaluate(trainer: Trainer, params: Any, split: str | None = None, num: int |
     src = data_source(config, split, num, seed)
     ds = pipeline.grain_dataset(src, int(ecfg.batch_size), None, drop_remainder=False)
     ev = tasks.Evaluator(trainer.spec)
+    bs = int(ecfg.batch_size)
     for i, b in enumerate(ds):
         hb = trainer.host_batch(b, 0, augment=False)
+        n = len(hb["image"])
+        if n < bs:  # a short last batch: pad (one compiled shape, divisible over the devices), then cut
+            hb = {k: np.concatenate([v, np.repeat(v[-1:], bs - n, axis=0)]) for k, v in hb.items()}
         pred = jax.device_get(trainer.predict_fn(params, trainer.frozen, hb, jax.random.key(int(config.seed) + 7 + i)))
-        ev.update(pred, b)
+        ev.update({k: v[:n] for k, v in pred.items()}, b)
     return ev.compute()
 
 
@@ -457,4 +477,4 @@ def load_trained_decoder(config: ml_collections.ConfigDict | str, workdir: str |
         r = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(trainer.init_params)))
     finally:
         mngr.close()
-    return trainer, r["params"], int(step)
+    return trainer, jax.device_put(r["params"], trainer.repl), int(step)   # replicated, as in training

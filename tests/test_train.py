@@ -1,10 +1,13 @@
-"""P-Decoder training: learns on a fixed batch, resumes exactly, evaluates, names the missing model.
+"""P-Decoder training for all four tasks: learns, resumes exactly, evaluates, logs, reloads.
 
-Everything runs on ``configs/shapes_semantic.py:tiny`` over a tiny random-weight SD; one Trainer
-(one compilation) is shared by the module.
+Everything runs on the ``configs/shapes_<task>.py:tiny`` variants over one tiny random-weight SD;
+one Trainer (one compilation) per task is shared by the module.
 """
 
+import glob
+import json
 import os
+import struct
 
 import jax
 import numpy as np
@@ -14,50 +17,118 @@ from datasetdm_jax import pretrained, smoke, train
 from datasetdm_jax.config_utils import load_config
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
-TINY = os.path.join(CONFIGS, "shapes_semantic.py") + ":tiny"
+TASKS = ("semantic", "instance", "depth", "pose")
+
+
+def tiny(task, *overrides):
+    return os.path.join(CONFIGS, f"shapes_{task}.py") + ":tiny", list(overrides)
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def sd(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     path = pretrained.save_pipeline(smoke.random_pipeline(root / "src"), root / "model")
-    config = load_config(TINY, [f"pipeline={path}"])
-    return config, train.Trainer(config), root
+    return str(path), pretrained.load_pipeline(path), root
 
 
-def test_loss_finite_and_decreasing_on_a_fixed_batch(setup):
-    config, tr, _ = setup
-    it = train._train_iterator(config, None)
+@pytest.fixture(scope="module")
+def trainers(sd):
+    path, pipe, _ = sd
+    cache = {}
+
+    def get(task):
+        if task not in cache:
+            config = load_config(*tiny(task, f"pipeline={path}"))
+            cache[task] = train.Trainer(config, pipe)
+        return cache[task]
+    return get
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_loss_finite_and_decreasing_on_a_fixed_batch(trainers, task):
+    tr = trainers(task)
+    it = train._train_iterator(tr.config, None)
     batch = jax.device_put(tr.host_batch(next(it), 0), tr.data_sharding)
     state = jax.device_put({"step": np.zeros((), np.int32), "params": tr.init_params,
                             "opt": tr.tx.init(tr.init_params)}, tr.repl)
     losses = []
-    for _ in range(8):
+    for _ in range(6):
         state, m = tr.step_fn(state, batch, tr.frozen)
         losses.append(float(m["loss"]))
     assert np.all(np.isfinite(losses))
-    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+    assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
 
 
-def test_resume_equals_uninterrupted(setup):
-    config, tr, root = setup
+def _read_tb_tags(folder):
+    """Scalar tags in TensorBoard event files (TFRecord frames of Event protos)."""
+    from tensorboardX.proto import event_pb2
+
+    tags = set()
+    for path in glob.glob(os.path.join(folder, "events.out.tfevents.*")):
+        data = open(path, "rb").read()
+        pos = 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            ev = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 12 + n + 4
+            tags |= {v.tag for v in ev.summary.value}
+    return tags
+
+
+EXPECTED = {"semantic": ("miou",), "instance": ("AP", "AP50", "ap_agnostic"), "depth": ("rel", "rmse", "delta1"),
+            "pose": ("AP", "AP50")}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_resume_equals_uninterrupted(trainers, sd, task):
+    tr, root = trainers(task), sd[2] / task
+    config = tr.config
     done, _, full = train.run(config, str(root / "full"), trainer=tr)
     assert done
     stopped, _, _ = train.run(config, str(root / "resumed"), trainer=tr, max_steps=2)
     assert not stopped
+    assert not os.path.exists(root / "resumed" / train.RESULTS_FILE)
     done2, _, resumed = train.run(config, str(root / "resumed"), trainer=tr)
     assert done2
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    with open(os.path.join(root, "resumed", train.METRICS_FILE)) as f:
-        steps = [int(line.split('"step": ')[1].split(",")[0]) for line in f]
-    assert steps == [1, 2, 3, 4]
+    with open(root / "resumed" / train.METRICS_FILE) as f:
+        recs = [json.loads(line) for line in f]
+    assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in recs if any(k.startswith("val/") for k in r)] == [2, 4]
+    res = json.load(open(root / "resumed" / train.RESULTS_FILE))
+    assert res == {**json.load(open(root / "full" / train.RESULTS_FILE))}
+    for k in EXPECTED[task]:
+        assert np.isfinite(res[k]) and (res[k] >= -1.0 if task != "depth" else res[k] >= 0.0), (k, res)
+    tags = _read_tb_tags(root / "resumed" / "tb")
+    assert {"train/loss", "train/grad_norm", f"val/{EXPECTED[task][0]}", f"test/{EXPECTED[task][0]}"} <= tags
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(setup, monkeypatch):
-    config, tr, root = setup
+def test_load_trained_decoder_gives_the_trained_params_and_decodes_features(trainers, sd):
+    tr, root = trainers("instance"), sd[2] / "instance"
+    loaded, params, step = train.load_trained_decoder(str(root / "full"), pipe=tr.pipe)
+    assert step == 4 and loaded.task == "instance"
+    _, _, full = train.run(tr.config, str(root / "full"), trainer=tr)       # already done: no training
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    b = tr.host_batch(next(train._train_iterator(tr.config, None)), 0, augment=False)
+    feats = tr.features(tr.frozen, b["image"], b["input_ids"], jax.random.key(0))
+    out = loaded.decode_fn(params, feats)
+    size = tr.config.data.image_size
+    assert out["masks"].shape == (2, tr.config.top_k, size, size) and out["scores"].shape == (2, tr.config.top_k)
+    assert int(out["labels"].min()) >= 1                                    # data class ids, background excluded
+
+
+def test_missing_checkpoint_names_the_train_command(tmp_path, sd):
+    config = load_config(*tiny("pose", f"pipeline={sd[0]}", f"workdir={tmp_path / 'w'}"))
+    with pytest.raises(FileNotFoundError, match=r"datasetdm train --config configs/shapes_pose.py"):
+        train.load_trained_decoder(config)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(trainers, sd, monkeypatch):
+    tr, root = trainers("semantic"), sd[2]
     workdir = str(root / "nan")
-    train.run(config, workdir, trainer=tr, max_steps=2)
+    train.run(tr.config, workdir, trainer=tr, max_steps=2)
     clean = tr.host_batch
 
     def poisoned(b, step, augment=True):
@@ -66,22 +137,28 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(setup, monkeypatch):
 
     monkeypatch.setattr(tr, "host_batch", poisoned)
     with pytest.raises(train.TrainingDiverged, match="last good checkpoint: step 2"):
-        train.run(config, workdir, trainer=tr)
+        train.run(tr.config, workdir, trainer=tr)
     assert sorted(int(n) for n in os.listdir(os.path.join(workdir, train.STAGE)) if n.isdigit()) == [2]
 
 
-def test_eval_miou_in_unit_interval(setup):
-    config, tr, _ = setup
-    ev = train.evaluate(tr, tr.init_params)
-    assert 0.0 <= ev["miou"] <= 1.0
+def test_deep_supervision_trains(sd):
+    path, pipe, _ = sd
+    config = load_config(*tiny("semantic", f"pipeline={path}", "deep_supervision=True"))
+    tr = train.Trainer(config, pipe)
+    assert tr.spec.deep_supervision
+    batch = jax.device_put(tr.host_batch(next(train._train_iterator(config, None)), 0), tr.data_sharding)
+    state = jax.device_put({"step": np.zeros((), np.int32), "params": tr.init_params,
+                            "opt": tr.tx.init(tr.init_params)}, tr.repl)
+    state, m = tr.step_fn(state, batch, tr.frozen)
+    assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
+
+
+def test_pose_data_holds_exactly_one_person(trainers):
+    b = next(train._train_iterator(trainers("pose").config, None))
+    assert list(b["num_persons"]) == [1, 1]
 
 
 def test_missing_model_names_the_pretrain_command(tmp_path):
-    config = load_config(TINY, [f"pipeline={tmp_path / 'nope'}"])
+    config = load_config(*tiny("semantic", f"pipeline={tmp_path / 'nope'}"))
     with pytest.raises(FileNotFoundError, match="datasetdm pretrain --config configs/shapes_sd.py"):
         train.Trainer(config)
-
-
-def test_depth_config_loads():
-    config = load_config(os.path.join(CONFIGS, "shapes_depth.py") + ":tiny")
-    assert config.task == "depth" and config.data.split == "train_labelled"
