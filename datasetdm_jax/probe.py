@@ -107,8 +107,11 @@ def train_linear_probe(feats: dict[int, np.ndarray], labels: np.ndarray, num_cla
     return params
 
 
-def predict_linear_probe(params: dict, feats: dict[int, np.ndarray], size: int, batch: int = 50) -> np.ndarray:
-    fn = jax.jit(lambda p, f: jnp.argmax(_probe_logits(p, f, size), -1))
+def predict_linear_probe(params: dict, feats: dict[int, np.ndarray], size: int, batch: int = 50,
+                         allowed: np.ndarray | None = None) -> np.ndarray:
+    """Per-pixel argmax; ``allowed`` (bool per class) rules out classes the labels never showed."""
+    mask = jnp.zeros(params["b"].shape) if allowed is None else jnp.where(jnp.asarray(allowed), 0.0, -jnp.inf)
+    fn = jax.jit(lambda p, f: jnp.argmax(_probe_logits(p, f, size) + mask, -1))
     n = len(next(iter(feats.values())))
     return np.concatenate([np.asarray(fn(params, {r: jnp.asarray(f[a:a + batch]) for r, f in feats.items()}))
                            for a in range(0, n, batch)])
@@ -147,7 +150,8 @@ def run_probe(model: str | pretrained.Pipeline, *, num_train: int = 100, num_tes
     f_train, f_test = _normalise(f_train, f_test)
     t1 = time.time()
     params = train_linear_probe(f_train, train["semantic"], k, steps=probe_steps, seed=seed)
-    probe = _iou_report(predict_linear_probe(params, f_test, image_size), test["semantic"], k)
+    seen = np.bincount(train["semantic"].ravel(), minlength=k)[:k] > 0
+    probe = _iou_report(predict_linear_probe(params, f_test, image_size, allowed=seen), test["semantic"], k)
     t2 = time.time()
     scratch_cfg = _scratch_config(scratch_steps, image_size, seed)
     res = compare.run_comparison({"image": train["image"], "segmentation": train["semantic"]}, None,
