@@ -21,7 +21,7 @@ def load(folder: str, dtype: str = "float32", scheduler: str = "pndm") -> Any:
         lib.utils.logging.set_verbosity_error()
         lib.utils.logging.disable_progress_bar()
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-        folder, torch_dtype=getattr(torch, dtype), safety_checker=None, feature_extractor=None,
+        folder, dtype=getattr(torch, dtype), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
     cls = getattr(diffusers, SCHEDULERS[scheduler])
     if type(pipe.scheduler).__name__ != cls.__name__:
