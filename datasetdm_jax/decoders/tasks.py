@@ -74,7 +74,8 @@ def spec_from_config(config) -> TaskSpec:
     get = lambda k, d: config.get(k, d) if hasattr(config, "get") else d
     return TaskSpec(task=str(config.task), image_size=int(config.data.image_size),
                     num_classes=int(get("num_classes", len(shapes.CLASSES))),
-                    num_points=int(get("num_points", 12544) or 1), deep_supervision=bool(get("deep_supervision", False)),
+                    num_points=int(get("num_points", 12544) or 1),
+                    deep_supervision=bool(get("deep_supervision", False)),
                     sigma=float(get("pose_sigma", 2.0)), top_k=int(get("top_k", 20)))
 
 
