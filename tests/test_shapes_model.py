@@ -37,7 +37,7 @@ def test_our_loader_and_diffusers_sample_the_same_images(model_dir):
     ours = generate.sample(pipe, PROMPTS, steps=STEPS, guidance=7.5, scheduler="pndm", seed=0)
     size = pipe.configs["unet"]["sample_size"]
     x_T = generate.initial_noise(0, np.arange(len(PROMPTS)), (size, size, 4))
-    torch_pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch.float32, safety_checker=None,
+    torch_pipe = StableDiffusionPipeline.from_pretrained(model_dir, dtype=torch.float32, safety_checker=None,
                                                          requires_safety_checker=False)
     torch_pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
