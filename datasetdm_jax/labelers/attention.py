@@ -98,16 +98,6 @@ def _grid(latent_hw: tuple[int, int], res: int, key: str, available: list[int]) 
     return res, latent_hw[1] // f
 
 
-def _latent_hw(pipe, height: int | None, width: int | None) -> tuple[int, int]:
-    size = pipe.configs["unet"].get("sample_size", 64)
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    f = pipe.vae_scale_factor
-    h, w = (height or size[0] * f), (width or size[1] * f)
-    if h % f or w % f:
-        raise ValueError(f"height and width must be multiples of {f}, got {h}x{w}")
-    return h // f, w // f
-
-
 def build_labeller_fn(pipe, *, steps: int, guidance: float, scheduler: str, latent_hw: tuple[int, int],
                       self_hw: tuple[int, int], cross_hw: tuple[int, int], tau: int, threshold: float,
                       uncertainty_threshold: float):
@@ -198,7 +188,7 @@ def label_batch(pipe, captions: Sequence[str], class_names: Sequence[Sequence[st
     if not len(captions) == len(class_names) == len(indices):
         raise ValueError(f"label_batch: {len(captions)} captions, {len(class_names)} class-name lists and "
                          f"{len(indices)} indices must match")
-    latent_hw = _latent_hw(pipe, height, width)
+    latent_hw = generate._latent_hw(pipe, height, width)
     available = attention_resolutions(pipe, latent_hw)
     self_hw = _grid(latent_hw, cfg.self_res or latent_hw[0] // 2, "self_res", available)
     cross_hw = _grid(latent_hw, cfg.cross_res or latent_hw[0] // 4, "cross_res", available)
