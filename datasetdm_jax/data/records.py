@@ -238,15 +238,8 @@ def read_tfrecord(path: str) -> Iterator[bytes]:
 
 # -- atomic shard and manifest writes ----------------------------------------------------------
 
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_path(path: str) -> None:
+def _fsync(path: str) -> None:
+    """fsync a file or a folder (a folder's entry list makes a rename durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -266,7 +259,7 @@ def atomic_write(path: str, data: bytes | str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    _fsync(os.path.dirname(os.path.abspath(path)))
 
 
 def sha256_file(path: str) -> str:
@@ -303,7 +296,7 @@ def write_shard(folder: str, name: str, examples: Sequence[bytes], formats: Sequ
             for ex in examples:
                 w.write(ex)
             w.close()
-            _fsync_path(tmp)
+            _fsync(tmp)
         os.replace(tmp, path)
         files[fmt] = {"file": os.path.basename(path), "sha256": sha256_file(path)}
     summary = {"name": name, "num_records": len(examples), "files": files, **dict(extra or {})}
