@@ -158,10 +158,10 @@ class DecoderLabeler:
         from datasetdm_jax import train
 
         g = config.generate
-        self.trainer, params, self.step = train.load_trained_decoder(config, pipe=pipe, config_path=config_path)
+        self.trainer, params, step = train.load_trained_decoder(config, pipe=pipe, config_path=config_path)
         tr = self.trainer
-        self.pipe, self.task, self.config = tr.pipe, tr.task, config
-        decoders = [(tr, params, self.step, config)]
+        self.pipe = tr.pipe
+        decoders = [(tr, params, step, config)]
         for cfg in also:
             t2, p2, s2 = train.load_trained_decoder(cfg, pipe=tr.pipe)
             if t2.capture != tr.capture:
