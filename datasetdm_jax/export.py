@@ -3,7 +3,8 @@
 ``datasetdm export --data DIR --out OUT``: a plain folder (``images/*.jpg``, ``segmentation/*.png``
 class ids, ``depth/*.png`` 16-bit millimetres, ``prompts.jsonl``) and ``annotations.json`` in COCO
 format (instances with RLE masks, boxes, scores and person keypoints; a semantic-only dataset gets
-one annotation per class region, as COCO-stuff does). Categories use the dataset's class ids.
+one annotation per class region, as COCO-stuff does; a pose-only dataset one keypoint annotation
+per person). Categories use the dataset's class ids.
 """
 
 from __future__ import annotations
@@ -58,7 +59,10 @@ def overlay(ex: dict[str, Any]) -> np.ndarray:
     pil = Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
     if "keypoints" in ex:
         draw = ImageDraw.Draw(pil)
-        for kp in ex["keypoints"]:
+        for kp in np.asarray(ex["keypoints"], np.float32).reshape(-1, len(shapes.KEYPOINT_NAMES), 3):
+            for a, b in shapes.SKELETON:  # limbs between labelled joints, then the joints on top
+                if kp[a, 2] > 0 and kp[b, 2] > 0:
+                    draw.line([(kp[a, 0] - 0.5, kp[a, 1] - 0.5), (kp[b, 0] - 0.5, kp[b, 1] - 0.5)], fill=(0, 255, 255))
             for x, y, v in kp:
                 if v > 0:
                     draw.point((x - 0.5, y - 0.5), fill=(255, 255, 255) if v == 2 else (255, 0, 0))
@@ -125,9 +129,47 @@ def _categories(class_names: Sequence[str]) -> list[dict[str, Any]]:
     return cats
 
 
+def _keypoint_fields(kp: np.ndarray) -> dict[str, Any]:
+    """COCO keypoint fields: [x1, y1, v1, ...] (x, y in pixels, v an int flag) and the labelled count."""
+    flat: list[float | int] = []
+    for x, y, v in np.asarray(kp, np.float32):
+        flat += [round(float(x), 3), round(float(y), 3), int(v)]
+    return {"keypoints": flat, "num_keypoints": int((np.asarray(kp)[:, 2] > 0).sum())}
+
+
+def _pair_persons(regions: Sequence[tuple[np.ndarray, int, float]], kps: Sequence[np.ndarray],
+                  person: int) -> list[int | None]:
+    """For each person's keypoints, the unused person-class region holding most of its labelled
+    joints (None if no region holds any): keypoints and masks are separate lists in the records."""
+    used: set[int] = set()
+    out: list[int | None] = []
+    for kp in kps:
+        kp = np.asarray(kp, np.float32)
+        best, hits = None, 0
+        for r, (m, k, _) in enumerate(regions):
+            if k != person or r in used:
+                continue
+            h, w = m.shape
+            lab = kp[kp[:, 2] > 0]
+            xs, ys = np.clip(lab[:, 0].astype(int), 0, w - 1), np.clip(lab[:, 1].astype(int), 0, h - 1)
+            n = int(m[ys, xs].sum())
+            if n > hits:
+                best, hits = r, n
+        if best is not None:
+            used.add(best)
+        out.append(best)
+    return out
+
+
 def to_coco(examples: Iterable[dict[str, Any]], file_name=lambda ex: f"{ex['index']:08d}.jpg",
             class_names: Sequence[str] = shapes.CLASSES) -> dict[str, Any]:
-    """COCO dict: images, categories, annotations (instances or per-class regions, keypoints)."""
+    """COCO dict: images, categories, annotations (instances or per-class regions, keypoints).
+
+    Every mask region is an annotation with an RLE ``segmentation`` (pycocotools), its ``bbox`` and
+    ``score``; a person's keypoints join the person region that holds most of its labelled joints,
+    or else form their own ``person`` annotation (empty ``segmentation``, ``bbox`` around the
+    labelled joints, ``score`` their mean peak score when stored), as in a COCO keypoints file.
+    """
     images, anns = [], []
     person = class_names.index("person") if "person" in class_names else -1
     for ex in examples:
@@ -142,15 +184,26 @@ def to_coco(examples: Iterable[dict[str, Any]], file_name=lambda ex: f"{ex['inde
             regions = [(seg == k, int(k), 1.0) for k in np.unique(seg) if 0 < k < 255]
         else:
             regions = []
-        kps = list(ex.get("keypoints", []))
-        for m, k, score in regions:
+        kps = [np.asarray(kp, np.float32) for kp in ex.get("keypoints", [])]
+        kp_scores = ex.get("keypoint_scores")
+        pairs = _pair_persons(regions, kps, person) if person >= 0 else [None] * len(kps)
+        joined = {r: p for p, r in enumerate(pairs) if r is not None}
+        for r, (m, k, score) in enumerate(regions):
             a = {"id": len(anns) + 1, "image_id": image_id, "category_id": k, "segmentation": _rle(m),
                  "area": int(m.sum()), "bbox": _bbox(m), "iscrowd": 0, "score": score}
-            if k == person and kps:
-                kp = np.asarray(kps.pop(0), np.float32)
-                a["keypoints"] = [float(v) if j % 3 < 2 else int(v) for j, v in enumerate(kp.reshape(-1))]
-                a["num_keypoints"] = int((kp[:, 2] > 0).sum())
+            if r in joined:
+                a.update(_keypoint_fields(kps[joined[r]]))
             anns.append(a)
+        for p, kp in enumerate(kps):
+            lab = kp[kp[:, 2] > 0]
+            if pairs[p] is not None or person < 0 or not len(lab):
+                continue
+            x0, y0 = float(lab[:, 0].min()), float(lab[:, 1].min())
+            bw, bh = float(lab[:, 0].max()) - x0, float(lab[:, 1].max()) - y0
+            score = float(np.mean(np.asarray(kp_scores[p])[kp[:, 2] > 0])) if kp_scores is not None else 1.0
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": person, "segmentation": [],
+                         "area": bw * bh, "bbox": [x0, y0, bw, bh], "iscrowd": 0, "score": score,
+                         **_keypoint_fields(kp)})
     return {"info": {"description": "datasetdm-jax generated dataset"}, "images": images,
             "annotations": anns, "categories": _categories(class_names)}
 

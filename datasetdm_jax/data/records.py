@@ -10,14 +10,24 @@ the standard keys of the TF object-detection API:
 ``image/prompt``, ``image/classes``        the prompt (UTF-8) and the class names it names
 ``image/index``, ``image/seed``            global example index and sampler seed (noise = fold_in(seed, index))
 ``segmentation/class/encoded`` (+format)   8-bit PNG of class ids
+``segmentation/attention/encoded``         optional second label map (e.g. the attention labeller's beside a P-Decoder's)
 ``depth/encoded``, ``depth/scale``         16-bit PNG; metres = value * scale
-``image/object/mask``                      one 0/1 PNG per instance
-``image/object/class/label``, ``.../text``  int64 class ids, names
-``image/object/score``                     float confidence
-``image/object/bbox/{xmin,ymin,xmax,ymax}`` normalised to [0, 1]
-``image/object/keypoint/{x,y,visibility}`` 17 per object, normalised x, y; COCO visibility 0/1/2
+``image/object/mask``                      one 0/1 PNG per instance, image size (N entries)
+``image/object/class/label``, ``.../text``  int64 class ids (0 = background, never an instance), names
+``image/object/score``                     float confidence per instance
+``image/object/bbox/{xmin,ymin,xmax,ymax}`` the mask's box, normalised to [0, 1]
+``image/object/keypoint/{x,y,visibility}`` P persons x ``num`` joints, flat, person-major; x, y
+                                           normalised; COCO visibility 0 (x = y = 0), 1, 2
+``image/object/keypoint/num``              joints per person (17, COCO order)
+``image/object/keypoint/score``            optional, float peak score per joint (generated pose)
 ``image/quality``                          float annotation confidence (see ``generate``)
 =========================================  ================================================
+
+Instances and persons are separate lists: a pose dataset has keypoints and no masks, and where
+both exist ``export.to_coco`` pairs each person with the person mask holding most of its joints.
+An image with no instance or no person keeps the keys with empty lists of the right kind (int64,
+float), so ``tf.io.parse_example`` with ``VarLenFeature`` reads every record alike. Generated
+labels come from ``decoders/postprocess.py`` (score threshold, instance cap, joint threshold).
 
 A shard is written to a temporary name, fsynced and renamed, so a killed run leaves either a
 complete shard or none; TFRecord framing uses masked CRC32C (``google-crc32c``) as ``tf.data``
@@ -87,8 +97,10 @@ def serialize_example(features: Mapping[str, Any]) -> bytes:
     for key, value in features.items():
         values = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
         feat = ex.features.feature[key]
-        if not values:
-            feat.bytes_list.SetInParent()
+        if not values:  # an empty numpy array keeps its kind (float / int64), anything else is bytes
+            kind = np.asarray(value).dtype.kind if isinstance(value, np.ndarray) else "S"
+            {"f": feat.float_list, "i": feat.int64_list, "u": feat.int64_list, "b": feat.int64_list}.get(
+                kind, feat.bytes_list).SetInParent()
         elif isinstance(values[0], (bytes, str)):
             feat.bytes_list.value.extend(v.encode("utf-8") if isinstance(v, str) else v for v in values)
         elif isinstance(values[0], (float, np.floating)):
@@ -123,8 +135,8 @@ def to_example(rec: Mapping[str, Any], image_format: str = "png", class_names: S
 
     ``rec``: ``image`` uint8 (H,W,3), ``prompt``, ``index``, ``seed``; optional ``classes``,
     ``segmentation`` (H,W) ints, ``depth`` (H,W) metres, ``instance_masks`` (N,H,W) bool with
-    ``instance_labels`` (N,) and ``instance_scores`` (N,), ``keypoints`` (N,17,3) x, y, visibility
-    in pixels, ``quality`` float.
+    ``instance_labels`` (N,) and ``instance_scores`` (N,), ``keypoints`` (P,17,3) x, y, visibility
+    in pixels with optional ``keypoint_scores`` (P,17), ``quality`` float.
     """
     image = np.asarray(rec["image"])
     h, w = image.shape[:2]
@@ -143,6 +155,8 @@ def to_example(rec: Mapping[str, Any], image_format: str = "png", class_names: S
             raise ValueError("segmentation class ids must be in [0, 255]")
         f["segmentation/class/encoded"] = encode_png(seg.astype(np.uint8))
         f["segmentation/class/format"] = "png"
+    if rec.get("attention_label") is not None:  # labels of the same image by a second labeller (255 = ignore)
+        f["segmentation/attention/encoded"] = encode_png(np.asarray(rec["attention_label"]).astype(np.uint8))
     if rec.get("depth") is not None:
         scale = float(rec.get("depth_scale", DEPTH_SCALE))
         d = np.clip(np.round(np.asarray(rec["depth"], np.float64) / scale), 0, 65535).astype(np.uint16)
@@ -152,22 +166,32 @@ def to_example(rec: Mapping[str, Any], image_format: str = "png", class_names: S
     masks = rec.get("instance_masks")
     if masks is not None:
         masks = np.asarray(masks, bool)
-        labels = np.asarray(rec.get("instance_labels", np.zeros(len(masks))), np.int64)
-        boxes = [_bbox(m) for m in masks]
+        if rec.get("instance_labels") is None:
+            raise ValueError("instance_masks given without instance_labels (one class id per mask)")
+        labels = np.asarray(rec["instance_labels"], np.int64).reshape(-1)
+        if masks.ndim != 3 or masks.shape[1:] != (h, w) or len(labels) != len(masks):
+            raise ValueError(f"instance_masks must be (N, {h}, {w}) with N labels, got {masks.shape} and "
+                             f"{len(labels)} labels")
+        if len(labels) and (labels.min() < 1 or (class_names is not None and labels.max() >= len(class_names))):
+            raise ValueError(f"instance_labels must be object class ids (>= 1, < {len(class_names or ()) or 'inf'}), "
+                             f"got {labels.tolist()}")
+        boxes = np.asarray([_bbox(m) for m in masks], np.float32).reshape(-1, 4)
         f["image/object/mask"] = [encode_png(m.astype(np.uint8)) for m in masks]
-        f["image/object/class/label"] = labels.tolist()
+        f["image/object/class/label"] = labels
         if class_names is not None:
             f["image/object/class/text"] = [class_names[int(k)] for k in labels]
-        f["image/object/score"] = np.asarray(rec.get("instance_scores", np.ones(len(masks))), np.float32).tolist()
+        f["image/object/score"] = np.asarray(rec.get("instance_scores", np.ones(len(masks))), np.float32)
         for j, name in enumerate(("xmin", "ymin", "xmax", "ymax")):
-            f[f"image/object/bbox/{name}"] = [b[j] for b in boxes]
+            f[f"image/object/bbox/{name}"] = boxes[:, j]
     if rec.get("keypoints") is not None:
         kp3 = np.asarray(rec["keypoints"], np.float32)
         kp = kp3.reshape(-1, 3)
-        f["image/object/keypoint/x"] = (kp[:, 0] / w).tolist()
-        f["image/object/keypoint/y"] = (kp[:, 1] / h).tolist()
-        f["image/object/keypoint/visibility"] = kp[:, 2].astype(np.int64).tolist()
+        f["image/object/keypoint/x"] = kp[:, 0] / w
+        f["image/object/keypoint/y"] = kp[:, 1] / h
+        f["image/object/keypoint/visibility"] = kp[:, 2].astype(np.int64)
         f["image/object/keypoint/num"] = int(kp3.shape[-2]) if kp3.ndim == 3 else 17
+        if rec.get("keypoint_scores") is not None:
+            f["image/object/keypoint/score"] = np.asarray(rec["keypoint_scores"], np.float32).reshape(-1)
     if rec.get("quality") is not None:
         f["image/quality"] = float(rec["quality"])
     return serialize_example(f)
@@ -175,7 +199,8 @@ def to_example(rec: Mapping[str, Any], image_format: str = "png", class_names: S
 
 def from_example(data: bytes) -> dict[str, Any]:
     """Serialized example -> numpy dict (``image``, ``prompt``, ``segmentation``, ``depth`` in metres,
-    ``instance_masks``/``instance_labels``/``instance_scores``, ``keypoints`` in pixels, ...)."""
+    ``instance_masks`` (N,H,W) bool / ``instance_labels`` / ``instance_scores``, ``keypoints``
+    (P,17,3) in pixels, ``keypoint_scores`` (P,17) when stored, ...)."""
     f = parse_example(data)
     image = decode_image(f["image/encoded"][0])
     h, w = image.shape[:2]
@@ -184,6 +209,8 @@ def from_example(data: bytes) -> dict[str, Any]:
                            "index": int(f["image/index"][0]), "seed": int(f["image/seed"][0])}
     if "segmentation/class/encoded" in f:
         out["segmentation"] = decode_image(f["segmentation/class/encoded"][0])
+    if "segmentation/attention/encoded" in f:
+        out["attention_label"] = decode_image(f["segmentation/attention/encoded"][0])
     if "depth/encoded" in f:
         out["depth"] = decode_image(f["depth/encoded"][0]).astype(np.float32) * np.float32(f["depth/scale"][0])
     if "image/object/mask" in f:
@@ -197,6 +224,8 @@ def from_example(data: bytes) -> dict[str, Any]:
                        np.asarray(f["image/object/keypoint/y"], np.float32) * h,
                        np.asarray(f["image/object/keypoint/visibility"], np.float32)], -1)
         out["keypoints"] = kp.reshape(-1, n, 3)
+        if "image/object/keypoint/score" in f:
+            out["keypoint_scores"] = np.asarray(f["image/object/keypoint/score"], np.float32).reshape(-1, n)
     if "image/quality" in f:
         out["quality"] = float(f["image/quality"][0])
     return out

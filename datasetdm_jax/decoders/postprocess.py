@@ -1,0 +1,140 @@
+"""Decoder outputs -> dataset labels for generation: fixed-size inside jit, trimmed on the host.
+
+A jitted program needs static shapes, so the instance and pose labels of a batch leave the device
+padded to a fixed count with a validity flag per slot (``instance_valid``, ``person_valid``);
+``trim`` drops the padding of one example on the host, giving the keys ``records.to_example``
+takes. Settings come from a config's ``generate`` section (``label_settings``).
+
+Instances (reference §5, COCO instance): the official code scores (query, class) pairs as class
+probability x mean in-mask sigmoid (mask = logit > 0), takes the top 100 and keeps at most 20 with
+score >= 0.4. Its decoder is class-agnostic (one class), so every query yields one instance; we keep
+that with class-aware heads by giving each query its best class, so one mask is never written
+twice under two classes. The mask score is taken at the decoder's mask resolution and only the
+kept masks are resized to the image (the official code resizes all 100 first: same ranking, far
+more memory at 512 px).
+
+Pose (reference §5, pose): heatmap argmax per joint with the quarter-pixel shift, one person per
+image as in the official single-person setting (the heatmaps hold one map per joint, so several
+people could not be told apart). Unlike the official code every joint is kept: a joint whose peak
+is below ``keypoint_threshold`` gets COCO visibility 0 (and x = y = 0), the others 2.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from datasetdm_jax.decoders.inference import _resize_masks
+from datasetdm_jax.decoders.pose import decode_heatmaps
+
+__all__ = ["DEFAULTS", "label_settings", "instance_labels", "pose_labels", "instance_quality", "pose_quality",
+           "task_labels", "trim"]
+
+# Official values: top-20 instances with score >= 0.4; a joint is visible if its peak > 0.1.
+DEFAULTS: dict[str, Any] = {"score_threshold": 0.4, "max_instances": 20, "min_area": 0,
+                            "keypoint_threshold": 0.1, "min_keypoints": 1}
+
+
+def label_settings(config) -> dict[str, Any]:
+    """The post-processing settings of a task config: its ``generate`` section over ``DEFAULTS``."""
+    g = config.get("generate", None) if hasattr(config, "get") else None
+    out = dict(DEFAULTS)
+    if g is not None:
+        for k in DEFAULTS:
+            if k in g:
+                out[k] = type(DEFAULTS[k])(g[k])
+    if out["max_instances"] < 1:
+        raise ValueError(f"{config.get('name', 'config')}: generate.max_instances must be >= 1, "
+                         f"got {out['max_instances']}")
+    return out
+
+
+def instance_labels(logits: jax.Array, masks: jax.Array, *, out_size: int, score_threshold: float = 0.4,
+                    max_instances: int = 20, min_area: int = 0) -> dict[str, jax.Array]:
+    """(B,Q,K+1) class logits, (B,Q,h,w) mask logits -> N = min(max_instances, Q) slots per image.
+
+    Returns ``instance_masks`` (B,N,H,W) bool, ``instance_labels`` (B,N) int32 data class ids (head
+    class + 1; 0 is background), ``instance_scores`` (B,N) float32 and ``instance_valid`` (B,N) bool
+    (score >= ``score_threshold`` and at least max(1, ``min_area``) pixels at image size), ordered
+    valid first, then by score.
+    """
+    prob = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., :-1]            # (B, Q, K)
+    cls_score, cls = prob.max(-1), prob.argmax(-1).astype(jnp.int32)
+    ml = masks.astype(jnp.float32)
+    binary = ml > 0
+    mask_score = (jax.nn.sigmoid(ml) * binary).sum((-2, -1)) / (binary.sum((-2, -1)) + 1e-6)
+    score = cls_score * mask_score
+    n = min(int(max_instances), score.shape[1])
+    top, query = jax.lax.top_k(score, n)
+    picked = jnp.take_along_axis(ml, query[:, :, None, None], axis=1)
+    full = _resize_masks(picked, out_size) > 0                                        # (B, N, H, W)
+    valid = (top >= score_threshold) & (full.sum((-2, -1)) >= max(1, int(min_area)))
+    order = jnp.argsort(jnp.where(valid, top, top - 2.0), axis=1, descending=True)
+    take = lambda a: jnp.take_along_axis(a, order.reshape(order.shape + (1,) * (a.ndim - 2)), axis=1)
+    return {"instance_masks": take(full), "instance_labels": take(jnp.take_along_axis(cls, query, 1) + 1),
+            "instance_scores": take(top), "instance_valid": take(valid)}
+
+
+def pose_labels(heatmaps: jax.Array, *, image_size: int, keypoint_threshold: float = 0.1,
+                min_keypoints: int = 1) -> dict[str, jax.Array]:
+    """(B,S,S,J) heatmaps -> one person slot per image.
+
+    Returns ``keypoints`` (B,1,J,3) = (x, y, v) in image pixels with COCO visibility v in {0, 2}
+    (x = y = 0 where v = 0; visible joints lie inside [0, image_size)), ``keypoint_scores``
+    (B,1,J) heatmap peaks, and ``person_valid`` (B,1): at least ``min_keypoints`` visible joints.
+    """
+    s = heatmaps.shape[1]
+    kp, vis = decode_heatmaps(heatmaps, stride=image_size / s, threshold=keypoint_threshold)
+    xy = jnp.clip(kp[..., :2], 0.0, image_size - 1e-3)
+    xy = jnp.where(vis[..., None], xy, 0.0)
+    v = jnp.where(vis, 2.0, 0.0)
+    keypoints = jnp.concatenate([xy, v[..., None]], -1)[:, None]
+    return {"keypoints": keypoints, "keypoint_scores": kp[:, None, :, 2],
+            "person_valid": (vis.sum(-1) >= int(min_keypoints))[:, None]}
+
+
+def instance_quality(labels: Mapping[str, jax.Array]) -> jax.Array:
+    """(B,) mean score of the kept instances (0 when none is kept)."""
+    v = labels["instance_valid"]
+    return (labels["instance_scores"] * v).sum(-1) / jnp.maximum(v.sum(-1), 1)
+
+
+def pose_quality(labels: Mapping[str, jax.Array]) -> jax.Array:
+    """(B,) mean joint peak clipped to [0, 1] (a perfect heatmap peaks at 1)."""
+    return jnp.clip(labels["keypoint_scores"], 0.0, 1.0).mean((1, 2))
+
+
+def task_labels(task: str, out: Any, image_size: int, settings: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """Padded labels of an ``instance`` or ``pose`` decoder output (jittable), with the task's
+    annotation confidence as ``<task>_quality`` (B,) (``trim`` folds it into ``quality``)."""
+    if task == "instance":
+        lab = instance_labels(out["logits"][-1], out["masks"][-1], out_size=image_size,
+                              score_threshold=settings["score_threshold"], max_instances=settings["max_instances"],
+                              min_area=settings["min_area"])
+        return {**lab, "instance_quality": instance_quality(lab)}
+    if task == "pose":
+        lab = pose_labels(out, image_size=image_size, keypoint_threshold=settings["keypoint_threshold"],
+                          min_keypoints=settings["min_keypoints"])
+        return {**lab, "pose_quality": pose_quality(lab)}
+    raise ValueError(f"postprocess: task must be 'instance' or 'pose', got {task!r}")
+
+
+def trim(row: Mapping[str, Any]) -> dict[str, Any]:
+    """One example's padded labels (numpy) -> the record keys of ``records.to_example``: padding and
+    rejected slots dropped, validity flags removed."""
+    out = dict(row)
+    if "instance_valid" in out:
+        keep = np.asarray(out.pop("instance_valid"), bool)
+        for k in ("instance_masks", "instance_labels", "instance_scores"):
+            out[k] = np.asarray(out[k])[keep]
+    if "person_valid" in out:
+        keep = np.asarray(out.pop("person_valid"), bool)
+        out["keypoints"] = np.asarray(out["keypoints"])[keep]
+        out["keypoint_scores"] = np.asarray(out["keypoint_scores"])[keep]
+    qs = [out.pop(k) for k in ("quality", "instance_quality", "pose_quality") if k in out]
+    if qs:  # one confidence per image: the mean over its tasks
+        out["quality"] = qs[0] if len(qs) == 1 else np.float32(np.mean(np.asarray(qs, np.float32)))
+    return out
