@@ -177,8 +177,7 @@ class DecoderLabeler:
         self.parts = [{"task": t.task, "workdir": os.path.abspath(str(c.workdir)), "checkpoint_step": s,
                        "params_sha256": _sha256(p)} for t, p, s, c in decoders]
         self.uncond = tr.pipe.tokenize([str(g.negative_prompt)])[0]
-        sampler = build_sampler_fn(tr.pipe, steps=int(g.steps), guidance=float(g.guidance), scheduler=str(g.scheduler),
-                                   latent_hw=_latent_hw(tr.pipe, self.size, self.size), capture=tr.capture)
+        sampler = self._build_sampler(tr.pipe, g, tr.capture)
         min_area = int(g.min_area)
         size = self.size
 
@@ -196,29 +195,39 @@ class DecoderLabeler:
                 return {"depth": out.astype(jnp.float32)}
             raise ValueError(f"generation labels tasks semantic and depth, not {t.task!r}")
 
-        def run(frozen, dec_params, cond, uncond, indices, seed):
-            images, feats = sampler(frozen, cond, uncond, indices, seed)
-            labels = {}
+        def run(frozen, dec_params, cond, uncond, indices, seed, extra):
+            images, feats, labels = sampler(frozen, cond, uncond, indices, seed, extra)
             for (t, _, _, _), p in zip(decoders, dec_params):
                 labels.update(label(t, p, feats))
             return jnp.round(images * 255).astype(jnp.uint8), labels
 
         data = tr.data_sharding
-        self.fn = jax.jit(run, in_shardings=(tr.repl, tr.repl, data, data, data, tr.repl), out_shardings=data)
+        self.fn = jax.jit(run, in_shardings=(tr.repl, tr.repl, data, data, data, tr.repl, data), out_shardings=data)
+
+    def _build_sampler(self, pipe, g, capture: str):
+        """(frozen, cond, uncond, indices, seed, extra) -> (images, features, labels): the sampler with the
+        last step captured; a subclass (labelers/composite.py) also labels inside it from `extra`."""
+        fn = build_sampler_fn(pipe, steps=int(g.steps), guidance=float(g.guidance), scheduler=str(g.scheduler),
+                              latent_hw=_latent_hw(pipe, self.size, self.size), capture=capture)
+        return lambda frozen, cond, uncond, indices, seed, extra: (*fn(frozen, cond, uncond, indices, seed), {})
+
+    def _inputs(self, prompts, batch: int) -> tuple[list[str], Any]:
+        """The generation texts (padded to `batch`) and the sampler's `extra` inputs (batch-leading arrays)."""
+        return [p.text for p in prompts] + [prompts[-1].text] * (batch - len(prompts)), ()
 
     def __call__(self, prompts, indices: np.ndarray, seed: int) -> LabelledExamples:
         n, b = len(indices), self.batch_size
         pad = list(indices) + [indices[-1]] * (b - n)
-        texts = [p.text for p in prompts] + [prompts[-1].text] * (b - n)
+        texts, extra = self._inputs(prompts, b)
         cond = np.asarray(self.pipe.tokenize(texts), np.int32)
         uncond = np.broadcast_to(np.asarray(self.uncond, np.int32), cond.shape)
         tr = self.trainer
         # explicit placement: jit refuses sharded numpy inputs under jax.distributed
-        cond, uncond, idx = jax.device_put((cond, uncond, np.asarray(pad, np.int32)), tr.data_sharding)
+        cond, uncond, idx, extra = jax.device_put((cond, uncond, np.asarray(pad, np.int32), extra), tr.data_sharding)
         seed_arr = jax.device_put(np.int32(seed), tr.repl)
-        images, labels = jax.device_get(self.fn(tr.frozen, self.params, cond, uncond, idx, seed_arr))
+        images, labels = jax.device_get(self.fn(tr.frozen, self.params, cond, uncond, idx, seed_arr, extra))
         rows = [{k: v[i] for k, v in labels.items()} for i in range(n)]
-        return LabelledExamples(np.asarray(images[:n]), rows)
+        return LabelledExamples(np.asarray(images[:n]), rows, texts[:n])
 
     def describe(self) -> dict[str, Any]:
         first = self.parts[0]
@@ -259,7 +268,13 @@ class _RegisteredLabeler:
         return {"name": self.name}
 
 
-LABELERS: dict[str, Callable[..., Any]] = {"decoder": DecoderLabeler}
+def _decoder_attention(config, pipe=None, config_path: str | None = None):
+    """``labeler: decoder+attention``: P-Decoder and attention labels of the same images (one pass)."""
+    from datasetdm_jax.labelers.composite import DecoderAttentionLabeler
+    return DecoderAttentionLabeler(config, pipe=pipe, config_path=config_path)
+
+
+LABELERS: dict[str, Callable[..., Any]] = {"decoder": DecoderLabeler, "decoder+attention": _decoder_attention}
 
 
 def register_labeler(name: str, factory: Callable[..., Any]) -> None:

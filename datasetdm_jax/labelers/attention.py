@@ -98,6 +98,22 @@ def _grid(latent_hw: tuple[int, int], res: int, key: str, available: list[int]) 
     return res, latent_hw[1] // f
 
 
+def feature_grids(pipe, latent_hw: tuple[int, int], cfg: AttentionLabelConfig) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(self_hw, cross_hw): the attention grids `cfg` asks for (one-line error if the UNet has none there)."""
+    available = attention_resolutions(pipe, latent_hw)
+    return (_grid(latent_hw, cfg.self_res or latent_hw[0] // 2, "self_res", available),
+            _grid(latent_hw, cfg.cross_res or latent_hw[0] // 4, "cross_res", available))
+
+
+def accumulate(att: Mapping[str, list], acc_self: jax.Array, acc_cross: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Adds one UNet call's layer-mean self and class-prompt attention to the fp32 running sums."""
+    if not att["self_attention"] or not att["class_attention"]:  # trace-time check
+        raise ValueError(f"labeler: no attention layers with {acc_self.shape[1]} (self) / {acc_cross.shape[1]} "
+                         "(cross) query positions")
+    return (acc_self + sum(att["self_attention"]) / len(att["self_attention"]),
+            acc_cross + sum(att["class_attention"]) / len(att["class_attention"]))
+
+
 def build_labeller_fn(pipe, *, steps: int, guidance: float, scheduler: str, latent_hw: tuple[int, int],
                       self_hw: tuple[int, int], cross_hw: tuple[int, int], tau: int, threshold: float,
                       uncertainty_threshold: float):
@@ -131,10 +147,7 @@ def build_labeller_fn(pipe, *, steps: int, guidance: float, scheduler: str, late
             x, st, acc_self, acc_cross = carry
             x2 = jnp.concatenate([x, x])
             eps, att = unet(x2, jnp.broadcast_to(st["timesteps"][i], (2 * b,)), emb, attention=request)
-            if not att["self_attention"] or not att["class_attention"]:  # trace-time check
-                raise ValueError(f"labeler: no attention layers with {ls} (self) / {lc} (cross) query positions")
-            acc_self = acc_self + sum(att["self_attention"]) / len(att["self_attention"])
-            acc_cross = acc_cross + sum(att["class_attention"]) / len(att["class_attention"])
+            acc_self, acc_cross = accumulate(att, acc_self, acc_cross)
             uncond, cond = jnp.split(eps, 2)
             x, st = sampler.step(st, uncond + guidance * (cond - uncond), i, x)
             return x, st, acc_self, acc_cross
@@ -169,6 +182,15 @@ def _class_ids(names: Sequence[Sequence[str]], ids: Sequence[Sequence[int]] | No
     return out, valid
 
 
+def class_inputs(pipe, class_names: Sequence[Sequence[str]], class_ids: Sequence[Sequence[int]] | None = None,
+                 max_classes: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per image (class-prompt token ids, (K, T) token weights, K label values, K validity flags), with
+    K = `max_classes` or the class count rounded up to a multiple of 4 (few distinct compiles)."""
+    k = max_classes or max(4, -(-max(len(c) for c in class_names) // 4) * 4)
+    tokens, weights = class_prompts.class_prompt_tokens(pipe.tokenizer, class_names, pipe.max_length, k)
+    return (tokens, weights, *_class_ids(class_names, class_ids, k))
+
+
 def label_batch(pipe, captions: Sequence[str], class_names: Sequence[Sequence[str]], indices: Sequence[int],
                 seed: int = 0, *, class_ids: Sequence[Sequence[int]] | None = None, steps: int = 25,
                 guidance: float = 7.5, scheduler: str = "pndm", negative_prompt: str = "",
@@ -189,14 +211,10 @@ def label_batch(pipe, captions: Sequence[str], class_names: Sequence[Sequence[st
         raise ValueError(f"label_batch: {len(captions)} captions, {len(class_names)} class-name lists and "
                          f"{len(indices)} indices must match")
     latent_hw = generate._latent_hw(pipe, height, width)
-    available = attention_resolutions(pipe, latent_hw)
-    self_hw = _grid(latent_hw, cfg.self_res or latent_hw[0] // 2, "self_res", available)
-    cross_hw = _grid(latent_hw, cfg.cross_res or latent_hw[0] // 4, "cross_res", available)
-    k = max_classes or max(4, -(-max(len(c) for c in class_names) // 4) * 4)  # few distinct compiles
+    self_hw, cross_hw = feature_grids(pipe, latent_hw, cfg)
     prompts = [class_prompts.append_class_names(c, n) if cfg.append_class_names else c
                for c, n in zip(captions, class_names)]
-    class_tok, weights = class_prompts.class_prompt_tokens(pipe.tokenizer, class_names, pipe.max_length, k)
-    ids, valid = _class_ids(class_names, class_ids, k)
+    class_tok, weights, ids, valid = class_inputs(pipe, class_names, class_ids, max_classes)
     settings = dict(steps=int(steps), guidance=float(guidance), scheduler=scheduler, latent_hw=latent_hw,
                     self_hw=self_hw, cross_hw=cross_hw, tau=cfg.tau, threshold=float(cfg.threshold),
                     uncertainty_threshold=float(cfg.uncertainty_threshold))

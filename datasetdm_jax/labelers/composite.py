@@ -1,0 +1,130 @@
+"""P-Decoder and attention labels for the same images from one sampler pass.
+
+`DecoderAttentionLabeler` is `generate.DecoderLabeler` (last step captured, trained P-Decoder(s)
+label the features) whose jitted sampler also carries the attention labeller's fp32 running sums
+(`attention.accumulate`) through every step and refines them after the loop. Each record then
+holds the P-Decoder's ``segmentation`` (and ``depth``) and the training-free ``attention_label``
+of the very same image, so a comparison of the two labellers differs only in the labels; the
+attention costs a few small einsums per step instead of a second sampler pass.
+
+With ``append_class_names`` off (the demo's choice) the images, and hence the P-Decoder labels,
+are those of the plain `DecoderLabeler` on the same seeds; with it on, both labellers see the
+images of ``caption; name1 name2 ...`` (Dataset Diffusion's prompt).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from datasetdm_jax import features, generate, schedulers
+from datasetdm_jax.labelers import attention, class_prompts, refine
+from datasetdm_jax.models.unet_blocks import AttentionCapture
+
+ATTENTION_KEY = "attention_label"
+
+__all__ = ["ATTENTION_KEY", "DecoderAttentionLabeler", "build_sampler_fn"]
+
+
+def build_sampler_fn(pipe, *, steps: int, guidance: float, scheduler: str, latent_hw: tuple[int, int],
+                     capture: str, self_hw: tuple[int, int], cross_hw: tuple[int, int], tau: int, threshold: float,
+                     uncertainty_threshold: float):
+    """A pure function (params, cond_ids, uncond_ids, indices, seed, extra) -> (images in [0, 1],
+    last-step features, {ATTENTION_KEY: (B, H, W) uint8}); ``extra`` is `attention.class_inputs`.
+
+    The same steps, guidance and noise as `generate.build_sampler_fn` (the class prompt is encoded
+    on its own and is only read as attention keys), so the images and features match it.
+    """
+    sampler = schedulers.get_sampler(scheduler)
+    sched = pipe.schedule
+    gds = pipe.graphdefs
+    clip_skip, scale, shift = pipe.clip_skip, pipe.scaling_factor, pipe.shift_factor
+    latent_channels = int(pipe.configs["unet"].get("in_channels", 4))
+    image_hw = (latent_hw[0] * pipe.vae_scale_factor, latent_hw[1] * pipe.vae_scale_factor)
+    ls, lc = self_hw[0] * self_hw[1], cross_hw[0] * cross_hw[1]
+
+    def run(params, cond_ids, uncond_ids, indices, seed, extra):
+        class_tok, weights, class_ids, valid = extra
+        text = nnx.merge(gds["text_encoder"], params["text_encoder"])
+        unet = nnx.merge(gds["unet"], params["unet"])
+        vae = nnx.merge(gds["vae"], params["vae"])
+        b = cond_ids.shape[0]
+        emb = text.encode(jnp.concatenate([uncond_ids, cond_ids]), clip_skip=clip_skip)
+        request = AttentionCapture.request(text.encode(class_tok, clip_skip=clip_skip), ls, lc)
+        x_T = generate.initial_noise(seed, indices, (*latent_hw, latent_channels), pipe.dtype)
+        state = sampler.init(sched, steps, x_T)
+        n = int(state["timesteps"].shape[0])
+
+        def call(x, st, i, acc, capture_now):
+            x_in = sampler.scale_model_input(x, i)
+            x2 = jnp.concatenate([x_in, x_in])
+            eps, out = unet(x2, jnp.broadcast_to(st["timesteps"][i], (2 * b,)), emb, capture=capture_now,
+                            attention=request)
+            return generate._guided(eps, guidance), out, attention.accumulate(out, *acc)
+
+        def body(i, carry):
+            x, st, acc = carry
+            eps, _, acc = call(x, st, i, acc, False)
+            x, st = sampler.step(st, eps, i, x)
+            return x, st, acc
+
+        zeros = (jnp.zeros((b, ls, ls), jnp.float32), jnp.zeros((b, lc, class_tok.shape[1]), jnp.float32))
+        x, st, acc = jax.lax.fori_loop(0, n - 1, body, (x_T, state, zeros))
+        eps, taps, (acc_self, acc_cross) = call(x, st, n - 1, acc, True)  # the P-Decoder reads this step
+        feats = features.extract(taps, capture, b)
+        z, _ = sampler.step(st, eps, n - 1, x)
+        images = jnp.clip((vae.decode(z / scale + shift).astype(jnp.float32) + 1) / 2, 0, 1)
+        labels = refine.attention_labels(acc_self / n, acc_cross / n, weights, class_ids, valid, self_hw=self_hw,
+                                         cross_hw=cross_hw, image_hw=image_hw, tau=tau, threshold=threshold,
+                                         uncertainty_threshold=uncertainty_threshold)
+        return images, feats, {ATTENTION_KEY: labels}
+
+    return run
+
+
+class DecoderAttentionLabeler(generate.DecoderLabeler):
+    """`generate.DecoderLabeler` plus the attention labeller's map of the same image (``attention_label``).
+
+    ``attention``: an `attention.AttentionLabelConfig` or dict (default ``config.generate.labeler_config``);
+    ``class_names``: label value -> name (default the config's data source classes)."""
+
+    name = "decoder+attention"
+
+    def __init__(self, config, pipe=None, config_path: str | None = None, *, also: Sequence[Any] = (),
+                 attention_config: Mapping[str, Any] | attention.AttentionLabelConfig | None = None,
+                 class_names: Sequence[str] | None = None):
+        if attention_config is None:
+            attention_config = config.generate.get("labeler_config", None)
+        self.attention = attention.AttentionLabelConfig.from_dict(attention_config)
+        if class_names is None:
+            from datasetdm_jax.data import sources
+            class_names = sources.class_names(config.data)
+        self.class_names = tuple(class_names)
+        super().__init__(config, pipe, config_path, also=also)
+
+    def _build_sampler(self, pipe, g, capture: str):
+        latent_hw = generate._latent_hw(pipe, self.size, self.size)
+        self_hw, cross_hw = attention.feature_grids(pipe, latent_hw, self.attention)
+        a = self.attention
+        return build_sampler_fn(pipe, steps=int(g.steps), guidance=float(g.guidance), scheduler=str(g.scheduler),
+                                latent_hw=latent_hw, capture=capture, self_hw=self_hw, cross_hw=cross_hw, tau=a.tau,
+                                threshold=float(a.threshold), uncertainty_threshold=float(a.uncertainty_threshold))
+
+    def _inputs(self, prompts, batch: int) -> tuple[list[str], Any]:
+        names = [list(p.classes) for p in prompts]
+        unknown = sorted({c for row in names for c in row if c not in self.class_names})
+        if unknown:
+            raise ValueError(f"attention labels: class {unknown[0]!r} is not a label class ({list(self.class_names)})")
+        texts = [class_prompts.append_class_names(p.text, n) if self.attention.append_class_names else p.text
+                 for p, n in zip(prompts, names)]
+        pad = batch - len(prompts)
+        names, texts = names + [names[-1]] * pad, texts + [texts[-1]] * pad
+        ids = [[self.class_names.index(c) for c in row] for row in names]
+        return texts, attention.class_inputs(self.pipe, names, ids)
+
+    def describe(self) -> dict[str, Any]:
+        a = self.attention
+        return {**super().describe(), "attention": {k: getattr(a, k) for k in a.__dataclass_fields__}}

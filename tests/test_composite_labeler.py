@@ -1,0 +1,66 @@
+"""`labeler: decoder+attention`: one sampler pass gives the P-Decoder's labels (equal to the plain
+DecoderLabeler's on the same seeds) and the attention labeller's map of the very same images."""
+
+import numpy as np
+import pytest
+
+from datasetdm_jax import generate, prompts, train
+from datasetdm_jax.config_utils import load_config
+from datasetdm_jax.data import records, shapes
+from datasetdm_jax.labelers import composite
+from test_generate_dataset import TINY, _save_decoder
+
+# The tiny UNet attends at feature heights 16 and 8 for a 32 px image (latent 16).
+ATTENTION = dict(self_res=16, cross_res=8, append_class_names=False)
+INDICES = np.arange(3, 5)
+
+
+@pytest.fixture(scope="module")
+def setup(pipe, tiny_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("composite")
+    config = load_config(TINY, [f"pipeline={tiny_dir}", f"workdir={root / 'wd'}"])
+    _save_decoder(config, train.Trainer(config, pipe=pipe))
+    ps = prompts.from_config(config.generate.prompts).batch(INDICES)
+    plain = generate.DecoderLabeler(config, pipe=pipe)(ps, INDICES, 0)
+    both = composite.DecoderAttentionLabeler(config, pipe=pipe, attention_config=ATTENTION)
+    return root, config, ps, plain, both, both(ps, INDICES, 0)
+
+
+def test_decoder_labels_match_the_plain_labeller(setup):
+    _, _, ps, plain, _, res = setup
+    np.testing.assert_array_equal(res.images, plain.images)
+    assert res.prompts == plain.prompts == [p.text for p in ps]
+    for a, b in zip(res.labels, plain.labels):
+        np.testing.assert_array_equal(a["segmentation"], b["segmentation"])
+        np.testing.assert_allclose(a["quality"], b["quality"], rtol=1e-5)
+
+
+def test_attention_labels_of_the_same_images(setup):
+    _, _, ps, _, _, res = setup
+    for p, lab in zip(ps, res.labels):
+        att = lab[composite.ATTENTION_KEY]
+        assert att.shape == (32, 32) and att.dtype == np.uint8
+        allowed = {0, 255} | {shapes.CLASSES.index(c) for c in p.classes}
+        assert set(np.unique(att).tolist()) <= allowed
+    # both label sets are written to each record; the attention map round-trips exactly
+    out = setup[0] / "records"
+    manifest = generate.generate_dataset(setup[1], 5, str(out), labeler=setup[4], progress=False)
+    assert manifest["labeler"]["name"] == "decoder+attention" and manifest["labeler"]["attention"]["cross_res"] == 8
+    exs = list(records.read_tfrecords(str(out)))
+    for k, i in enumerate(INDICES):
+        np.testing.assert_array_equal(exs[i]["attention_label"], res.labels[k][composite.ATTENTION_KEY])
+        np.testing.assert_array_equal(exs[i]["segmentation"], res.labels[k]["segmentation"])
+        np.testing.assert_array_equal(exs[i]["image"], res.images[k])
+
+
+def test_class_names_appended_and_unknown_classes_refused(setup, pipe):
+    _, config, ps, _, _, _ = setup
+    appended = composite.DecoderAttentionLabeler(config, pipe=pipe, attention_config={**ATTENTION,
+                                                                                     "append_class_names": True})
+    texts, (tokens, weights, ids, valid) = appended._inputs(ps[:1], 2)  # padded to the batch of 2
+    assert texts == [f"{ps[0].text}; {' '.join(ps[0].classes)}"] * 2
+    n = len(ps[0].classes)
+    assert tokens.shape[0] == 2 and valid[0].sum() == n and weights.shape[:2] == ids.shape == valid.shape
+    assert ids[0, :n].tolist() == [shapes.CLASSES.index(c) for c in ps[0].classes]
+    with pytest.raises(ValueError, match="'dragon' is not a label class"):
+        appended._inputs([prompts.Prompt("a dragon", ("dragon",))], 2)
