@@ -7,6 +7,8 @@ comment). The frozen model is SD 1.4 in diffusers format (safetensors), §1.
 
 import ml_collections
 
+from datasetdm_jax.data.voc import CLASSES  # label value -> class name
+
 
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
@@ -39,8 +41,15 @@ def get_config(arg=None):
     c.eval = ml_collections.ConfigDict(dict(split="val", seed=0, num_images=1449, batch_size=1))  # at end
     # §3.1-3.2: Mask2Former-style head, hidden 256, 10 layers, 8 heads, FFN 2048, 20 queries (VOC).
     c.decoder = ml_collections.ConfigDict(dict(hidden=256, num_queries=20, num_layers=10, heads=8, ffn=2048))
-    # §2.1, §5: generation with PNDM (PLMS) 50 steps, CFG 7 for VOC.
-    c.generate = ml_collections.ConfigDict(dict(scheduler="pndm", steps=50, guidance=7.0))
+    # §2.1, §5: generation with PNDM (PLMS) 50 steps, CFG 7 for VOC. `datasetdm generate --config
+    # configs/voc_semantic.py --num_images N --out DIR` labels with the decoder trained in `workdir`.
+    c.generate = ml_collections.ConfigDict(dict(
+        prompts=ml_collections.ConfigDict(dict(kind="templates", classes=CLASSES[1:], templates=("a photo of {a_class}",),
+                                               max_classes=1, seed=0)),
+        scheduler="pndm", steps=50, guidance=7.0, negative_prompt="", batch_size=8, seed=0,
+        labeler="decoder", shard_size=256, image_format="jpeg",
+        min_area=256,                # semantic: classes covering fewer pixels of a 512 x 512 image become background
+    ))
     if arg not in (None, ""):
         raise ValueError(f"unknown variant {arg!r} (expected none)")
     return c

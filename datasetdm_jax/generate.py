@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from datasetdm_jax import features, schedulers
+from datasetdm_jax.decoders import postprocess
 
 
 def initial_noise(seed: int, indices: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
@@ -178,7 +179,7 @@ class DecoderLabeler:
                        "params_sha256": _sha256(p)} for t, p, s, c in decoders]
         self.uncond = tr.pipe.tokenize([str(g.negative_prompt)])[0]
         sampler = self._build_sampler(tr.pipe, g, tr.capture)
-        min_area = int(g.min_area)
+        min_area = int(g.get("min_area", 0))  # semantic only (pose configs have none)
         size = self.size
 
         def label(t, params, feats):
@@ -193,7 +194,9 @@ class DecoderLabeler:
                         "quality": (score.max(1) / (score.sum(1) + 1e-6)).mean((1, 2))}
             if t.task == "depth":
                 return {"depth": out.astype(jnp.float32)}
-            raise ValueError(f"generation labels tasks semantic and depth, not {t.task!r}")
+            if t.task in ("instance", "pose"):  # padded to fixed slots here, trimmed on the host
+                return postprocess.task_labels(t.task, out, size, postprocess.label_settings(t.config))
+            raise ValueError(f"generation labels tasks semantic, instance, depth and pose, not {t.task!r}")
 
         def run(frozen, dec_params, cond, uncond, indices, seed, extra):
             images, feats, labels = sampler(frozen, cond, uncond, indices, seed, extra)
@@ -226,7 +229,7 @@ class DecoderLabeler:
         cond, uncond, idx, extra = jax.device_put((cond, uncond, np.asarray(pad, np.int32), extra), tr.data_sharding)
         seed_arr = jax.device_put(np.int32(seed), tr.repl)
         images, labels = jax.device_get(self.fn(tr.frozen, self.params, cond, uncond, idx, seed_arr, extra))
-        rows = [{k: v[i] for k, v in labels.items()} for i in range(n)]
+        rows = [postprocess.trim({k: v[i] for k, v in labels.items()}) for i in range(n)]
         return LabelledExamples(np.asarray(images[:n]), rows, texts[:n])
 
     def describe(self) -> dict[str, Any]:
@@ -338,10 +341,11 @@ def _check_spec(out: str, spec: dict[str, Any]) -> None:
 
 def _shard_stats(labels: list[dict[str, Any]], num_classes: int | None) -> dict[str, Any]:
     stats: dict[str, Any] = {}
-    if num_classes and labels and "segmentation" in labels[0]:
+    key = next((k for k in ("segmentation", "instance_labels") if labels and k in labels[0]), None)
+    if num_classes and key:  # semantic maps, else instance classes
         present = np.zeros(num_classes, np.int64)
         for lab in labels:
-            present += np.bincount(np.asarray(lab["segmentation"]).reshape(-1).clip(0, num_classes - 1),
+            present += np.bincount(np.asarray(lab[key]).reshape(-1).clip(0, num_classes - 1),
                                    minlength=num_classes) > 0
         stats["images_with_class"] = present.tolist()
     q = [float(lab["quality"]) for lab in labels if lab.get("quality") is not None]
@@ -374,13 +378,14 @@ def generate_dataset(config, num_images: int, out: str, *, config_path: str | No
     from tqdm.auto import tqdm
 
     from datasetdm_jax import prompts as prompts_lib
-    from datasetdm_jax.data import records, shapes
+    from datasetdm_jax.data import records, sources
 
     g = config.generate
     num_images = int(num_images)
     if num_images < 1:
         raise ValueError(f"--num_images must be >= 1, got {num_images}")
-    source = prompts_lib.from_config(g.prompts, known_classes=shapes.CLASSES)
+    class_names = tuple(sources.class_names(config.data))  # the decoder's label values, e.g. VOC's 21
+    source = prompts_lib.from_config(g.prompts, known_classes=class_names)
     shard_size, seed, fmt = int(g.shard_size), int(g.seed), str(g.image_format)
     num_shards = -(-num_images // shard_size)
     pid, nproc = jax.process_index(), jax.process_count()
@@ -421,11 +426,11 @@ def generate_dataset(config, num_images: int, out: str, *, config_path: str | No
                 for k, i in enumerate(idx):
                     rec = {"image": res.images[k], "prompt": used[k], "classes": list(ps[k].classes),
                            "index": int(i), "seed": seed, **res.labels[k]}
-                    examples.append(records.to_example(rec, fmt, class_names=shapes.CLASSES))
+                    examples.append(records.to_example(rec, fmt, class_names=class_names))
                 all_labels += res.labels
                 bar.update(len(idx))
                 made += len(idx)
-            records.write_shard(out, names[s], examples, extra={"stats": _shard_stats(all_labels, len(shapes.CLASSES))})
+            records.write_shard(out, names[s], examples, extra={"stats": _shard_stats(all_labels, len(class_names))})
     finally:
         bar.close()
     elapsed = time.time() - t0
@@ -439,7 +444,7 @@ def generate_dataset(config, num_images: int, out: str, *, config_path: str | No
         print(f"generate: process {pid} wrote {len(todo)} shard(s), {made} images in {elapsed:.1f} s")
         return None
     summaries.sort(key=lambda x: x["name"])
-    manifest = _manifest(spec, summaries, num_images, shard_size)
+    manifest = _manifest(spec, summaries, num_images, shard_size, class_names)
     from datasetdm_jax import export
     export.write_preview(out, [os.path.join(out, x["files"]["tfrecord"]["file"]) for x in summaries[:1]],
                          os.path.join(out, "preview.png"))
@@ -451,16 +456,14 @@ def generate_dataset(config, num_images: int, out: str, *, config_path: str | No
 
 
 def _manifest(spec: Mapping[str, Any], summaries: list[dict[str, Any]], num_images: int,
-              shard_size: int) -> dict[str, Any]:
-    from datasetdm_jax.data import shapes
-
+              shard_size: int, class_names: Sequence[str]) -> dict[str, Any]:
     counts: dict[str, Any] = {"images": sum(x["num_records"] for x in summaries)}
     if counts["images"] != num_images:
         raise RuntimeError(f"manifest: {counts['images']} records in shards, expected {num_images}")
     with_class = [x["stats"].get("images_with_class") for x in summaries]
     if all(w is not None for w in with_class) and with_class:
         tot = np.sum(np.asarray(with_class), 0)
-        counts["images_with_class"] = {shapes.CLASSES[k]: int(v) for k, v in enumerate(tot)}
+        counts["images_with_class"] = {class_names[k]: int(v) for k, v in enumerate(tot)}
     q = [x["stats"].get("quality_sum") for x in summaries]
     if all(v is not None for v in q) and q:
         counts["mean_quality"] = float(np.sum(q) / num_images)

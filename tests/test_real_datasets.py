@@ -10,52 +10,17 @@ from PIL import Image
 
 from datasetdm_jax.config_utils import load_config
 from datasetdm_jax.data import cityscapes, coco, nyu, pipeline, real_base as rb, sources, voc
+from fake_voc import VOC_LABELS, write_fake_voc
+from fake_voc import png as _png, rgb as _rgb, voc_label as _voc_label
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 
-def _png(path, arr, mode=None):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(arr, mode).save(path) if mode else Image.fromarray(arr).save(path)
-
-
-def _rgb(h, w, seed):
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
 # -- VOC -------------------------------------------------------------------------------------------
-
-def _voc_label(h, w, blocks):
-    lab = np.zeros((h, w), np.uint8)
-    for v, (r0, r1, c0, c1) in blocks:
-        lab[r0:r1, c0:c1] = v
-    return lab
-
-
-VOC_LABELS = {  # id -> label map (30 x 40); selection with per_class=1, min_pixels=100
-    "2007_000001": _voc_label(30, 40, [(1, (0, 20, 0, 20))]),                        # aeroplane 400 px: taken
-    "2007_000002": _voc_label(30, 40, [(1, (0, 20, 0, 20))]),                        # aeroplane again: class full
-    "2007_000003": _voc_label(30, 40, [(2, (0, 20, 0, 20)), (3, (20, 30, 0, 20))]),  # two classes: no
-    "2007_000004": _voc_label(30, 40, [(3, (0, 20, 0, 20)), (255, (25, 30, 0, 40))]),  # has 255: no
-    "2007_000005": _voc_label(30, 40, [(3, (0, 5, 0, 10))]),                         # bird 50 px: too small
-    "2007_000006": _voc_label(30, 40, [(3, (0, 20, 0, 20))]),                        # bird 400 px: taken
-}
-
 
 @pytest.fixture(scope="module")
 def voc_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("voc") / "VOC2012")
-    for k, (i, lab) in enumerate(VOC_LABELS.items()):
-        os.makedirs(os.path.join(root, "JPEGImages"), exist_ok=True)
-        Image.fromarray(_rgb(30, 40, k)).save(os.path.join(root, "JPEGImages", f"{i}.jpg"), quality=95)
-        _png(os.path.join(root, "SegmentationClassAug", f"{i}.png"), lab)
-    os.makedirs(os.path.join(root, "ImageSets", "SegmentationAug"))
-    with open(os.path.join(root, "ImageSets", "SegmentationAug", "train_aug.txt"), "w") as f:
-        f.writelines(f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n" for i in VOC_LABELS)
-    os.makedirs(os.path.join(root, "ImageSets", "Segmentation"))
-    with open(os.path.join(root, "ImageSets", "Segmentation", "val.txt"), "w") as f:
-        f.writelines(f"{i}\n" for i in list(VOC_LABELS)[:2])
-    return root
+    return write_fake_voc(str(tmp_path_factory.mktemp("voc") / "VOC2012"))
 
 
 def test_voc_selection_rule(voc_root):
