@@ -40,6 +40,18 @@ def get_config(arg=None):
     c.eval = ml_collections.ConfigDict(dict(split="test", seed=0, num_images=256, batch_size=8))
     # At most 3 objects per scene: 10 queries are plenty.
     c.decoder = ml_collections.ConfigDict(dict(hidden=64, num_queries=10, num_layers=6, heads=4, ffn=256))
+    # `datasetdm generate --config configs/shapes_instance.py --num_images N --out DIR`: prompts (kind shapes,
+    # templates or file; see datasetdm_jax/prompts.py), sampler, and the labeller ('decoder': the
+    # P-Decoder `datasetdm train` wrote to `workdir`). Instances: one per decoder query (its best
+    # class), score = class prob x mean in-mask sigmoid, kept if >= score_threshold (official 0.4),
+    # at most max_instances (official 20) of at least min_area pixels (datasetdm_jax/decoders/postprocess.py).
+    c.generate = ml_collections.ConfigDict(dict(
+        prompts=ml_collections.ConfigDict(dict(kind="shapes", seed=0, domain="full", path="", classes=(),
+                                               templates=(), max_classes=1)),
+        steps=25, guidance=7.5, scheduler="pndm", negative_prompt="", batch_size=16, seed=0,
+        labeler="decoder", shard_size=256, image_format="png",
+        score_threshold=0.4, max_instances=20, min_area=16,
+    ))
     if arg == "tiny":
         c.steps, c.batch_size, c.num_points, c.log_every, c.eval_every, c.lr = 4, 2, 64, 1, 2, 1e-3
         c.data.num_images, c.data.image_size, c.data.flip = 8, 32, True
@@ -47,6 +59,8 @@ def get_config(arg=None):
         c.val.num_images, c.val.batch_size = 2, 2
         c.top_k = 5
         c.decoder = ml_collections.ConfigDict(dict(hidden=32, num_queries=6, num_layers=2, heads=4, ffn=64))
+        c.generate.steps, c.generate.batch_size, c.generate.shard_size = 2, 2, 3
+        c.generate.max_instances, c.generate.min_area = 4, 1
     elif arg not in (None, ""):
         raise ValueError(f"unknown variant {arg!r} (expected 'tiny' or none)")
     return c

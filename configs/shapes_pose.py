@@ -39,12 +39,26 @@ def get_config(arg=None):
     c.val = ml_collections.ConfigDict(dict(split="test", seed=1, num_images=32, batch_size=8))
     c.eval = ml_collections.ConfigDict(dict(split="test", seed=0, num_images=256, batch_size=8))
     c.decoder = ml_collections.ConfigDict(dict(hidden=64, out_size=32))
+    # `datasetdm generate --config configs/shapes_pose.py --num_images N --out DIR`: one-person prompts
+    # (the decoder is trained on one-person scenes; official: "a photo of a person"), sampler, and the
+    # labeller ('decoder': the P-Decoder `datasetdm train` wrote to `workdir`). Keypoints: heatmap
+    # argmax per joint; all 17 kept, visibility 2 where the peak > keypoint_threshold (the official code
+    # writes every peak with no threshold), else 0; an image's person is kept with >= min_keypoints
+    # visible joints (datasetdm_jax/decoders/postprocess.py).
+    c.generate = ml_collections.ConfigDict(dict(
+        prompts=ml_collections.ConfigDict(dict(kind="shapes", seed=0, domain="full", path="", classes=("person",),
+                                               templates=(), max_classes=1, min_objects=1, max_objects=1)),
+        steps=25, guidance=7.5, scheduler="pndm", negative_prompt="", batch_size=16, seed=0,
+        labeler="decoder", shard_size=256, image_format="png",
+        keypoint_threshold=0.1, min_keypoints=1,
+    ))
     if arg == "tiny":
         c.steps, c.batch_size, c.log_every, c.eval_every, c.lr = 4, 2, 1, 2, 1e-3
         c.data.num_images, c.data.image_size = 8, 32
         c.eval.num_images, c.eval.batch_size = 4, 2
         c.val.num_images, c.val.batch_size = 2, 2
         c.decoder = ml_collections.ConfigDict(dict(hidden=16, out_size=16))
+        c.generate.steps, c.generate.batch_size, c.generate.shard_size = 2, 2, 3
     elif arg not in (None, ""):
         raise ValueError(f"unknown variant {arg!r} (expected 'tiny' or none)")
     return c

@@ -180,7 +180,8 @@ def test_coco_export_pairs_keypoints_with_person_masks(tmp_path):
     kp = np.asarray(p2["keypoints"]).reshape(J, 3)
     x, y, w, h = p2["bbox"]
     lab = kp[kp[:, 2] > 0]
-    assert (lab[:, 0] >= x).all() and (lab[:, 0] <= x + w).all() and (lab[:, 1] >= y).all() and (lab[:, 1] <= y + h).all()
+    assert (lab[:, 0] >= x).all() and (lab[:, 0] <= x + w).all()
+    assert (lab[:, 1] >= y).all() and (lab[:, 1] <= y + h).all()
     vis = full["keypoint_scores"][0][full["keypoints"][0, :, 2] > 0]
     assert p2["score"] == pytest.approx(float(vis.mean()), rel=1e-5)
     assert [c["keypoints"] for c in coco["categories"] if c["id"] == person] == [list(shapes.KEYPOINT_NAMES)]

@@ -33,7 +33,8 @@ from datasetdm_jax.decoders.pose import decode_heatmaps
 __all__ = ["DEFAULTS", "label_settings", "instance_labels", "pose_labels", "instance_quality", "pose_quality",
            "task_labels", "trim"]
 
-# Official values: top-20 instances with score >= 0.4; a joint is visible if its peak > 0.1.
+# Official: top-20 instances with score >= 0.4. Joints: the official code writes every peak; 0.1 is
+# decode_heatmaps' visibility threshold.
 DEFAULTS: dict[str, Any] = {"score_threshold": 0.4, "max_instances": 20, "min_area": 0,
                             "keypoint_threshold": 0.1, "min_keypoints": 1}
 
