@@ -3,11 +3,16 @@
 Stages (each cached in the workdir, so a second run is fast): train the P-Decoders (semantic and
 depth) on 100 labelled real images through the shipped shapes-world SD; generate an annotated
 synthetic dataset; train the downstream segmenter and depth net on (a) real, (b) synthetic,
-(c) real + synthetic; evaluate on the real test and domain-shifted splits; print the table, write
-report.json and figure.png. Variant ``:small`` (minutes; Colab quickstart and tests).
+(c) real + synthetic, and the segmenter on (d) synthetic with attention labels, (e) real + those;
+evaluate on the real test and domain-shifted splits; print the table, write report.json and
+figure.png. Variant ``:small`` (minutes; Colab quickstart and tests).
 """
 
+import os
+
 import ml_collections
+
+from datasetdm_jax.config_utils import load_config
 
 
 def get_config(arg=None):
@@ -22,6 +27,11 @@ def get_config(arg=None):
     # Generation: one sampler pass labels each image with every decoder (semantic + depth).
     c.generate = ml_collections.ConfigDict(dict(num_images=1024, steps=15, guidance=7.5, scheduler="dpmpp_2m",
                                                 batch_size=32, seed=0, shard_size=256))
+    # The training-free attention labeller labels the same images in that same pass (rows d, e);
+    # settings from configs/shapes_attention.py:both (cross_res 8, captions not appended).
+    here = os.path.dirname(os.path.abspath(__file__))
+    c.attention = ml_collections.ConfigDict(dict(
+        enabled=True, labeler=load_config(os.path.join(here, "shapes_attention.py:both")).generate.labeler_config))
     c.downstream = ml_collections.ConfigDict(dict(config="downstream_shapes.py", semantic_steps=1000,
                                                   depth_steps=1000, test_images=256))
     # What the paper claims, checked against the measured table (reported either way).

@@ -1,11 +1,13 @@
 """`datasetdm demo`: DatasetDM proven end to end on the shapes world, on a CPU, with no downloads.
 
 1. load the shipped shapes-world Stable Diffusion; 2. train the P-Decoders (semantic, depth) on 100
-labelled real images; 3. generate an annotated synthetic dataset (one sampler pass, both decoders);
-4. train the downstream segmenter and depth net on (a) real, (b) synthetic, (c) real + synthetic;
-5. evaluate on the real test and domain-shifted splits; 6. print the paper-style table and write
-``report.json`` and ``figure.png``. Every stage is cached in the workdir (decoder checkpoints,
-generated shards, the downstream results), so rerunning skips finished work.
+labelled real images; 3. generate an annotated synthetic dataset (one sampler pass, both decoders,
+and the training-free attention labeller on the same images); 4. train the downstream segmenter and
+depth net on (a) real, (b) synthetic, (c) real + synthetic, and the segmenter on (d) synthetic with
+attention labels, (e) real + those; 5. evaluate on the real test and domain-shifted splits; 6. print
+the paper-style table and write ``report.json`` and ``figure.png``. Every stage is cached in the
+workdir (decoder checkpoints, generated shards, the downstream results), so rerunning skips
+finished work.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ import numpy as np
 
 from datasetdm_jax.config_utils import load_config
 
-__all__ = ["CONFIGS_DIR", "run", "check_claims", "main_demo"]
+__all__ = ["CONFIGS_DIR", "ATTENTION_ROWS", "run", "check_claims", "add_attention_rows", "main_demo"]
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 TASKS = ("semantic", "depth")
+# comparison row on attention labels -> its row in the table (semantic only: attention gives no depth)
+ATTENTION_ROWS = {"synthetic": "attention", "real+synthetic": "real+attention"}
 
 
 def _config(name: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -44,8 +48,26 @@ def _decoder_configs(config: ml_collections.ConfigDict, workdir: str, model: str
     return out
 
 
+def _attention_enabled(config: ml_collections.ConfigDict) -> bool:
+    return bool(config.get("attention", {}).get("enabled", False))
+
+
+def add_attention_rows(result: dict[str, Any], attention: dict[str, Any]) -> dict[str, Any]:
+    """Rows (d), (e): a semantic comparison run on attention labels, merged into the (a)-(c) result."""
+    out = {**result, "rows": list(result["rows"]), "semantic": dict(result["semantic"]),
+           "train": {**result["train"], "semantic": dict(result["train"]["semantic"])}}
+    for src, row in ATTENTION_ROWS.items():
+        if src in attention["rows"]:
+            out["rows"].append(row)
+            out["semantic"][row] = attention["semantic"][src]
+            out["train"]["semantic"][row] = attention["train"]["semantic"][src]
+    return out
+
+
 def _downstream(config: ml_collections.ConfigDict, workdir: str, synthetic_dir: str) -> dict[str, Any]:
-    """Rows (a)-(c) for both tasks, cached as downstream.json (keyed by the settings)."""
+    """Rows (a)-(c) for both tasks and, with attention labels, (d)-(e) for semantic; cached as
+    downstream.json (keyed by the settings)."""
+    from datasetdm_jax.data import records
     from datasetdm_jax.downstream import compare, data
 
     cache = Path(workdir) / "downstream.json"
@@ -53,7 +75,8 @@ def _downstream(config: ml_collections.ConfigDict, workdir: str, synthetic_dir: 
     ds = _config(d.config)
     ds.semantic.steps, ds.depth.steps = int(d.semantic_steps), int(d.depth_steps)
     key = {"downstream": json.loads(ds.to_json()), "test_images": int(d.test_images),
-           "synthetic": json.loads((Path(synthetic_dir) / "manifest.json").read_text())["shards"]}
+           "synthetic": json.loads((Path(synthetic_dir) / "manifest.json").read_text())["shards"],
+           "attention": _attention_enabled(config)}
     if cache.is_file():
         stored = json.loads(cache.read_text())
         if stored.get("key") == key:
@@ -63,6 +86,13 @@ def _downstream(config: ml_collections.ConfigDict, workdir: str, synthetic_dir: 
     tests = {s: data.shapes_arrays(s, int(d.test_images), int(ds.test.seed), int(ds.test.image_size))
              for s in ds.test.splits}
     result = compare.jsonable(compare.run_comparison(real, synthetic, tests, ds))
+    if _attention_enabled(config):  # the same images, labelled by the attention labeller
+        exs = records.read_tfrecords(synthetic_dir)
+        attention = data.stack_examples(({"image": ex["image"], "segmentation": ex["attention_label"]} for ex in exs),
+                                        "attention labels")
+        ds_att = ml_collections.ConfigDict(ds.to_dict())
+        ds_att.tasks, ds_att.rows = ("semantic",), tuple(ATTENTION_ROWS)
+        result = add_attention_rows(result, compare.jsonable(compare.run_comparison(real, attention, tests, ds_att)))
     cache.write_text(json.dumps({"key": key, "result": result}, indent=1))
     return result
 
@@ -84,6 +114,14 @@ def check_claims(result: dict[str, Any], min_gain: float) -> list[dict[str, Any]
         claims.append({"claim": "depth REL improves with synthetic data (c) vs (a), test split",
                        "measured": [round(dep["real"]["test"]["rel"], 4), round(dep["real+synthetic"]["test"]["rel"], 4)],
                        "holds": bool(dep["real+synthetic"]["test"]["rel"] < dep["real"]["test"]["rel"])})
+    if sem and all(r in sem for r in ATTENTION_ROWS.values()):  # measured, no threshold: holds None
+        pct = lambda row: {s: round(100 * sem[row][s]["miou"], 2) for s in sem[row]}
+        claims.append({"claim": "(d) attention labels vs (b) P-Decoder labels, synthetic only (mIoU per split)",
+                       "measured": {"attention": pct("attention"), "p_decoder": pct("synthetic")}, "holds": None})
+        claims.append({"claim": "(e) real + attention-labelled vs (c) real + P-Decoder-labelled vs (a) real only "
+                                "(mIoU per split)",
+                       "measured": {"attention": pct("real+attention"), "p_decoder": pct("real+synthetic"),
+                                    "real": pct("real")}, "holds": None})
     return claims
 
 
@@ -102,26 +140,35 @@ def _figure(path: str, synthetic_dir: str, result: dict[str, Any]) -> None:
         examples.append(ex)
         if len(examples) == 6:
             break
-    fig = plt.figure(figsize=(13, 7.5))
+    attention = bool(examples) and "attention_label" in examples[0]
+    n = 4 if attention else 3  # rows of the grid: image, P-Decoder labels, [attention labels], depth
+    fig = plt.figure(figsize=(13, 2.5 * n))
     for i, ex in enumerate(examples):
-        ax = fig.add_subplot(3, 6, 1 + i)
+        ax = fig.add_subplot(n, 6, 1 + i)
         ax.imshow(ex["image"])
         ax.set_title(ex.get("prompt", "")[:34], fontsize=6)
-        ax = fig.add_subplot(3, 6, 7 + i)
+        ax = fig.add_subplot(n, 6, 7 + i)
         ax.imshow(export.overlay(ex))
-        ax = fig.add_subplot(3, 6, 13 + i) if i < 3 else None
+        if i == 0:
+            ax.set_ylabel("P-Decoder", fontsize=7)
+        if attention:
+            ax = fig.add_subplot(n, 6, 13 + i)
+            ax.imshow(export.overlay({"image": ex["image"], "segmentation": ex["attention_label"]}))
+            if i == 0:
+                ax.set_ylabel("attention", fontsize=7)
+        ax = fig.add_subplot(n, 6, 6 * (n - 1) + 1 + i) if i < 3 else None
         if ax is not None and "depth" in ex:
             ax.imshow(ex["depth"], cmap="magma_r")
     for ax in fig.axes:
         ax.set_xticks([])
         ax.set_yticks([])
-    rows = result["rows"]
     splits = result["test_splits"]
     for j, (task, metric, label) in enumerate((("semantic", "miou", "mIoU (higher is better)"),
                                                ("depth", "rel", "depth REL (lower is better)"))):
         if task not in result:
             continue
-        ax = fig.add_axes([0.55 + 0.23 * j, 0.06, 0.19, 0.25])
+        rows = [r for r in result["rows"] if r in result[task]]
+        ax = fig.add_axes([0.55 + 0.23 * j, 0.06, 0.19, 0.75 / n])
         width = 0.8 / len(rows)
         for k, row in enumerate(rows):
             vals = [result[task][row][s][metric] for s in splits]
@@ -157,28 +204,38 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True) -> dict[str
         decoder_results[task] = json.loads((Path(cfg.workdir) / train.RESULTS_FILE).read_text())
     times["decoders"] = time.time() - t
 
-    print(f"[2/4] generating {int(config.generate.num_images)} annotated images")
+    attention = _attention_enabled(config)
+    print(f"[2/4] generating {int(config.generate.num_images)} annotated images"
+          + (" (P-Decoder and attention labels, one pass)" if attention else ""))
     t = time.time()
     synthetic_dir = os.path.join(workdir, "synthetic")
-    labeler = generate.DecoderLabeler(decoder_cfgs["semantic"], pipe=pipe, also=[decoder_cfgs["depth"]])
+    if attention:
+        from datasetdm_jax.labelers.composite import DecoderAttentionLabeler
+        labeler = DecoderAttentionLabeler(decoder_cfgs["semantic"], pipe=pipe, also=[decoder_cfgs["depth"]],
+                                          attention_config=config.attention.labeler)
+    else:
+        labeler = generate.DecoderLabeler(decoder_cfgs["semantic"], pipe=pipe, also=[decoder_cfgs["depth"]])
     manifest = generate.generate_dataset(decoder_cfgs["semantic"], int(config.generate.num_images), synthetic_dir,
                                          pipe=pipe, labeler=labeler, progress=progress)
     times["generate"] = time.time() - t
 
-    print("[3/4] downstream models: (a) real, (b) synthetic, (c) real + synthetic")
+    print("[3/4] downstream models: (a) real, (b) synthetic, (c) real + synthetic"
+          + ("; semantic on attention labels: (d) synthetic, (e) real + synthetic" if attention else ""))
     t = time.time()
     result = _downstream(config, workdir, synthetic_dir)
     times["downstream"] = time.time() - t
 
     print("[4/4] report")
     claims = check_claims(result, float(config.claims.min_miou_gain))
-    report = {"model": model, "decoders": decoder_results, "generated": manifest["counts"],
+    report = {"model": model, "decoders": decoder_results, "labeler": manifest.get("labeler"),
+              "generated": manifest["counts"],
               "downstream": result, "claims": claims, "seconds": {k: round(v, 1) for k, v in times.items()}}
     Path(workdir, "report.json").write_text(json.dumps(report, indent=1))
     _figure(os.path.join(workdir, "figure.png"), synthetic_dir, result)
     print(compare.format_table(result))
     for c in claims:
-        print(f"- {'HOLDS' if c['holds'] else 'DOES NOT HOLD'}: {c['claim']} (measured {c['measured']})")
+        verdict = "MEASURED" if c["holds"] is None else "HOLDS" if c["holds"] else "DOES NOT HOLD"
+        print(f"- {verdict}: {c['claim']} (measured {c['measured']})")
     total = time.time() - t0
     print(f"demo: {total / 60:.1f} min (" + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
           + f"); report {workdir}/report.json, figure {workdir}/figure.png")

@@ -19,3 +19,58 @@ def test_claims_hold_when_synthetic_data_helps():
 def test_claims_fail_when_it_does_not():
     claims = demo.check_claims(_result(0.40, 0.42, 0.30, 0.31, 0.20, 0.25), min_gain=5.0)
     assert [c["holds"] for c in claims] == [False, False, False]
+
+
+# --- attention-labelled rows (d), (e): semantic only, reported as measured ---------------------
+
+def _with_attention(base, att, real_att):
+    sem = lambda t, s: {"test": {"miou": t}, "test_shifted": {"miou": s}}
+    attention = {"rows": ["synthetic", "real+synthetic"],
+                 "semantic": {"synthetic": sem(*att), "real+synthetic": sem(*real_att)},
+                 "train": {"semantic": {"synthetic": {"steps": 1}, "real+synthetic": {"steps": 1}}}}
+    for row in base["depth"].values():
+        row["test_shifted"] = {"rel": 0.3}
+    base = {**base, "rows": ["real", "real+synthetic"], "test_splits": ["test", "test_shifted"], "num_real": 100,
+            "num_synthetic": 64, "train": {"semantic": {}, "depth": {}}}
+    return demo.add_attention_rows(base, attention)
+
+
+def test_attention_rows_are_merged_compared_and_tabled():
+    from datasetdm_jax.downstream import compare
+
+    base = _result(0.40, 0.47, 0.30, 0.40, 0.20, 0.15)
+    base["semantic"]["synthetic"] = {"test": {"miou": 0.35}, "test_shifted": {"miou": 0.33}}
+    result = _with_attention(base, (0.25, 0.20), (0.45, 0.36))
+    assert result["rows"] == ["real", "real+synthetic", "attention", "real+attention"]
+    assert result["semantic"]["attention"]["test"]["miou"] == 0.25 and "attention" not in result["depth"]
+    assert "attention" not in base["semantic"]  # the (a)-(c) result is not modified
+    claims = demo.check_claims(result, min_gain=5.0)
+    assert [c["holds"] for c in claims] == [True, True, True, None, None]
+    assert claims[3]["measured"] == {"attention": {"test": 25.0, "test_shifted": 20.0},
+                                     "p_decoder": {"test": 35.0, "test_shifted": 33.0}}
+    assert claims[4]["measured"]["attention"] == {"test": 45.0, "test_shifted": 36.0}
+    assert claims[4]["measured"]["real"] == {"test": 40.0, "test_shifted": 30.0}
+    lines = compare.format_table(result).splitlines()
+    assert lines[3].split()[:2] == ["(d)", "synth.,"]
+    assert lines[3].split()[-6:] == ["-", "64", "25.0", "20.0", "-", "-"]  # no depth from attention
+    assert lines[4].split()[-6:] == ["100", "64", "45.0", "36.0", "-", "-"]
+
+
+def test_figure_shows_both_label_sets(tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from datasetdm_jax.data import records
+
+    rng = np.random.default_rng(0)
+    exs = [records.to_example({"image": rng.integers(0, 255, (32, 32, 3), np.uint8), "prompt": "a red circle",
+                               "index": i, "segmentation": rng.integers(0, 3, (32, 32)),
+                               "attention_label": np.full((32, 32), 255 * (i % 2), np.uint8),
+                               "depth": rng.uniform(1, 5, (32, 32))}) for i in range(6)]
+    summary = records.write_shard(str(tmp_path), "data-00000-of-00001", exs, formats=("tfrecord",))
+    (tmp_path / records.MANIFEST).write_text(json.dumps({"shards": [summary]}))
+    result = _with_attention(_result(0.40, 0.47, 0.30, 0.40, 0.20, 0.15), (0.25, 0.20), (0.45, 0.36))
+    demo._figure(str(tmp_path / "figure.png"), str(tmp_path), result)
+    assert Image.open(tmp_path / "figure.png").size[1] == 1100  # four rows of images: 2.5 in each at 110 dpi

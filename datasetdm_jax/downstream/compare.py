@@ -108,7 +108,7 @@ def run_comparison(real: Mapping[str, np.ndarray], synthetic: Mapping[str, np.nd
 
 
 def _row_counts(result: Mapping[str, Any], row: str) -> tuple[str, str]:
-    real = str(result["num_real"]) if row != "synthetic" else "-"
+    real = str(result["num_real"]) if row == "real" or row.startswith("real+") else "-"
     syn = str(result["num_synthetic"]) if row != "real" else "-"
     return real, syn
 
@@ -121,14 +121,17 @@ def format_table(result: Mapping[str, Any]) -> str:
         head += [f"mIoU {s}" for s in splits]
     if "depth" in result:
         head += [f"REL {s}" for s in splits]
-    names = {"real": "(a) real only", "synthetic": "(b) synthetic only", "real+synthetic": "(c) real + synth."}
+    names = {"real": "(a) real only", "synthetic": "(b) synthetic only", "real+synthetic": "(c) real + synth.",
+             "attention": "(d) synth., attention labels", "real+attention": "(e) real + synth., attention"}
     lines = [head]
     for row in result["rows"]:
         cells = [names.get(row, row), *_row_counts(result, row)]
-        if "semantic" in result:
-            cells += [f"{100 * result['semantic'][row][s]['miou']:.1f}" for s in splits]
+        if "semantic" in result:  # a row may be scored for one task only ("-" for the other)
+            sem = result["semantic"].get(row)
+            cells += [f"{100 * sem[s]['miou']:.1f}" if sem else "-" for s in splits]
         if "depth" in result:
-            cells += [f"{result['depth'][row][s]['rel']:.3f}" for s in splits]
+            dep = result["depth"].get(row)
+            cells += [f"{dep[s]['rel']:.3f}" if dep else "-" for s in splits]
         lines.append(cells)
     widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))

@@ -98,7 +98,8 @@ def _grid(latent_hw: tuple[int, int], res: int, key: str, available: list[int]) 
     return res, latent_hw[1] // f
 
 
-def feature_grids(pipe, latent_hw: tuple[int, int], cfg: AttentionLabelConfig) -> tuple[tuple[int, int], tuple[int, int]]:
+def feature_grids(pipe, latent_hw: tuple[int, int],
+                  cfg: AttentionLabelConfig) -> tuple[tuple[int, int], tuple[int, int]]:
     """(self_hw, cross_hw): the attention grids `cfg` asks for (one-line error if the UNet has none there)."""
     available = attention_resolutions(pipe, latent_hw)
     return (_grid(latent_hw, cfg.self_res or latent_hw[0] // 2, "self_res", available),
