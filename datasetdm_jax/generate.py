@@ -181,6 +181,7 @@ class DecoderLabeler:
         sampler = self._build_sampler(tr.pipe, g, tr.capture)
         min_area = int(g.get("min_area", 0))  # semantic only (pose configs have none)
         size = self.size
+        finish = postprocess.finisher([(t.task, t.config) for t, _, _, _ in decoders], size)  # pose (per person)
 
         def label(t, params, feats):
             out = nnx.merge(t.graph, params, t.rest)(feats)
@@ -202,7 +203,7 @@ class DecoderLabeler:
             images, feats, labels = sampler(frozen, cond, uncond, indices, seed, extra)
             for (t, _, _, _), p in zip(decoders, dec_params):
                 labels.update(label(t, p, feats))
-            return jnp.round(images * 255).astype(jnp.uint8), labels
+            return jnp.round(images * 255).astype(jnp.uint8), finish(labels)
 
         data = tr.data_sharding
         self.fn = jax.jit(run, in_shardings=(tr.repl, tr.repl, data, data, data, tr.repl, data), out_shardings=data)

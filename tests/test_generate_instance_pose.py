@@ -3,7 +3,7 @@ records that read back with consistent shapes, and a COCO export that validates.
 
 One tiny random SD and randomly initialised tiny decoders saved the way `datasetdm train` saves
 them (as in test_generate_dataset.py); the score threshold is lowered so that a random decoder's
-instances are kept.
+instances are kept, and the joint threshold so that every joint of a kept person is visible.
 """
 
 import json
@@ -42,7 +42,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen_ip")
     model = pretrained.save_pipeline(smoke.random_pipeline(root / "src"), root / "model")
     over = {"instance": [f"pipeline={model}", f"workdir={root / 'wd_inst'}", "generate.score_threshold=0.0"],
-            "pose": [f"pipeline={model}", f"workdir={root / 'wd_pose'}"]}
+            "pose": [f"pipeline={model}", f"workdir={root / 'wd_pose'}", "generate.keypoint_threshold=-1e9"]}
     configs = {"instance": load_config(INSTANCE, over["instance"]), "pose": load_config(POSE, over["pose"])}
     pipe = None
     for task, cfg in configs.items():
@@ -60,9 +60,10 @@ def _check_instances(e, max_instances):
     assert (m.sum((1, 2)) >= 1).all() and (s >= 0).all() and (np.diff(s) <= 0).all()
 
 
-def _check_keypoints(e):
+def _check_keypoints(e, max_persons=1):
     kp = e["keypoints"]
-    assert kp.ndim == 3 and kp.shape[1:] == (J, 3) and len(kp) <= 1 and e["keypoint_scores"].shape == (len(kp), J)
+    assert kp.ndim == 3 and kp.shape[1:] == (J, 3) and e["keypoint_scores"].shape == (len(kp), J)
+    assert len(kp) <= max_persons
     v = kp[..., 2]
     assert set(np.unique(v).tolist()) <= {0.0, 2.0}
     vis = kp[v > 0]
@@ -94,7 +95,7 @@ def test_instance_config_through_cli_body(setup):
 def test_pose_config_through_cli_body(setup):
     root, over, _, _ = setup
     out = root / "pose"
-    generate.main_generate(POSE, NUM, str(out), over["pose"] + ["generate.keypoint_threshold=-1e9"])
+    generate.main_generate(POSE, NUM, str(out), over["pose"])
     exs = list(records.read_tfrecords(str(out)))
     assert len(exs) == NUM
     for e in exs:
@@ -114,9 +115,12 @@ def test_pose_and_instance_in_one_pass_and_coco_export(setup):
     manifest = generate.generate_dataset(configs["pose"], NUM, str(out), labeler=labeler, progress=False)
     assert manifest["labeler"]["also"][0]["task"] == "instance"
     exs = list(records.read_tfrecords(str(out)))
+    person = shapes.CLASS_TO_ID["person"]
     for e in exs:
         _check_instances(e, int(configs["instance"].generate.max_instances))
-        _check_keypoints(e)
+        persons = int((e["instance_labels"] == person).sum())
+        _check_keypoints(e, max(persons, 1))
+        assert len(e["keypoints"]) == max(persons, 1)   # one per person instance, else one per image
         assert 0 <= e["quality"] <= 1
     coco_dir = root / "both_coco"
     stats = export.export_folder(str(out), str(coco_dir))
@@ -141,8 +145,6 @@ def test_pose_and_instance_in_one_pass_and_coco_export(setup):
                 lab = kp[kp[:, 2] > 0]
                 assert (lab[:, 0] >= x).all() and (lab[:, 0] <= x + w + 1e-3).all()
                 assert (lab[:, 1] >= y).all() and (lab[:, 1] <= y + h + 1e-3).all()
-    persons = sum(len(e["keypoints"]) for e in exs)
     assert sum(1 for a in anns if "keypoints" in a) == sum(
         1 for e in exs for kp in e["keypoints"] if (kp[:, 2] > 0).any())
     assert json.loads((coco_dir / "prompts.jsonl").read_text().splitlines()[0])["index"] == 0
-    assert persons <= NUM

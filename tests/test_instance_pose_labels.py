@@ -92,6 +92,49 @@ def test_pose_labels_visibility_and_coordinates():
     assert row["quality"] == pytest.approx(0.6) and "pose_quality" not in row
 
 
+def test_pose_per_person_decodes_inside_each_person_box():
+    """Two people (left and right half of a 32 px image) and a square; every joint peaks in both halves."""
+    person, square = shapes.CLASS_TO_ID["person"], shapes.CLASS_TO_ID["square"]
+    masks = np.zeros((1, 4, 32, 32), bool)
+    masks[0, 0, 4:28, 2:12] = masks[0, 1, 4:28, 20:30] = masks[0, 2, 0:4, 14:18] = True
+    inst = {"instance_masks": jnp.asarray(masks), "instance_labels": jnp.asarray([[person, person, square, person]]),
+            "instance_valid": jnp.asarray([[True, True, True, False]])}
+    hm = np.zeros((1, 16, 16, J), np.float32)
+    hm[0, 8, 3, :] = 0.8                                                   # left person at (6, 16)
+    hm[0, 10, 12, :] = 0.6                                                 # right person at (24, 20)
+    fn = jax.jit(lambda h, i: postprocess.pose_per_person(h, i, person_class=person, image_size=32))
+    out = jax.device_get(fn(jnp.asarray(hm), inst))
+    assert out["keypoints"].shape == (1, 5, J, 3)
+    assert out["person_valid"].tolist() == [[True, True, False, False, False]]
+    np.testing.assert_allclose(out["keypoints"][0, 0], np.tile([6.0, 16.0, 2.0], (J, 1)))
+    np.testing.assert_allclose(out["keypoints"][0, 1], np.tile([24.0, 20.0, 2.0], (J, 1)))
+    np.testing.assert_allclose(out["keypoint_scores"][0, 1], 0.6)
+    q = postprocess.pose_quality(out)
+    assert float(q[0]) == pytest.approx(0.7)
+    # no person instance kept: the whole-image slot (strongest peak) takes over
+    none = {**inst, "instance_labels": jnp.full((1, 4), square)}
+    out = jax.device_get(fn(jnp.asarray(hm), none))
+    assert out["person_valid"].tolist() == [[False, False, False, False, True]]
+    np.testing.assert_allclose(out["keypoints"][0, 4], np.tile([6.0, 16.0, 2.0], (J, 1)))
+
+
+def test_finisher_pairs_pose_with_instances_only_when_both_run():
+    import ml_collections
+
+    cfg = lambda task: ml_collections.ConfigDict(dict(name=task, task=task, data=dict(image_size=32),
+                                                      generate=dict(keypoint_threshold=0.1)))
+    hm = jnp.zeros((1, 16, 16, J)).at[0, 8, 3, :].set(0.8)
+    alone = postprocess.finisher([("pose", cfg("pose"))], 32)({"pose_heatmaps": hm, "depth": jnp.zeros((1, 32, 32))})
+    assert alone["keypoints"].shape == (1, 1, J, 3) and "pose_heatmaps" not in alone and "depth" in alone
+    inst = {"instance_masks": jnp.zeros((1, 3, 32, 32), bool), "instance_labels": jnp.zeros((1, 3), jnp.int32),
+            "instance_valid": jnp.zeros((1, 3), bool)}
+    finish = postprocess.finisher([("pose", cfg("pose")), ("instance", cfg("instance"))], 32)
+    both = finish({**inst, "pose_heatmaps": hm})
+    assert both["keypoints"].shape == (1, 4, J, 3) and both["person_valid"].tolist() == [[False] * 3 + [True]]
+    same = postprocess.finisher([("semantic", cfg("semantic"))], 32)({"segmentation": 1})
+    assert same == {"segmentation": 1}
+
+
 def test_label_settings_and_bad_values():
     import ml_collections
 

@@ -13,15 +13,17 @@ twice under two classes. The mask score is taken at the decoder's mask resolutio
 kept masks are resized to the image (the official code resizes all 100 first: same ranking, far
 more memory at 512 px).
 
-Pose (reference §5, pose): heatmap argmax per joint with the quarter-pixel shift, one person per
-image as in the official single-person setting (the heatmaps hold one map per joint, so several
-people could not be told apart). Unlike the official code every joint is kept: a joint whose peak
-is below ``keypoint_threshold`` gets COCO visibility 0 (and x = y = 0), the others 2.
+Pose (reference §5, pose): heatmap argmax per joint with the quarter-pixel shift. The heatmaps
+hold one map per joint, so on their own they give one person per image (the official
+single-person setting). When an instance decoder labels the same images (``also``), each kept
+person instance gets its own keypoints, decoded inside its box (``pose_per_person``, top-down
+style). Unlike the official code every joint is kept: a joint whose peak is below
+``keypoint_threshold`` gets COCO visibility 0 (and x = y = 0), the others 2.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,13 +32,13 @@ import numpy as np
 from datasetdm_jax.decoders.inference import _resize_masks
 from datasetdm_jax.decoders.pose import decode_heatmaps
 
-__all__ = ["DEFAULTS", "label_settings", "instance_labels", "pose_labels", "instance_quality", "pose_quality",
-           "task_labels", "trim"]
+__all__ = ["DEFAULTS", "label_settings", "instance_labels", "pose_labels", "pose_per_person", "instance_quality",
+           "pose_quality", "task_labels", "finisher", "trim"]
 
 # Official: top-20 instances with score >= 0.4. Joints: the official code writes every peak; 0.1 is
 # decode_heatmaps' visibility threshold.
 DEFAULTS: dict[str, Any] = {"score_threshold": 0.4, "max_instances": 20, "min_area": 0,
-                            "keypoint_threshold": 0.1, "min_keypoints": 1}
+                            "keypoint_threshold": 0.1, "min_keypoints": 1, "box_margin": 0.25}
 
 
 def label_settings(config) -> dict[str, Any]:
@@ -103,23 +105,89 @@ def instance_quality(labels: Mapping[str, jax.Array]) -> jax.Array:
     return (labels["instance_scores"] * v).sum(-1) / jnp.maximum(v.sum(-1), 1)
 
 
+def pose_per_person(heatmaps: jax.Array, instances: Mapping[str, jax.Array], *, person_class: int, image_size: int,
+                    keypoint_threshold: float = 0.1, min_keypoints: int = 1,
+                    box_margin: float = 0.25) -> dict[str, jax.Array]:
+    """Keypoints per kept person instance: the heatmaps decoded inside the instance's box, grown by
+    ``box_margin`` of its size on each side (joints hidden by a nearer object lie outside the
+    visible mask), as a top-down pose model would see a crop. N instance slots + 1 whole-image
+    slot, used only when no person instance is kept (so a person the instance decoder missed still
+    gets keypoints). Same keys and conventions as ``pose_labels``, with N + 1 slots.
+    """
+    b, s, _, j = heatmaps.shape
+    m = instances["instance_masks"]                                                   # (B, N, H, W)
+    n, h, w = m.shape[1:]
+    is_person = instances["instance_valid"] & (instances["instance_labels"] == person_class)
+
+    def extent(any_, size):                                   # [lo, hi) of the True entries, grown
+        ar = jnp.arange(size)
+        lo, hi = jnp.where(any_, ar, size).min(-1), jnp.where(any_, ar, -1).max(-1) + 1
+        pad = box_margin * jnp.maximum(hi - lo, 0)
+        return lo - pad, hi + pad
+
+    y0, y1 = extent(m.any(-1), h)
+    x0, x1 = extent(m.any(-2), w)
+    stride = image_size / s
+    lo, hi = jnp.arange(s) * stride - stride / 2, jnp.arange(s) * stride + stride / 2   # heatmap cells, pixels
+    inside = ((hi[:, None] > y0[..., None, None]) & (lo[:, None] < y1[..., None, None])
+              & (hi[None, :] > x0[..., None, None]) & (lo[None, :] < x1[..., None, None]))  # cells meeting the box
+    hm = jnp.where(inside[..., None], heatmaps[:, None], -1e4).reshape(b * n, s, s, j)
+    per = pose_labels(hm, image_size=image_size, keypoint_threshold=keypoint_threshold, min_keypoints=min_keypoints)
+    whole = pose_labels(heatmaps, image_size=image_size, keypoint_threshold=keypoint_threshold,
+                        min_keypoints=min_keypoints)
+    per = {k: v.reshape((b, n) + v.shape[2:]) for k, v in per.items()}
+    per["person_valid"] = per["person_valid"] & is_person
+    whole["person_valid"] = whole["person_valid"] & ~is_person.any(1, keepdims=True)
+    return {k: jnp.concatenate([per[k], whole[k]], 1) for k in per}
+
+
 def pose_quality(labels: Mapping[str, jax.Array]) -> jax.Array:
-    """(B,) mean joint peak clipped to [0, 1] (a perfect heatmap peaks at 1)."""
-    return jnp.clip(labels["keypoint_scores"], 0.0, 1.0).mean((1, 2))
+    """(B,) mean joint peak (clipped to [0, 1]; a perfect heatmap peaks at 1) over the kept persons
+    (0 when none is kept)."""
+    v = labels["person_valid"]
+    per = jnp.clip(labels["keypoint_scores"], 0.0, 1.0).mean(-1)
+    return (per * v).sum(-1) / jnp.maximum(v.sum(-1), 1)
+
+
+def finisher(parts: Sequence[tuple[str, Any]], image_size: int) -> Callable[[dict], dict]:
+    """The last jitted step over the merged labels of one labeller's decoders ``parts`` = [(task,
+    config)]: decodes the pose heatmaps that ``task_labels`` defers, per kept person instance when
+    an instance decoder labels the same images (``pose_per_person``), else one person per image."""
+    pose = next((label_settings(c) for task, c in parts if task == "pose"), None)
+    inst = next((c for task, c in parts if task == "instance"), None)
+    person = -1
+    if inst is not None:
+        from datasetdm_jax.data import sources
+        names = list(sources.class_names(inst.data))
+        person = names.index("person") if "person" in names else -1
+
+    def finish(labels: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        if pose is None or "pose_heatmaps" not in labels:
+            return labels
+        out = {k: v for k, v in labels.items() if k != "pose_heatmaps"}
+        kw = dict(image_size=image_size, keypoint_threshold=pose["keypoint_threshold"],
+                  min_keypoints=pose["min_keypoints"])
+        if person >= 0 and "instance_valid" in out:
+            lab = pose_per_person(labels["pose_heatmaps"], out, person_class=person, box_margin=pose["box_margin"],
+                                  **kw)
+        else:
+            lab = pose_labels(labels["pose_heatmaps"], **kw)
+        return {**out, **lab, "pose_quality": pose_quality(lab)}
+
+    return finish
 
 
 def task_labels(task: str, out: Any, image_size: int, settings: Mapping[str, Any]) -> dict[str, jax.Array]:
-    """Padded labels of an ``instance`` or ``pose`` decoder output (jittable), with the task's
-    annotation confidence as ``<task>_quality`` (B,) (``trim`` folds it into ``quality``)."""
+    """Padded labels of an ``instance`` decoder output (jittable), with the task's annotation
+    confidence as ``instance_quality`` (B,) (``trim`` folds it into ``quality``). A ``pose`` output
+    is kept as ``pose_heatmaps`` for ``finisher``, which may pair it with instances."""
     if task == "instance":
         lab = instance_labels(out["logits"][-1], out["masks"][-1], out_size=image_size,
                               score_threshold=settings["score_threshold"], max_instances=settings["max_instances"],
                               min_area=settings["min_area"])
         return {**lab, "instance_quality": instance_quality(lab)}
     if task == "pose":
-        lab = pose_labels(out, image_size=image_size, keypoint_threshold=settings["keypoint_threshold"],
-                          min_keypoints=settings["min_keypoints"])
-        return {**lab, "pose_quality": pose_quality(lab)}
+        return {"pose_heatmaps": out.astype(jnp.float32)}
     raise ValueError(f"postprocess: task must be 'instance' or 'pose', got {task!r}")
 
 
