@@ -44,13 +44,15 @@ def get_config(arg=None):
     # labeller ('decoder': the P-Decoder `datasetdm train` wrote to `workdir`). Keypoints: heatmap
     # argmax per joint; all 17 kept, visibility 2 where the peak > keypoint_threshold (the official code
     # writes every peak with no threshold), else 0; an image's person is kept with >= min_keypoints
-    # visible joints (datasetdm_jax/decoders/postprocess.py).
+    # visible joints. With an instance decoder in the same labeller (DecoderLabeler(..., also=[instance
+    # config])), each kept person instance gets its own keypoints, decoded inside its box grown by
+    # box_margin of its size per side (datasetdm_jax/decoders/postprocess.py).
     c.generate = ml_collections.ConfigDict(dict(
         prompts=ml_collections.ConfigDict(dict(kind="shapes", seed=0, domain="full", path="", classes=("person",),
                                                templates=(), max_classes=1, min_objects=1, max_objects=1)),
         steps=25, guidance=7.5, scheduler="pndm", negative_prompt="", batch_size=16, seed=0,
         labeler="decoder", shard_size=256, image_format="png",
-        keypoint_threshold=0.1, min_keypoints=1,
+        keypoint_threshold=0.1, min_keypoints=1, box_margin=0.25,
     ))
     if arg == "tiny":
         c.steps, c.batch_size, c.log_every, c.eval_every, c.lr = 4, 2, 1, 2, 1e-3
