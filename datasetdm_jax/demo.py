@@ -23,7 +23,8 @@ import numpy as np
 
 from datasetdm_jax.config_utils import load_config
 
-__all__ = ["CONFIGS_DIR", "ATTENTION_ROWS", "run", "check_claims", "add_attention_rows", "main_demo"]
+__all__ = ["CONFIGS_DIR", "ATTENTION_ROWS", "run", "check_claims", "add_attention_rows", "attention_label_stats",
+           "main_demo"]
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 TASKS = ("semantic", "depth")
@@ -62,6 +63,22 @@ def add_attention_rows(result: dict[str, Any], attention: dict[str, Any]) -> dic
             out["semantic"][row] = attention["semantic"][src]
             out["train"]["semantic"][row] = attention["train"]["semantic"][src]
     return out
+
+
+def attention_label_stats(synthetic_dir: str) -> dict[str, float]:
+    """How the attention labels of the generated images relate to the P-Decoder's: the share of pixels
+    left uncertain (255) and, on the others, the share where both labellers give the same class."""
+    from datasetdm_jax.data import records
+
+    ignored = agree = total = 0
+    for ex in records.read_tfrecords(synthetic_dir):
+        att, seg = np.asarray(ex["attention_label"]), np.asarray(ex["segmentation"])
+        known = att != 255
+        ignored += int((~known).sum())
+        agree += int((att[known] == seg[known]).sum())
+        total += att.size
+    return {"ignored_fraction": round(ignored / max(total, 1), 4),
+            "agreement_with_p_decoder": round(agree / max(total - ignored, 1), 4)}
 
 
 def _downstream(config: ml_collections.ConfigDict, workdir: str, synthetic_dir: str) -> dict[str, Any]:
@@ -230,12 +247,18 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True) -> dict[str
     report = {"model": model, "decoders": decoder_results, "labeler": manifest.get("labeler"),
               "generated": manifest["counts"],
               "downstream": result, "claims": claims, "seconds": {k: round(v, 1) for k, v in times.items()}}
+    if attention:
+        report["attention_labels"] = attention_label_stats(synthetic_dir)
     Path(workdir, "report.json").write_text(json.dumps(report, indent=1))
     _figure(os.path.join(workdir, "figure.png"), synthetic_dir, result)
     print(compare.format_table(result))
     for c in claims:
         verdict = "MEASURED" if c["holds"] is None else "HOLDS" if c["holds"] else "DOES NOT HOLD"
         print(f"- {verdict}: {c['claim']} (measured {c['measured']})")
+    if attention:
+        st = report["attention_labels"]
+        print(f"- attention labels: {100 * st['ignored_fraction']:.1f}% of pixels uncertain (255, ignored); "
+              f"{100 * st['agreement_with_p_decoder']:.1f}% of the others agree with the P-Decoder's")
     total = time.time() - t0
     print(f"demo: {total / 60:.1f} min (" + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
           + f"); report {workdir}/report.json, figure {workdir}/figure.png")

@@ -74,3 +74,8 @@ def test_figure_shows_both_label_sets(tmp_path):
     result = _with_attention(_result(0.40, 0.47, 0.30, 0.40, 0.20, 0.15), (0.25, 0.20), (0.45, 0.36))
     demo._figure(str(tmp_path / "figure.png"), str(tmp_path), result)
     assert Image.open(tmp_path / "figure.png").size[1] == 1100  # four rows of images: 2.5 in each at 110 dpi
+    # odd examples are all uncertain; even ones all background, where 1/3 of the P-Decoder pixels are 0
+    segs = [ex["segmentation"] for ex in records.read_tfrecords(str(tmp_path))]
+    expected = np.mean([(s == 0).mean() for s in segs[::2]])
+    stats = demo.attention_label_stats(str(tmp_path))
+    assert stats["ignored_fraction"] == 0.5 and abs(stats["agreement_with_p_decoder"] - expected) < 1e-4
