@@ -110,6 +110,10 @@ def get_config(arg=None):
     c.max_seconds = 0.0           # >0: stop (with a checkpoint) after this much training time
     c.max_steps = 0               # >0: stop (with a checkpoint) after this many steps in this run
     c.keep_checkpoints = 2        # orbax max_to_keep per stage
+    # Warm start from a diffusers folder (e.g. datasetdm_jax/assets/shapes_sd): its VAE and tokenizer
+    # are used as they are (the vae stage is skipped) and its UNet + text encoder start the diffusion
+    # stage with a fresh optimiser; how training continues across sessions whose workdir is lost.
+    c.init_from = ""
 
     # --- data: the procedural shapes world, item i of a split is a pure function of (seed, i), so
     # the data position is just the number of examples consumed (saved with every checkpoint).

@@ -13,6 +13,12 @@ orbax checkpoint folder ``workdir/<stage>/``:
 
 Then the EMA weights are exported as a diffusers-format folder (``export``).
 
+Warm start (``config.init_from``, a diffusers folder such as the shipped model): its VAE is used
+frozen (the ``vae`` stage is skipped), its tokenizer is copied, and its UNet and text encoder
+weights start the ``diffusion`` stage with a fresh optimiser and schedule. Checkpoints live in
+``workdir`` (lost between sessions on ephemeral machines); the shipped folder is not, so this is how
+training continues across sessions.
+
 Every stage can be stopped at any time and rerun with the same command: the step, params, EMA,
 optimiser state and the grain iterator position are checkpointed every ``checkpoint_every_s``
 seconds, at the end and on SIGTERM / Ctrl-C, and randomness is a pure function of
@@ -24,9 +30,11 @@ Train steps are pure jitted functions of ``(params, opt state, batch)`` over a d
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import queue
+import shutil
 import signal
 import threading
 import time
@@ -143,7 +151,10 @@ class _Tokens:
 def _ensure_tokenizer(workdir: str, config: ml_collections.ConfigDict) -> str:
     folder = os.path.join(workdir, "tokenizer")
     if not os.path.isfile(os.path.join(folder, "vocab.json")):
-        tk.write_clip_tokenizer(folder, shapes.caption_vocabulary(), int(config.tokenizer.max_length))
+        if config.init_from:  # keep the warm-start model's token ids
+            shutil.copytree(os.path.join(config.init_from, "tokenizer"), folder, dirs_exist_ok=True)
+        else:
+            tk.write_clip_tokenizer(folder, shapes.caption_vocabulary(), int(config.tokenizer.max_length))
     return folder
 
 
@@ -185,6 +196,30 @@ def _split(model: nnx.Module):
     """(graphdef, trainable params as a pure dict, the rest)."""
     graph, params, rest = nnx.split(model, nnx.Param, ...)
     return graph, nnx.to_pure_dict(params), rest
+
+
+@functools.lru_cache(maxsize=1)
+def _init_pipeline(folder: str) -> pretrained.Pipeline:
+    return pretrained.load_pipeline(folder, jnp.float32)
+
+
+def _init_weights(config: ml_collections.ConfigDict, name: str, cfg: Mapping[str, Any],
+                  params: dict) -> dict:
+    """``name``'s fp32 weights from the ``config.init_from`` folder, in the tree of ``params``.
+
+    The folder's config.json must agree with ``cfg`` on every key ``cfg`` sets, so the exported
+    folder describes the weights it holds."""
+    pipe = _init_pipeline(os.path.abspath(config.init_from))
+    theirs = pipe.configs[name]
+    diff = sorted(k for k, v in cfg.items()
+                  if not k.startswith("_") and k != "scaling_factor" and k in theirs and _plain(theirs[k]) != v)
+    if diff:
+        raise ValueError(f"init_from: {config.init_from}/{name}/config.json differs from the config on "
+                         + ", ".join(f"{k} ({theirs[k]!r} there, {cfg[k]!r} here)" for k in diff))
+    loaded = nnx.to_pure_dict(nnx.state(pipe.module(name), nnx.Param))
+    if jax.tree.structure(loaded) != jax.tree.structure(params):
+        raise ValueError(f"init_from: {config.init_from}/{name} does not have the configured parameter tree")
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), loaded)
 
 
 def _vae_encode(vae, x):
@@ -509,13 +544,18 @@ def _restore_item(workdir: str, stage: str, item: str, target: Any, keep: int = 
 
 
 def _frozen_vae(config: ml_collections.ConfigDict, workdir: str):
+    """The trained VAE: the vae stage's finished checkpoint, or ``config.init_from``'s. The last item
+    is its config.json plus ``_source`` (the VAE's identity, checked when the diffusion stage resumes)."""
     model_cfg = _plain(config.vae.model.to_dict())
     graph, params, rest = _split(_build("vae", model_cfg, int(config.seed)))
+    if config.init_from:
+        params = _init_weights(config, "vae", model_cfg, params)
+        return graph, params, rest, {**model_cfg, "_source": f"init_from {os.path.abspath(config.init_from)}"}
     params, meta = _restore_item(workdir, "vae", "params", params, config.keep_checkpoints)
     if meta["step"] < int(config.vae.steps):
         raise ValueError(f"the VAE checkpoint is at step {meta['step']} of {config.vae.steps}; "
                          "finish the vae stage first")
-    return graph, params, rest, {**model_cfg, "_trained_steps": meta["step"]}
+    return graph, params, rest, {**model_cfg, "_source": meta["step"]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -561,10 +601,14 @@ def _diffusion_stage(config: ml_collections.ConfigDict, workdir: str) -> _Stage:
     if latest is not None:
         meta.update(mngr.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
     mngr.close()
-    vae_step = vae_info["_trained_steps"]
-    if meta.setdefault("vae_step", vae_step) != vae_step:
-        raise ValueError(f"the diffusion checkpoint was trained on the VAE at step {meta['vae_step']}, "
-                         f"but the VAE checkpoint is now at step {vae_step}; use a fresh workdir")
+    vae_source = vae_info["_source"]
+    if meta.setdefault("vae_step", vae_source) != vae_source:
+        raise ValueError(f"the diffusion checkpoint was trained on the VAE {meta['vae_step']!r}, "
+                         f"but the VAE is now {vae_source!r}; use a fresh workdir")
+    if config.init_from and latest is None:  # warm start; a resumed run has its own weights
+        up = _init_weights(config, "unet", unet_cfg, up)
+        tp = _init_weights(config, "text_encoder", text_cfg, tp)
+        meta["scaling_factor"] = float(_init_pipeline(os.path.abspath(config.init_from)).configs["vae"]["scaling_factor"])
     if "scaling_factor" not in meta:
         it = _train_iterator(config, int(dcfg.batch_size), None)
         zs = [np.asarray(jax.jit(encode_latents, static_argnums=3)(
@@ -652,7 +696,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None 
     weights, meta = _restore_item(workdir, "diffusion", "ema", {"unet": up, "text_encoder": tp},
                                   config.keep_checkpoints)
     dtype = jnp.dtype(config.export_dtype)
-    vae_cfg = {k: v for k, v in vae_cfg.items() if k != "_trained_steps"}
+    vae_cfg = {k: v for k, v in vae_cfg.items() if k != "_source"}
     vae_cfg["scaling_factor"] = meta["scaling_factor"]
     parts = {"vae": (vg, vp, vr, vae_cfg), "unet": (ug, weights["unet"], ur, unet_cfg),
              "text_encoder": (tg, weights["text_encoder"], tr, text_cfg)}
@@ -691,6 +735,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> bool:
     for name in config.stages:
         if name not in STAGES:
             raise ValueError(f"unknown stage {name!r} (expected one of {STAGES})")
+        if name == "vae" and config.init_from:
+            continue  # the warm-start folder's VAE is used
         stage = _vae_stage(config, workdir) if name == "vae" else _diffusion_stage(config, workdir)
         if not _train_stage(stage, config, workdir, deadline, budget):
             return False

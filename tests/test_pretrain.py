@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
 
 from datasetdm_jax import pretrain  # noqa: E402
@@ -137,3 +138,30 @@ def test_export_is_a_loadable_diffusers_folder(tiny_run):
 
     pipe = pretrained.load_pipeline(folder, jnp.float32)
     assert pipe is not None
+
+
+def test_warm_start_from_an_exported_folder(tiny_run, tmp_path):
+    """init_from: the vae stage is skipped, the diffusion stage starts from the folder's weights (not
+    random ones), and the run exports a folder again."""
+    config, workdir = tiny_run
+    folder = os.path.join(workdir, "model")
+    warm = load_config(TINY, [f"init_from={folder}", "diffusion.steps=2", "diffusion.eval_every=0"])
+    stage = pretrain._diffusion_stage(warm, str(tmp_path / "probe"))
+    pipe = pretrain._init_pipeline(os.path.abspath(folder))
+    want = jax.tree.leaves(nnx.to_pure_dict(nnx.state(pipe.module("unet"), nnx.Param)))
+    got = jax.tree.leaves(stage.params["unet"])
+    assert len(got) == len(want) and all(np.array_equal(g, w) for g, w in zip(got, want))
+    assert stage.meta["scaling_factor"] == pipe.configs["vae"]["scaling_factor"]
+
+    out = str(tmp_path / "warm")
+    assert pretrain.run(warm, out) is True
+    assert not os.path.exists(os.path.join(out, "vae"))
+    with open(os.path.join(out, "model", "training.json")) as f:
+        assert json.load(f)["diffusion_step"] == 2
+    with open(os.path.join(out, "tokenizer", "vocab.json")) as f, \
+            open(os.path.join(folder, "tokenizer", "vocab.json")) as g:
+        assert f.read() == g.read()
+
+    bad = load_config(TINY, [f"init_from={folder}", "unet.block_out_channels=(8, 32)"])
+    with pytest.raises(ValueError, match="block_out_channels"):
+        pretrain._diffusion_stage(bad, str(tmp_path / "bad"))
