@@ -49,7 +49,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from datasetdm_jax import pretrained, schedulers
+from datasetdm_jax import curves, pretrained, schedulers
 from datasetdm_jax import tokenizer as tk
 from datasetdm_jax.config_utils import load_config
 from datasetdm_jax.data import pipeline, shapes
@@ -749,6 +749,8 @@ def main_pretrain(config_path: str, workdir: str, overrides: Sequence[str] | Non
     """CLI body of ``datasetdm pretrain --config FILE.py[:arg] --workdir DIR [key=value ...]``."""
     config = load_config(config_path, overrides)
     done = run(config, workdir)
+    png = curves.plot_curves(curves.read_metrics(os.path.join(workdir, METRICS_FILE)),
+                             os.path.join(workdir, "curves.png"))
     print(f"pretrain: {'finished' if done else 'stopped early; rerun the same command to resume'} "
-          f"(workdir {workdir})")
+          f"(workdir {workdir}, curves {png})")
     return done

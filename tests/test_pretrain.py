@@ -165,3 +165,17 @@ def test_warm_start_from_an_exported_folder(tiny_run, tmp_path):
     bad = load_config(TINY, [f"init_from={folder}", "unet.block_out_channels=(8, 32)"])
     with pytest.raises(ValueError, match="block_out_channels"):
         pretrain._diffusion_stage(bad, str(tmp_path / "bad"))
+
+
+def test_curves_png_from_metrics(tiny_run, tmp_path):
+    from PIL import Image
+
+    from datasetdm_jax import curves
+
+    _, workdir = tiny_run
+    png = curves.plot_curves(curves.read_metrics(os.path.join(workdir, pretrain.METRICS_FILE)),
+                             tmp_path / "curves.png")
+    img = np.asarray(Image.open(png).convert("L"))
+    assert img.shape[0] > 200 and img.std() > 5  # drawn panels, not a blank canvas
+    with pytest.raises(ValueError, match="no training metrics"):
+        curves.plot_curves([{"stage": "vae", "step": 1}], tmp_path / "none.png")
