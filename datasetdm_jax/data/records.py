@@ -11,7 +11,6 @@ the standard keys of the TF object-detection API:
 ``image/index``, ``image/seed``            global example index and sampler seed (noise = fold_in(seed, index))
 ``segmentation/class/encoded`` (+format)   8-bit PNG of class ids
 ``segmentation/attention/encoded``         optional second label map (e.g. the attention labeller's beside a P-Decoder's)
-``segmentation/attention/encoded``         optional second label map (e.g. the attention labeller's beside a P-Decoder's)
 ``depth/encoded``, ``depth/scale``         16-bit PNG; metres = value * scale
 ``image/object/mask``                      one 0/1 PNG per instance, image size (N entries)
 ``image/object/class/label``, ``.../text``  int64 class ids (0 = background, never an instance), names
@@ -158,8 +157,6 @@ def to_example(rec: Mapping[str, Any], image_format: str = "png", class_names: S
         f["segmentation/class/format"] = "png"
     if rec.get("attention_label") is not None:  # labels of the same image by a second labeller (255 = ignore)
         f["segmentation/attention/encoded"] = encode_png(np.asarray(rec["attention_label"]).astype(np.uint8))
-    if rec.get("attention_label") is not None:  # labels of the same image by a second labeller (255 = ignore)
-        f["segmentation/attention/encoded"] = encode_png(np.asarray(rec["attention_label"]).astype(np.uint8))
     if rec.get("depth") is not None:
         scale = float(rec.get("depth_scale", DEPTH_SCALE))
         d = np.clip(np.round(np.asarray(rec["depth"], np.float64) / scale), 0, 65535).astype(np.uint16)
@@ -212,8 +209,6 @@ def from_example(data: bytes) -> dict[str, Any]:
                            "index": int(f["image/index"][0]), "seed": int(f["image/seed"][0])}
     if "segmentation/class/encoded" in f:
         out["segmentation"] = decode_image(f["segmentation/class/encoded"][0])
-    if "segmentation/attention/encoded" in f:
-        out["attention_label"] = decode_image(f["segmentation/attention/encoded"][0])
     if "segmentation/attention/encoded" in f:
         out["attention_label"] = decode_image(f["segmentation/attention/encoded"][0])
     if "depth/encoded" in f:
