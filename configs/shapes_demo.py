@@ -19,10 +19,11 @@ def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.workdir = "runs/demo"
     c.model = ""                      # "" = the shipped shapes-world SD (datasetdm_jax/assets/shapes_sd)
-    # P-Decoders: the task configs and the overrides the demo applies to them.
+    # P-Decoders: the task configs and the overrides the demo applies to them (eval_images: real
+    # test images their own score is measured on).
     c.decoders = ml_collections.ConfigDict(dict(
-        semantic=ml_collections.ConfigDict(dict(config="shapes_semantic.py", steps=1000)),
-        depth=ml_collections.ConfigDict(dict(config="shapes_depth.py", steps=600)),
+        semantic=ml_collections.ConfigDict(dict(config="shapes_semantic.py", steps=1000, eval_images=256)),
+        depth=ml_collections.ConfigDict(dict(config="shapes_depth.py", steps=600, eval_images=256)),
     ))
     # Generation: one sampler pass labels each image with every decoder (semantic + depth).
     c.generate = ml_collections.ConfigDict(dict(num_images=1024, steps=15, guidance=7.5, scheduler="dpmpp_2m",
@@ -39,6 +40,7 @@ def get_config(arg=None):
     if arg == "small":
         c.workdir = "runs/demo_small"
         c.decoders.semantic.steps, c.decoders.depth.steps = 60, 40
+        c.decoders.semantic.eval_images = c.decoders.depth.eval_images = 32
         c.generate.num_images, c.generate.steps, c.generate.batch_size, c.generate.shard_size = 64, 10, 16, 32
         c.downstream.semantic_steps, c.downstream.depth_steps, c.downstream.test_images = 60, 60, 64
     elif arg not in (None, ""):

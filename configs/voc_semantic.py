@@ -40,7 +40,9 @@ def get_config(arg=None):
     c.val = ml_collections.ConfigDict(dict(split="val", seed=1, num_images=100, batch_size=1))  # every eval_every
     c.eval = ml_collections.ConfigDict(dict(split="val", seed=0, num_images=1449, batch_size=1))  # at end
     # §3.1-3.2: Mask2Former-style head, hidden 256, 10 layers, 8 heads, FFN 2048, 20 queries (VOC).
-    c.decoder = ml_collections.ConfigDict(dict(hidden=256, num_queries=20, num_layers=10, heads=8, ffn=2048))
+    # 21 queries: the official code uses 20, but our semantic targets have one slot per class (21 with
+    # background) and Hungarian matching needs a query for each.
+    c.decoder = ml_collections.ConfigDict(dict(hidden=256, num_queries=21, num_layers=10, heads=8, ffn=2048))
     # §2.1, §5: generation with PNDM (PLMS) 50 steps, CFG 7 for VOC. `datasetdm generate --config
     # configs/voc_semantic.py --num_images N --out DIR` labels with the decoder trained in `workdir`.
     c.generate = ml_collections.ConfigDict(dict(

@@ -40,7 +40,8 @@ def _decoder_configs(config: ml_collections.ConfigDict, workdir: str, model: str
     out = {}
     for task in TASKS:
         d = config.decoders[task]
-        cfg = _config(d.config, [f"steps={int(d.steps)}", f"pipeline={model}"])
+        cfg = _config(d.config, [f"steps={int(d.steps)}", f"pipeline={model}",
+                                 f"eval.num_images={int(d.eval_images)}"])
         cfg.workdir = os.path.join(workdir, f"decoder_{task}")
         g = config.generate
         for k in ("steps", "guidance", "scheduler", "batch_size", "seed", "shard_size"):

@@ -85,6 +85,11 @@ def build_decoder(spec: TaskSpec, features: FeatureSpec, decoder_config: Mapping
     dcfg = dict(decoder_config)
     if _DECODER[spec.task] == "segmentation":
         dcfg["num_classes"] = spec.head_classes
+        queries = int(dcfg.get("num_queries", 100))
+        if spec.task == "semantic" and queries < spec.num_classes:
+            # Semantic targets have one slot per class; Hungarian matching needs a query for each.
+            raise ValueError(f"decoder.num_queries={queries} is smaller than num_classes={spec.num_classes}; "
+                             "semantic segmentation needs at least one query per class")
     elif spec.task == "depth":
         dcfg.setdefault("out_size", spec.image_size)
     return get_decoder(_DECODER[spec.task], features, dcfg, rngs=rngs)
