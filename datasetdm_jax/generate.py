@@ -130,6 +130,7 @@ import hashlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from typing import Any, Callable, Mapping  # noqa: E402
 
 SPEC_FILE = "spec.json"
@@ -412,27 +413,35 @@ def generate_dataset(config, num_images: int, out: str, *, config_path: str | No
                dynamic_ncols=True, disable=not progress)
     t0, made = time.time(), 0
     bs = int(g.batch_size)
+
+    def encode(recs: list[dict]) -> list[bytes]:
+        return [records.to_example(r, fmt, class_names=class_names) for r in recs]
+
+    # Image/label encoding of batch k runs in this thread while the device works on batch k + 1;
+    # results are collected in submission order, so the shards do not depend on timing.
+    encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="datasetdm-encode")
     try:
         for s in todo:
             for stale in os.listdir(out):
                 if stale.startswith(names[s]) and ".tmp-" in stale:
                     os.remove(os.path.join(out, stale))
-            examples, all_labels = [], []
+            encoded, all_labels = [], []
             lo, hi = s * shard_size, s * shard_size + count(s)
             for b0 in range(lo, hi, bs):
                 idx = np.arange(b0, min(b0 + bs, hi))
                 ps = source.batch(idx)
                 res = labeler(ps, idx, seed)
                 used = res.prompts or [p.text for p in ps]
-                for k, i in enumerate(idx):
-                    rec = {"image": res.images[k], "prompt": used[k], "classes": list(ps[k].classes),
-                           "index": int(i), "seed": seed, **res.labels[k]}
-                    examples.append(records.to_example(rec, fmt, class_names=class_names))
+                encoded.append(encoder.submit(encode, [
+                    {"image": res.images[k], "prompt": used[k], "classes": list(ps[k].classes),
+                     "index": int(i), "seed": seed, **res.labels[k]} for k, i in enumerate(idx)]))
                 all_labels += res.labels
                 bar.update(len(idx))
                 made += len(idx)
+            examples = [e for f in encoded for e in f.result()]
             records.write_shard(out, names[s], examples, extra={"stats": _shard_stats(all_labels, len(class_names))})
     finally:
+        encoder.shutdown(wait=True, cancel_futures=True)
         bar.close()
     elapsed = time.time() - t0
     summaries = []
