@@ -458,6 +458,8 @@ def generate_dataset(config, num_images: int, out: str, *, config_path: str | No
     from datasetdm_jax import export
     export.write_preview(out, [os.path.join(out, x["files"]["tfrecord"]["file"]) for x in summaries[:1]],
                          os.path.join(out, "preview.png"))
+    from datasetdm_jax.data import records_tfds
+    records_tfds.write_metadata(out, summaries)  # tfds.builder_from_directory(out) reads the shards in place
     records.atomic_write(os.path.join(out, records.MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
     rate = made / elapsed if elapsed > 0 and made else 0.0
     print(f"generate: {num_images} images in {num_shards} shard(s) at {out} "

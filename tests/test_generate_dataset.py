@@ -20,7 +20,7 @@ import pytest
 
 from datasetdm_jax import export, generate, pretrained, prompts, smoke, train
 from datasetdm_jax.config_utils import load_config
-from datasetdm_jax.data import records, shapes
+from datasetdm_jax.data import records, records_tfds, shapes
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 TINY = os.path.join(CONFIGS, "shapes_semantic.py") + ":tiny"
@@ -68,7 +68,7 @@ def _cli(root, args, extra_env=None):
 def test_records_manifest_and_preview(setup):
     root, _, config, _, ref, manifest = setup
     names = sorted(os.listdir(ref))
-    assert names == sorted([records.MANIFEST, generate.SPEC_FILE, "preview.png"] + [
+    assert names == sorted([records.MANIFEST, generate.SPEC_FILE, "preview.png", "dataset_info.json", "features.json"] + [
         f"data-0000{s}-of-00003{ext}" for s in range(3) for ext in (".tfrecord", ".array_record", ".json")])
     assert manifest["counts"]["images"] == NUM and manifest["num_shards"] == 3
     assert [s["num_records"] for s in manifest["shards"]] == [3, 3, 2]
@@ -87,6 +87,9 @@ def test_records_manifest_and_preview(setup):
         assert 0 <= e["quality"] <= 1
     grain_ds = records.grain_source(str(ref))
     np.testing.assert_array_equal(grain_ds[5]["image"], exs[5]["image"])
+    tfds_ds = records_tfds.tfds_source(str(ref))                      # tfds metadata written by generate
+    assert len(tfds_ds) == NUM
+    np.testing.assert_array_equal(tfds_ds[5]["segmentation"], exs[5]["segmentation"])
     assert len({e["image"].tobytes() for e in exs}) == NUM      # distinct noise per index
     # the same indices through the plain sampler give the same images (one sampler, index-keyed noise)
     plain = generate.sample(config_pipe(setup), [src[i].text for i in (4, 5)], steps=2, scheduler="pndm",
