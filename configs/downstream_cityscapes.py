@@ -21,7 +21,7 @@ def get_config(arg=None):
     c.real = ml_collections.ConfigDict(dict(source="cityscapes", root="data/cityscapes", split="train", per_class=5,
                                             min_pixels=10000, label_kind="labelIds", seed=0, image_size=512,
                                             resize="crop"))
-    c.synthetic = ml_collections.ConfigDict(dict(records="", num=0))
+    c.synthetic = ml_collections.ConfigDict(dict(records="", num=0, min_quality=0.0))  # min_quality 0 = no filter
     c.test = ml_collections.ConfigDict(dict(source="cityscapes", root="data/cityscapes", splits=("val",), num=0,
                                             label_kind="labelIds", seed=0, image_size=512, resize="crop"))
     c.augment = ml_collections.ConfigDict(dict(enabled=True, flip=True, scale=(0.5, 2.0), crop=(512, 512),

@@ -19,7 +19,7 @@ def get_config(arg=None):
     c.synthetic_fraction = 0.5
     c.real = ml_collections.ConfigDict(dict(source="nyu", root="data/nyu_depth_v2", split="train", num_images=50,
                                             seed=0, image_size=480, resize="crop"))
-    c.synthetic = ml_collections.ConfigDict(dict(records="", num=0))
+    c.synthetic = ml_collections.ConfigDict(dict(records="", num=0, min_quality=0.0))  # min_quality 0 = no filter
     c.test = ml_collections.ConfigDict(dict(source="nyu", root="data/nyu_depth_v2", splits=("test",), num=0,
                                             seed=0, image_size=480, resize="crop"))
     c.augment = ml_collections.ConfigDict(dict(enabled=True, flip=True, scale=(1.0, 1.25), crop=(416, 416),

@@ -25,7 +25,8 @@ def get_config(arg=None):
     c.synthetic_fraction = 0.5          # share of each (c) batch drawn from the synthetic set
     c.real = ml_collections.ConfigDict(dict(source="shapes", root="", split="train_labelled", num_images=100,
                                             seed=0, image_size=64))
-    c.synthetic = ml_collections.ConfigDict(dict(records="", num=0))   # num 0 = all records
+    # num 0 = all records; min_quality > 0 leaves out records below that annotation confidence
+    c.synthetic = ml_collections.ConfigDict(dict(records="", num=0, min_quality=0.0))
     c.test = ml_collections.ConfigDict(dict(source="shapes", root="", splits=("test", "test_shifted"), num=256,
                                             seed=0, image_size=64))
     c.augment = ml_collections.ConfigDict(dict(enabled=True, flip=True, scale=(0.75, 1.5), crop=(64, 64),

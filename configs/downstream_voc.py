@@ -21,7 +21,7 @@ def get_config(arg=None):
     # The paper's few-shot selection: 5 images per class (100 images), as in `datasetdm train`.
     c.real = ml_collections.ConfigDict(dict(source="voc", root="data/VOCdevkit/VOC2012", split="train_aug",
                                             per_class=5, min_pixels=18000, seed=0, image_size=512, resize="crop"))
-    c.synthetic = ml_collections.ConfigDict(dict(records="", num=0))
+    c.synthetic = ml_collections.ConfigDict(dict(records="", num=0, min_quality=0.0))  # min_quality 0 = no filter
     c.test = ml_collections.ConfigDict(dict(source="voc", root="data/VOCdevkit/VOC2012", splits=("val",), num=0,
                                             seed=0, image_size=512, resize="crop"))
     c.augment = ml_collections.ConfigDict(dict(enabled=True, flip=True, scale=(0.5, 2.0), crop=(512, 512),

@@ -109,7 +109,7 @@ def run_comparison(real: Mapping[str, np.ndarray], synthetic: Mapping[str, np.nd
 
 def _row_counts(result: Mapping[str, Any], row: str) -> tuple[str, str]:
     real = str(result["num_real"]) if row == "real" or row.startswith("real+") else "-"
-    syn = str(result["num_synthetic"]) if row != "real" else "-"
+    syn = str(result.get("num_synthetic_by_row", {}).get(row, result["num_synthetic"])) if row != "real" else "-"
     return real, syn
 
 
@@ -122,7 +122,8 @@ def format_table(result: Mapping[str, Any]) -> str:
     if "depth" in result:
         head += [f"REL {s}" for s in splits]
     names = {"real": "(a) real only", "synthetic": "(b) synthetic only", "real+synthetic": "(c) real + synth.",
-             "attention": "(d) synth., attention labels", "real+attention": "(e) real + synth., attention"}
+             "attention": "(d) synth., attention labels", "real+attention": "(e) real + synth., attention",
+             **result.get("row_names", {})}
     lines = [head]
     for row in result["rows"]:
         cells = [names.get(row, row), *_row_counts(result, row)]

@@ -253,18 +253,44 @@ def shapes_arrays(split: str, num: int, seed: int = 0, image_size: int = 64, pro
     return stack_examples((src[i] for i in range(len(src))), f"shapes {split}", progress, len(src))
 
 
-def records_arrays(path: str, num: int | None = None, progress: bool = True) -> dict[str, np.ndarray]:
+def records_arrays(path: str, num: int | None = None, progress: bool = True, *, min_quality: float = 0.0,
+                   counts: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
     """A generated dataset (``datasetdm_jax.data.records``: sharded TFRecord + manifest) as an arrays
-    dict, the first ``num`` examples in index order (all when None)."""
+    dict, the first ``num`` examples in index order (all when None).
+
+    ``min_quality`` > 0 drops, among those ``num``, the examples whose stored annotation confidence
+    (``image/quality``, see ``generate``) is below it, so a filtered and an unfiltered run draw from
+    the same candidates. ``counts``, when given, receives ``read``, ``kept``, ``dropped``, ``min_quality``.
+    """
     from datasetdm_jax.data import records
+
+    q_min = float(min_quality or 0.0)
+    tally = {"read": 0, "kept": 0, "dropped": 0, "min_quality": q_min}
 
     def head():
         for i, ex in enumerate(records.read_tfrecords(path)):
             if num and i >= num:
                 return
+            tally["read"] += 1
+            if q_min > 0:
+                if ex.get("quality") is None:
+                    raise ValueError(f"{path}: record {ex.get('index', i)} has no image/quality; "
+                                     "min_quality needs records from `datasetdm generate` with a decoder labeller")
+                if ex["quality"] < q_min:
+                    tally["dropped"] += 1
+                    continue
+            tally["kept"] += 1
             yield ex
 
-    return stack_examples(head(), f"records {path}", progress, num or None)
+    try:
+        return stack_examples(head(), f"records {path}", progress, num or None)
+    except ValueError as e:
+        if tally["read"] and tally["dropped"] == tally["read"]:
+            raise ValueError(f"{path}: min_quality={q_min:g} drops all {tally['read']} records read") from e
+        raise
+    finally:
+        if counts is not None:
+            counts.update(tally)
 
 
 def real_arrays(data: Mapping[str, Any], split: str | None = None, *, train: bool = True,

@@ -17,19 +17,23 @@ from datasetdm_jax.downstream.data import real_arrays, records_arrays
 __all__ = ["load_data", "main_downstream"]
 
 
-def load_data(config: ml_collections.ConfigDict) -> tuple[dict, dict | None, dict]:
+def load_data(config: ml_collections.ConfigDict, counts: dict[str, Any] | None = None
+              ) -> tuple[dict, dict | None, dict]:
     """(real train arrays, synthetic arrays or None, {test split: arrays}) as the config names them.
 
     ``config.real`` / ``config.test`` are data configs as ``datasetdm_jax.data.sources.build``
     reads them (``test.splits`` lists the evaluated splits, ``test.num`` caps each, 0 = all);
-    ``config.synthetic.records`` is a folder written by ``datasetdm generate``.
+    ``config.synthetic.records`` is a folder written by ``datasetdm generate``; with
+    ``synthetic.min_quality`` > 0 its records below that annotation confidence are left out
+    (``counts`` receives read / kept / dropped).
     """
     rows = tuple(config.get("rows", ROWS))
     _check_classes(config)
     real = real_arrays(config.real, str(config.real.split), train=True)
     synthetic = None
     if str(config.synthetic.records):
-        synthetic = records_arrays(str(config.synthetic.records), int(config.synthetic.num) or None)
+        synthetic = records_arrays(str(config.synthetic.records), int(config.synthetic.num) or None,
+                                   min_quality=float(config.synthetic.get("min_quality", 0.0)), counts=counts)
     elif any(row != "real" for row in rows):
         raise ValueError(f"rows {rows} need generated data: set synthetic.records=FOLDER (the records written "
                          f"by `datasetdm generate`) or rows=\"('real',)\"")
@@ -54,8 +58,13 @@ def main_downstream(config_path: str, workdir: str | None = None,
                     overrides: Sequence[str] | None = None) -> dict[str, Any]:
     config = load_config(config_path, overrides)
     workdir = workdir or str(config.workdir)
-    real, synthetic, tests = load_data(config)
+    counts: dict[str, Any] = {}
+    real, synthetic, tests = load_data(config, counts)
     result = run_comparison(real, synthetic, tests, config)
+    if counts.get("min_quality"):
+        result["synthetic_filter"] = counts
+        print(f"quality filter: kept {counts['kept']} of {counts['read']} synthetic records "
+              f"(min_quality {counts['min_quality']:g}, {counts['dropped']} dropped)")
     table = format_table(result)
     print(table)
     os.makedirs(workdir, exist_ok=True)
