@@ -108,7 +108,7 @@ def run():
 
     @jax.jit
     def apply_plain(state, x, t, ctx):  # the fused kernel: capture must not change the result
-        return nnx.merge(graphdef, state)(x, t, ctx, attention_kernel="fused")
+        return nnx.merge(graphdef, state)(x, t, ctx, attention_kernel="dot_product")
 
     rng = np.random.default_rng(0)
     x = np.tile(rng.standard_normal((B, 16, 16, 4)).astype(np.float32), (2, 1, 1, 1))  # same latent per image

@@ -1,19 +1,65 @@
 """Multi-head attention shared by the UNet and the VAE, named like diffusers' `Attention`.
 
-Two kernels sit behind one function: plain dot-product (always used when the probabilities are
-wanted, e.g. for captured cross-attention maps) and `jax.nn.dot_product_attention`, which picks a
-fused kernel where the backend has one (cuDNN flash attention on GPU) and falls back to XLA.
+One dispatch function, `multi_head_attention`, picks the kernel for attention whose probabilities
+nobody reads ("impl"):
+
+* "xla": the explicit einsum-softmax-einsum below (also what every captured layer uses: the
+  P-Decoder's cross-attention maps and the attention labeller need the probabilities);
+* "dot_product": `jax.nn.dot_product_attention`, which picks cuDNN flash attention on GPU where
+  shapes and dtypes allow and falls back to XLA elsewhere;
+* "splash": the Pallas TPU splash-attention kernel (interpret mode off TPU, for tests), head dim
+  zero-padded to a multiple of 128; used where both sequence lengths are multiples of 128
+  (long self-attention), other calls fall back to "xla";
+* "auto" (default): "splash" on a single TPU device, "dot_product" on GPU, "xla" elsewhere.
+
+The default is module-wide (`set_attention_impl`, or the env var DATASETDM_ATTENTION_IMPL) and
+read at trace time: set it before the first jit of a model. Fused kernels, like diffusers' SDPA
+processor, ignore `upcast_attention` (they accumulate in fp32 anyway).
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-Kernel = Literal["dot", "fused"]
+Kernel = Literal["auto", "xla", "dot_product", "splash"]
+IMPLS: tuple[str, ...] = ("auto", "xla", "dot_product", "splash")
+_SPLASH_LANES = 128  # splash tiles: sequence blocks and head dim in multiples of this
+
+
+def _check(impl: str, where: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"{where}: attention impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+    return impl
+
+
+_default: str = _check(os.environ.get("DATASETDM_ATTENTION_IMPL", "auto"), "env DATASETDM_ATTENTION_IMPL")
+
+
+def set_attention_impl(impl: Kernel) -> None:
+    """Sets the module-wide default kernel for uncaptured attention (takes effect at the next trace)."""
+    global _default
+    _default = _check(impl, "set_attention_impl")
+
+
+def get_attention_impl() -> str:
+    return _default
+
+
+def resolve_impl(impl: Kernel | None = None) -> str:
+    """The concrete kernel for `impl` (None: the module default); "auto" picks by backend."""
+    impl = _check(impl or _default, "attention impl")
+    if impl != "auto":
+        return impl
+    backend = jax.default_backend()
+    if backend == "tpu" and jax.device_count() == 1:  # a Pallas call is not split by GSPMD
+        return "splash"
+    return "dot_product" if backend == "gpu" else "xla"
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, upcast: bool = True):
@@ -27,10 +73,46 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, upcast: b
     return out, probs
 
 
-def multi_head_attention(q, k, v, *, kernel: Kernel = "dot", upcast: bool = True) -> jax.Array:
-    """Attention output for (B, L, H, D) inputs with the chosen kernel."""
-    if kernel == "fused":
-        return jax.nn.dot_product_attention(q, k, v)
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(heads: int, lq: int, lk: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    block = lambda n: next(b for b in (512, 256, 128) if n % b == 0)
+    bq, bk = block(lq), block(lk)
+    mask = sa.MultiHeadMask([sa.FullMask((lq, lk)) for _ in range(heads)])
+    sizes = sa.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk)
+    with jax.ensure_compile_time_eval():  # concrete mask arrays, safe to cache across traces
+        return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def splash_fits(q: jax.Array, k: jax.Array) -> bool:
+    """Whether the splash kernel takes these shapes (both sequence lengths multiples of 128)."""
+    return q.shape[1] % _SPLASH_LANES == 0 and k.shape[1] % _SPLASH_LANES == 0
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool | None = None) -> jax.Array:
+    """Pallas splash attention over (B, L, H, D) inputs, D zero-padded to a multiple of 128.
+
+    Zero columns leave q k^T unchanged and give zero output columns, which are cut off. The
+    kernel does not scale: q is scaled by 1/sqrt(D) (the unpadded D) first.
+    """
+    d = q.shape[-1]
+    pad = -d % _SPLASH_LANES
+    interpret = jax.default_backend() != "tpu" if interpret is None else interpret
+    kern = _splash_kernel(q.shape[2], q.shape[1], k.shape[1], interpret)
+    prep = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, pad))).transpose(0, 2, 1, 3)  # (B, H, L, D')
+    q = (q.astype(jnp.float32) * d ** -0.5).astype(v.dtype)
+    out = jax.vmap(kern)(prep(q), prep(k.astype(v.dtype)), prep(v))
+    return out[..., :d].transpose(0, 2, 1, 3)
+
+
+def multi_head_attention(q, k, v, *, kernel: Kernel | None = None, upcast: bool = True) -> jax.Array:
+    """Attention output for (B, L, H, D) inputs with the chosen kernel (None: the module default)."""
+    impl = resolve_impl(kernel)
+    if impl == "dot_product":
+        return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype))
+    if impl == "splash" and splash_fits(q, k):
+        return splash_attention(q, k, v)
     return dot_product_attention(q, k, v, upcast=upcast)[0]
 
 
@@ -67,7 +149,7 @@ class Attention(nnx.Module):
         self.to_v = linear(kv_dim, inner, qkv_bias)
         self.to_out = nnx.List([linear(inner, query_dim, out_bias), Identity()])
 
-    def __call__(self, x, context=None, *, kernel: Kernel = "dot", return_probs: bool = False):
+    def __call__(self, x, context=None, *, kernel: Kernel | None = None, return_probs: bool = False):
         """Returns the attended tokens, and (B, H, Lq, Lk) fp32 probabilities if `return_probs`."""
         context = x if context is None else context
         split = lambda t: t.reshape(*t.shape[:2], self.heads, self.dim_head)

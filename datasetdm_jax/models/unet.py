@@ -199,14 +199,16 @@ class UNet2DConditionModel(nnx.Module):
         self.conv_out = conv(ch[0], cfg.out_channels, cfg.conv_out_kernel, **kw)
 
     def __call__(self, sample: jax.Array, timesteps: jax.Array | float, encoder_hidden_states: jax.Array, *,
-                 capture: bool = False, attention_kernel: Kernel = "dot", attention: AttentionCapture | None = None):
+                 capture: bool = False, attention_kernel: Kernel | None = None,
+                 attention: AttentionCapture | None = None):
         """eps for `sample` (B, H, W, C_in) at `timesteps` (scalar or (B,)) given text tokens (B, T, D).
 
         With `capture=True` returns `(eps, {"maps": ..., "cross_attention": ...})`, two ordered dicts
-        in forward order; cross-attention probabilities are then computed by the dot kernel in fp32,
-        self-attention keeps `attention_kernel`. With `attention` (an `AttentionCapture.request`)
-        the dict (returned even without `capture`) also holds its `self_attention` and
-        `class_attention` lists; the requested self-attention layers then use the dot kernel.
+        in forward order; cross-attention probabilities are then computed explicitly in fp32 ("xla"),
+        self-attention keeps `attention_kernel` (None: `attention.get_attention_impl()`, "auto" by
+        default). With `attention` (an `AttentionCapture.request`) the dict (returned even without
+        `capture`) also holds its `self_attention` and `class_attention` lists; the requested
+        self-attention layers then compute explicit probabilities too.
         """
         cfg = self.config
         factor = 2 ** (len(cfg.block_out_channels) - 1)

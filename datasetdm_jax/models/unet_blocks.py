@@ -173,7 +173,7 @@ class BasicTransformerBlock(nnx.Module):
         self.norm3 = layer_norm(dim, 1e-5, param_dtype=param_dtype, rngs=rngs)
         self.ff = FeedForward(dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, context, *, kernel: Kernel = "dot", capture: bool = False,
+    def __call__(self, x, context, *, kernel: Kernel | None = None, capture: bool = False,
                  attention: AttentionCapture | None = None):
         """Returns (tokens, cross-attention probabilities (B, H, L, T) fp32 or None)."""
         h = apply_norm(self.norm1, x)
@@ -220,7 +220,7 @@ class Transformer2DModel(nnx.Module):
         else:
             self.proj_out = conv(inner, in_channels, 1, **kw)
 
-    def __call__(self, x, context, *, kernel: Kernel = "dot", capture: bool = False,
+    def __call__(self, x, context, *, kernel: Kernel | None = None, capture: bool = False,
                  attention: AttentionCapture | None = None):
         """Returns (x + transformer(x), list of per-block cross-attention probabilities or Nones)."""
         b, hh, ww, c = x.shape
@@ -289,7 +289,7 @@ class DownBlock2D(nnx.Module):
         else:
             self.downsamplers = None
 
-    def __call__(self, x, temb, context, *, kernel: Kernel = "dot", taps: Taps | None = None, name: str = "down",
+    def __call__(self, x, temb, context, *, kernel: Kernel | None = None, taps: Taps | None = None, name: str = "down",
                  attention: AttentionCapture | None = None):
         """Returns (x, skip tensors for the up path: each layer's output, then the downsampled one)."""
         skips = []
@@ -323,7 +323,7 @@ class UNetMidBlock2DCrossAttn(nnx.Module):
         ])
         self.attentions = nnx.List([_transformer(common, channels, kw) for _ in range(num_layers)])
 
-    def __call__(self, x, temb, context, *, kernel: Kernel = "dot", taps: Taps | None = None, name: str = "mid",
+    def __call__(self, x, temb, context, *, kernel: Kernel | None = None, taps: Taps | None = None, name: str = "mid",
                  attention: AttentionCapture | None = None):
         x = self.resnets[0](x, temb)
         for j, (attn, resnet) in enumerate(zip(self.attentions, self.resnets[1:])):
@@ -355,7 +355,7 @@ class UpBlock2D(nnx.Module):
             self.attentions = None
         self.upsamplers = nnx.List([Upsample2D(out_channels, out_channels, **kw)]) if add_upsample else None
 
-    def __call__(self, x, skips: list, temb, context, *, kernel: Kernel = "dot", taps: Taps | None = None,
+    def __call__(self, x, skips: list, temb, context, *, kernel: Kernel | None = None, taps: Taps | None = None,
                  name: str = "up", attention: AttentionCapture | None = None):
         """Consumes the last `len(resnets)` skips (popped from the end of `skips`, in place)."""
         for j, resnet in enumerate(self.resnets):
