@@ -26,7 +26,8 @@ from flax import nnx
 from datasetdm_jax.decoders import feature_spec, tasks
 from datasetdm_jax.features import Features
 
-__all__ = ["ConvBackbone", "ScratchModel", "train_and_evaluate", "main_baseline"]
+__all__ = ["ConvBackbone", "ScratchModel", "Scratch", "scratch_params", "match_width", "train_scratch", "evaluate",
+           "train_and_evaluate", "main_baseline"]
 RESULTS_FILE = "baseline.json"
 
 
@@ -81,6 +82,93 @@ def _host_batch(task: str, b: dict, seed: int, step: int, flip: bool) -> dict:
     return out
 
 
+def scratch_params(config: ml_collections.ConfigDict, width: int) -> int:
+    """Parameter count of the ScratchModel at ``width`` (shapes only, nothing computed)."""
+    spec = tasks.spec_from_config(config)
+    state = jax.eval_shape(lambda: nnx.state(ScratchModel(spec, config.decoder.to_dict(), width, rngs=nnx.Rngs(0)),
+                                             nnx.Param))
+    return int(sum(np.size(x) for x in jax.tree.leaves(state)))
+
+
+def match_width(config: ml_collections.ConfigDict, target: int, widths: Sequence[int] = (8, 16, 24, 32, 48, 64)) -> int:
+    """The width in ``widths`` whose ScratchModel size is closest (in ratio) to ``target`` parameters."""
+    return min(widths, key=lambda w: abs(np.log(scratch_params(config, int(w)) / max(int(target), 1))))
+
+
+class Scratch:
+    """A ScratchModel for a train config, with its jitted train step and prediction."""
+
+    def __init__(self, config: ml_collections.ConfigDict, width: int):
+        self.config, self.width = config, int(width)
+        self.spec = spec = tasks.spec_from_config(config)
+        model = ScratchModel(spec, config.decoder.to_dict(), self.width, rngs=nnx.Rngs(int(config.seed)))
+        graph, params, rest = nnx.split(model, nnx.Param, ...)
+        self.init_params = nnx.to_pure_dict(params)
+        self.num_params = int(sum(np.size(x) for x in jax.tree.leaves(self.init_params)))
+        self.tx = tx = optax.adam(float(config.lr))
+        base_key = jax.random.key(int(config.seed))
+
+        def loss_fn(p, batch, key):
+            return tasks.task_loss(spec, nnx.merge(graph, p, rest)(batch["image"]), batch, key)
+
+        def step_fn(p, opt, batch, step):
+            (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch, jax.random.fold_in(base_key, step))
+            updates, opt = tx.update(grads, opt, p)
+            return optax.apply_updates(p, updates), opt, loss
+
+        self.step_fn = jax.jit(step_fn)
+        self.predict_fn = jax.jit(lambda p, image: tasks.task_predict(spec, nnx.merge(graph, p, rest)(image)))
+
+
+def train_scratch(config: ml_collections.ConfigDict, *, steps: int | None = None, width: int | None = None,
+                  progress: bool = True) -> tuple[Scratch, Any, dict[str, float]]:
+    """Trains a ScratchModel on ``config``'s labelled images with the P-Decoder's recipe.
+
+    Returns (scratch, params, timing): ``train_s`` (wall time, compile included), ``sec_per_step``
+    (steps after the first, i.e. without the compile) and ``train_cpu_s`` (this process's CPU time).
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    from datasetdm_jax import train
+
+    bcfg = config.get("baseline") or {}
+    scratch = Scratch(config, int(width or bcfg.get("width", 32)))
+    steps = int(steps or config.steps)
+    seed, flip = int(config.seed), bool(config.data.flip)
+    params = scratch.init_params
+    opt = scratch.tx.init(params)
+    it = train._train_iterator(config, None)
+    t0 = t1 = time.perf_counter()
+    c0 = time.process_time()
+    for step in tqdm(range(steps), desc=f"baseline {scratch.spec.task}", disable=not progress, dynamic_ncols=True):
+        batch = _host_batch(scratch.spec.task, next(it), seed, step, flip)
+        params, opt, loss = scratch.step_fn(params, opt, batch, step)
+        if not np.isfinite(float(loss)):
+            raise train.TrainingDiverged(f"baseline: loss is {float(loss)} at step {step + 1}")
+        if step == 0:
+            t1 = time.perf_counter()
+    t2 = time.perf_counter()
+    return scratch, params, {"train_s": t2 - t0, "sec_per_step": (t2 - t1) / max(steps - 1, 1),
+                             "train_cpu_s": time.process_time() - c0}
+
+
+def evaluate(scratch: Scratch, params: Any, split: str | None = None, num: int | None = None,
+             seed: int | None = None, per_class: bool = False) -> dict[str, Any]:
+    """The task's metrics on ``num`` images of ``split`` (defaults: ``config.eval``), as ``train.evaluate``."""
+    from datasetdm_jax import train
+    from datasetdm_jax.data import pipeline
+
+    config, ecfg = scratch.config, scratch.config.eval
+    src = train.data_source(config, str(split or ecfg.split), int(num or ecfg.num_images),
+                            int(ecfg.get("seed", config.data.seed) if seed is None else seed))
+    ev = tasks.Evaluator(scratch.spec)
+    for b in pipeline.grain_dataset(src, int(ecfg.batch_size), None, drop_remainder=False):
+        ev.update(jax.device_get(scratch.predict_fn(params, np.asarray(b["image"], np.float32))), b)
+    return ev.compute(per_class=per_class)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, *, steps: int | None = None, width: int | None = None,
                        workdir: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Trains a ScratchModel on ``config``'s labelled images and scores it on ``config.eval``.
@@ -88,50 +176,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, *, steps: int | None =
     Returns the metrics plus ``params`` (count) and ``steps``; writes ``<workdir>/baseline.json``
     when ``workdir`` is given.
     """
-    from tqdm.auto import tqdm
-
-    from datasetdm_jax import train
-    from datasetdm_jax.data import pipeline
-
-    spec = tasks.spec_from_config(config)
-    bcfg = config.get("baseline") or {}
-    width = int(width or bcfg.get("width", 32))
-    steps = int(steps or config.steps)
-    seed = int(config.seed)
-    model = ScratchModel(spec, config.decoder.to_dict(), width, rngs=nnx.Rngs(seed))
-    graph, params, rest = nnx.split(model, nnx.Param, ...)
-    params = nnx.to_pure_dict(params)
-    tx = optax.adam(float(config.lr))
-    base_key = jax.random.key(seed)
-
-    def loss_fn(p, batch, key):
-        return tasks.task_loss(spec, nnx.merge(graph, p, rest)(batch["image"]), batch, key)
-
-    @jax.jit
-    def step_fn(p, opt, batch, step):
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch, jax.random.fold_in(base_key, step))
-        updates, opt = tx.update(grads, opt, p)
-        return optax.apply_updates(p, updates), opt, loss
-
-    @jax.jit
-    def predict_fn(p, image):
-        return tasks.task_predict(spec, nnx.merge(graph, p, rest)(image))
-
-    opt = tx.init(params)
-    it = train._train_iterator(config, None)
-    flip = bool(config.data.flip)
-    for step in tqdm(range(steps), desc=f"baseline {spec.task}", disable=not progress, dynamic_ncols=True):
-        batch = _host_batch(spec.task, next(it), seed, step, flip)
-        params, opt, loss = step_fn(params, opt, batch, step)
-        if not np.isfinite(float(loss)):
-            raise train.TrainingDiverged(f"baseline: loss is {float(loss)} at step {step + 1}")
-    ecfg = config.eval
-    src = train.data_source(config, str(ecfg.split), int(ecfg.num_images), int(ecfg.get("seed", config.data.seed)))
-    ev = tasks.Evaluator(spec)
-    for b in pipeline.grain_dataset(src, int(ecfg.batch_size), None, drop_remainder=False):
-        ev.update(jax.device_get(predict_fn(params, np.asarray(b["image"], np.float32))), b)
-    res = {"task": spec.task, "model": f"scratch conv backbone (width {width}) + the same head", "steps": steps,
-           "params": int(sum(np.size(x) for x in jax.tree.leaves(params))), **ev.compute()}
+    scratch, params, _ = train_scratch(config, steps=steps, width=width, progress=progress)
+    res = {"task": scratch.spec.task, "model": f"scratch conv backbone (width {scratch.width}) + the same head",
+           "steps": int(steps or config.steps), "params": scratch.num_params, **evaluate(scratch, params)}
     if workdir:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, RESULTS_FILE), "w") as f:

@@ -42,6 +42,12 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     demo.main_demo(args.config, args.overrides)
 
 
+def _cmd_proof(args: argparse.Namespace) -> None:
+    from datasetdm_jax import proof
+
+    proof.main_proof(args.config, args.out, args.overrides)
+
+
 def _cmd_probe(args: argparse.Namespace) -> None:
     from datasetdm_jax import probe
 
@@ -98,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="default configs/shapes_demo.py; configs/shapes_demo.py:small is quick")
     p.add_argument("overrides", nargs="*", help="config overrides as key=value (e.g. generate.num_images=2048)")
     p.set_defaults(fn=_cmd_demo)
+
+    p = sub.add_parser("proof", help="P-Decoder vs a scratch model on all four tasks, shapes world (cached stages)")
+    p.add_argument("--config", default=None, help="default configs/shapes_proof.py; configs/shapes_proof.py:small is quick")
+    p.add_argument("--out", default=None, help="workdir for the stages, report.json and table.md (default: the config's)")
+    p.add_argument("overrides", nargs="*", help="config overrides as key=value (e.g. tasks.depth.steps=1000)")
+    p.set_defaults(fn=_cmd_proof)
 
     p = sub.add_parser("smoke", help="end-to-end check on a tiny random-weight Stable Diffusion (no downloads)")
     p.add_argument("--out", default="work/smoke", help="folder for the tiny diffusers-format model")

@@ -264,11 +264,11 @@ class Trainer:
 
 
 def evaluate(trainer: Trainer, params: Any, split: str | None = None, num: int | None = None,
-             seed: int | None = None, which: str = "eval") -> dict[str, float]:
+             seed: int | None = None, which: str = "eval", per_class: bool = False) -> dict[str, Any]:
     """The task's metrics (``tasks.Evaluator``) on ``num`` images of ``split`` with fixed noise.
 
     Defaults come from ``config.<which>``: 'eval' (the test split, scored at the end) or 'val'
-    (the validation split scored during training).
+    (the validation split scored during training). ``per_class``: semantic per-class IoU too.
     """
     config = trainer.config
     ecfg = config.get(which) or config.eval
@@ -286,7 +286,7 @@ def evaluate(trainer: Trainer, params: Any, split: str | None = None, num: int |
             hb = {k: np.concatenate([v, np.repeat(v[-1:], bs - n, axis=0)]) for k, v in hb.items()}
         pred = jax.device_get(trainer.predict_fn(params, trainer.frozen, hb, jax.random.key(int(config.seed) + 7 + i)))
         ev.update({k: v[:n] for k, v in pred.items()}, b)
-    return ev.compute()
+    return ev.compute(per_class=per_class)
 
 
 class _Summaries:

@@ -216,10 +216,12 @@ class Evaluator:
                 self.gts.append(gt)
                 self.preds.append({"keypoints": pred["keypoints"][i], "scores": pred["scores"][i]})
 
-    def compute(self) -> dict[str, float]:
+    def compute(self, per_class: bool = False) -> dict[str, Any]:
+        """The metrics; ``per_class`` adds semantic ``per_class_iou`` (a list, NaN for absent classes)."""
         task = self.spec.task
         if task == "semantic":
-            return {"miou": float(self.miou.compute()[0])}
+            miou, iou = self.miou.compute()
+            return {"miou": float(miou), **({"per_class_iou": [float(v) for v in iou]} if per_class else {})}
         if task == "depth":
             return {k: float(v) for k, v in mt.depth_metrics(np.concatenate(self.preds),
                                                              np.concatenate(self.gts)).items()}
