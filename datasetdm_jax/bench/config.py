@@ -26,6 +26,7 @@ class BenchConfig:
     train_step: bool = True
     compile_probe: bool = True
     memory: bool = True
+    memory_only: bool = False         # only the compile-only memory / FLOPs section (no model runs)
     memory_model: str = "sd15"
     memory_sizes: tuple[int, ...] = (512, 768)
     memory_dtype: str = "bfloat16"
@@ -63,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compile-probe", dest="compile_probe", action="store_false",
                    help="skip cold / warm compile timing in fresh processes")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory analysis")
+    p.add_argument("--memory-only", action="store_true",
+                   help="only the memory section: compile SD-sized generation (never run) for peak memory, "
+                        "largest batch in budget and GFLOP per image at --steps (no timing, no diffusers)")
     p.add_argument("--memory-model", default=d.memory_model, choices=MODELS)
     p.add_argument("--memory-sizes", type=_ints, default=d.memory_sizes, help="image sizes, comma-separated")
     p.add_argument("--memory-dtype", default=d.memory_dtype, choices=["float32", "bfloat16"])

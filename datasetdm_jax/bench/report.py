@@ -14,6 +14,10 @@ def _gib(b: int | None) -> str:
 
 
 def format_report(rep: dict[str, Any]) -> str:
+    if "model" not in rep:  # --memory-only
+        d = rep["device"]
+        head = f"device: {d['kind']} ({d['platform']}) x{d['count']}"
+        return "\n".join([head] + _memory_lines(rep, d["platform"]))
     d, m, s = rep["device"], rep["model"], rep["settings"]
     p = m["params"]
     out = [
@@ -51,16 +55,26 @@ def format_report(rep: dict[str, Any]) -> str:
         out += ["", f"compile of `{c['program']}` in a fresh process: cold {c['cold']['compile_s']:.1f} s "
                 f"(+{c['cold']['trace_s']:.1f} s tracing), warm persistent cache {c['warm']['compile_s']:.1f} s "
                 f"(+{c['warm']['trace_s']:.1f} s tracing)"]
-    if rep.get("memory"):
-        out += ["", "| model | px | dtype | capture | peak GiB, batch 1 | GiB per extra image | fixed GiB | "
-                "largest batch in budget | peak GiB at that batch |", "|---|---|---|---|---|---|---|---|---|"]
-        for r in rep["memory"]:
-            out.append(f"| {r['model']} | {r['size']} | {r['dtype']} | {r['capture']} | {_gib(r['peak_b1_bytes'])} | "
-                       f"{_gib(r['per_image_bytes'])} | {_gib(r['fixed_bytes'])} | {r['max_batch']} "
-                       f"({_gib(r['budget_bytes'])} GiB) | {_gib(r['peak_at_max_batch_bytes'])} |")
-        out.append(f"(XLA memory analysis of the compiled generation program on {d['platform']}, never run: "
-                   "arguments + outputs + temporaries)")
+    out += _memory_lines(rep, d["platform"])
     return "\n".join(out)
+
+
+def _memory_lines(rep: dict[str, Any], platform: str) -> list[str]:
+    if not rep.get("memory"):
+        return []
+    out = ["", "| model | px | dtype | capture | peak GiB, batch 1 | GiB per extra image | fixed GiB | "
+           "largest batch in budget | peak GiB at that batch | GFLOP per image (steps) | "
+           "est. v5e img/s/chip at 50% MFU |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rep["memory"]:
+        flops = f"{r['gflop_per_image']:,.1f} ({r['steps']})" if "gflop_per_image" in r else "-"
+        est = _f(r.get("est_v5e_img_per_s_at_50pct_mfu"), ".2f")
+        out.append(f"| {r['model']} | {r['size']} | {r['dtype']} | {r['capture']} | {_gib(r['peak_b1_bytes'])} | "
+                   f"{_gib(r['per_image_bytes'])} | {_gib(r['fixed_bytes'])} | {r['max_batch']} "
+                   f"({_gib(r['budget_bytes'])} GiB) | {_gib(r['peak_at_max_batch_bytes'])} | {flops} | {est} |")
+    out.append(f"(XLA memory analysis of the compiled generation program on {platform}, never run: arguments + "
+               "outputs + temporaries. GFLOP from XLA's cost analysis; img/s at 50% MFU = 0.5 x 197 TFLOP/s / "
+               "FLOPs per image: an estimate, not a measurement)")
+    return out
 
 
 def print_report(rep: dict[str, Any]) -> None:

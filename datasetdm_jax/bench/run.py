@@ -101,6 +101,19 @@ def _train_step(cfg: BenchConfig, pipe, size: int, peak: float):
                        devices=tr.mesh.size, peak_tflops=peak)
 
 
+def _memory(cfg: BenchConfig, workdir: str) -> list[dict[str, Any]]:
+    """Compile-only peak memory, largest batch in budget and GFLOP per image of SD-sized generation."""
+    rows = []
+    abstract = models.abstract_pipeline(cfg.memory_model, f"{workdir}/{cfg.memory_model}_abstract",
+                                        jnp.dtype(cfg.memory_dtype))
+    for s in cfg.memory_sizes:
+        _log(f"memory analysis: {cfg.memory_model} at {s} px (compile only)")
+        rows.append({"model": cfg.memory_model, **memory.max_batch(
+            abstract, s, capture=cfg.capture, budget_bytes=int(cfg.memory_budget_gib * memory.GIB),
+            scheduler=cfg.scheduler, steps=cfg.steps)})
+    return rows
+
+
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Runs every section `cfg` asks for; returns the report."""
     if cfg.model not in models.MODELS:
@@ -110,6 +123,9 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     workdir = cfg.workdir or tempfile.mkdtemp(prefix="datasetdm_bench_")
     _log("device peak")
     device = peaks.device_peak()
+    if cfg.memory_only:
+        settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "workdir"}
+        return {"device": device, "settings": settings, "rows": [], "memory": _memory(cfg, workdir)}
     peak = device["peak_tflops"]
     dtype = cfg.dtype or ("float32" if device["platform"] == "cpu" else "bfloat16")
     _log(f"model {cfg.model}")
@@ -157,13 +173,6 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 cache, folder, head, size, cfg.steps, cfg.scheduler, cfg.capture, dtype)}
 
     if cfg.memory:
-        report["memory"] = []
-        abstract = models.abstract_pipeline(cfg.memory_model, f"{workdir}/{cfg.memory_model}_abstract",
-                                            jnp.dtype(cfg.memory_dtype))
-        for s in cfg.memory_sizes:
-            _log(f"memory analysis: {cfg.memory_model} at {s} px (compile only)")
-            report["memory"].append({"model": cfg.memory_model, **memory.max_batch(
-                abstract, s, capture=cfg.capture, budget_bytes=int(cfg.memory_budget_gib * memory.GIB),
-                scheduler=cfg.scheduler)})
+        report["memory"] = _memory(cfg, workdir)
     report["rows"] = [r.to_dict() for r in report["rows"]]
     return report
