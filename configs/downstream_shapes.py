@@ -3,35 +3,28 @@
 Trains the small DeepLab-style segmenter and the depth net on (a) the 100 labelled real images,
 (b) generated records, (c) both (half of each batch synthetic), and evaluates on the real test and
 domain-shifted splits. ``synthetic.records`` is the folder written by generation; without it only
-row (a) can run (``rows=('real',)``). Variant ``:tiny`` is for tests.
+row (a) can run (``rows=('real',)``). Variant ``:tiny`` is for tests. Shared settings:
+datasetdm_jax/config_common.py.
 """
 
-import ml_collections
+from datasetdm_jax import config_common as common
 
 
-def task_config(task, num_classes, steps, model, lr=2e-3, batch_size=16, depth_loss="silog"):
-    return ml_collections.ConfigDict(dict(
-        task=task, num_classes=num_classes, model=model, steps=steps, batch_size=batch_size, lr=lr,
-        weight_decay=1e-4, warmup_steps=min(100, steps // 10), grad_clip=1.0, seed=0, log_every=25,
-        depth_loss=depth_loss))
+def task_config(task, num_classes, steps, model, batch_size=16):
+    """Shapes-scale training: lr 2e-3, short warmup, frequent logs."""
+    return common.downstream_task(task, num_classes, steps, model, batch_size=batch_size, lr=2e-3,
+                                  warmup_steps=min(100, steps // 10), log_every=25)
 
 
 def get_config(arg=None):
-    c = ml_collections.ConfigDict()
-    c.name = "downstream_shapes"
-    c.workdir = "runs/downstream_shapes"
-    c.tasks = ("semantic", "depth")
-    c.rows = ("real", "synthetic", "real+synthetic")
-    c.synthetic_fraction = 0.5          # share of each (c) batch drawn from the synthetic set
-    c.real = ml_collections.ConfigDict(dict(source="shapes", root="", split="train_labelled", num_images=100,
-                                            seed=0, image_size=64))
-    # num 0 = all records; min_quality > 0 leaves out records below that annotation confidence
-    c.synthetic = ml_collections.ConfigDict(dict(records="", num=0, min_quality=0.0))
-    c.test = ml_collections.ConfigDict(dict(source="shapes", root="", splits=("test", "test_shifted"), num=256,
-                                            seed=0, image_size=64))
-    c.augment = ml_collections.ConfigDict(dict(enabled=True, flip=True, scale=(0.75, 1.5), crop=(64, 64),
-                                               scale_depth=True))
-    c.eval = ml_collections.ConfigDict(dict(batch_size=32, min_depth=1e-3, max_depth=0.0))  # 0: no cap
+    common.check_variant(arg, "tiny")
+    c = common.downstream(
+        "downstream_shapes", ("semantic", "depth"),
+        real=dict(source="shapes", root="", split="train_labelled", num_images=100, seed=0, image_size=64),
+        test=dict(source="shapes", root="", splits=("test", "test_shifted"), num=256, seed=0, image_size=64),
+        scale=(0.75, 1.5), crop=(64, 64), eval_batch_size=32,
+        max_depth=0.0,               # 0: no cap
+    )
     # 8 classes: shapes.CLASSES (background + 7 shapes; 'star' is absent from the default world).
     c.semantic = task_config("semantic", 8, 1500, dict(
         stages=((16, 2, 1), (32, 2, 1), (64, 2, 1), (96, 1, 2)), depth=2, aspp_width=64, aspp_rates=(2, 4, 6),
@@ -45,6 +38,4 @@ def get_config(arg=None):
                                  aspp_width=8, aspp_rates=(2,), skip_stage=0, skip_width=4, decoder_width=8),
                                  batch_size=4)
         c.depth = task_config("depth", 8, 3, dict(widths=(8, 8, 16), depth=1), batch_size=4)
-    elif arg not in (None, ""):
-        raise ValueError(f"unknown variant {arg!r} (expected 'tiny' or none)")
     return c
