@@ -350,7 +350,7 @@ def test_configs_build_sources(request, name, fixture, overrides, n, classes):
 
 def test_paper_selection_numbers():
     c = load_config(os.path.join(CONFIGS, "voc_semantic.py"))
-    assert (c.data.per_class, c.data.min_pixels) == (5, 18000) and c.decoder.num_queries == 20
+    assert (c.data.per_class, c.data.min_pixels) == (5, 18000) and c.decoder.num_queries == 21
     c = load_config(os.path.join(CONFIGS, "coco_instance.py"))
     assert (c.data.per_class, c.data.min_area, c.data.min_instance_area) == (5, 10000.0, 500.0)
     assert load_config(os.path.join(CONFIGS, "coco_pose.py")).data.num_images == 801
