@@ -23,7 +23,9 @@ def get_config(arg=None):
     # config's own). Everything else (batch, lr, flips, seed, decoder) comes from the task config.
     c.tasks = ml_collections.ConfigDict({t: ml_collections.ConfigDict(dict(config=f"shapes_{t}.py", steps=0))
                                          for t in TASKS})
-    c.deep_supervision_row = True    # + the semantic P-Decoder with deep_supervision=True
+    # Rows to run, comma-separated (e.g. `rows=depth,pose`): the four tasks (P-Decoder and scratch)
+    # and the semantic P-Decoder with deep_supervision=True ('semantic_deep_supervision').
+    c.rows = ",".join(TASKS + ("semantic_deep_supervision",))
     # Scratch model width: 'auto' = the width whose parameter count is closest to the P-Decoder's
     # trainable parameters (from `widths`), or an int.
     c.scratch = ml_collections.ConfigDict(dict(width="auto", widths=(8, 16, 24, 32, 48, 64)))

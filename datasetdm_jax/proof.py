@@ -288,7 +288,10 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True) -> dict[str
     frozen_params = int(sum(np.size(x) for k in ("vae", "unet", "text_encoder")
                             for x in jax.tree.leaves(pipe.params[k])))
     splits = [str(s) for s in config.eval.splits]
-    row_names = [r for r in ROWS if r != DS_ROW or bool(config.deep_supervision_row)]
+    rows_cfg = config.rows  # 'depth,pose' or a sequence of names
+    row_names = [r.strip() for r in rows_cfg.split(",")] if isinstance(rows_cfg, str) else [str(r) for r in rows_cfg]
+    if not row_names or set(row_names) - set(ROWS):
+        raise ValueError(f"rows={tuple(row_names)}: expected a non-empty subset of {ROWS}")
     rows: dict[str, dict[str, Any]] = {}
     seconds: dict[str, float] = {}
     for i, row in enumerate(row_names):

@@ -61,13 +61,13 @@ def test_rerun_reuses_every_stage(proof_run, monkeypatch):
     assert json.dumps(again["rows"]) == json.dumps(report["rows"])
     # another test set rescores both models without retraining either (both trainers are refused)
     changed = load_config(CONFIG, [f"model={config.model}", f"workdir={config.workdir}", "eval.num_images=4",
-                                   "deep_supervision_row=False"])
+                                   "rows=depth"])
     rescored = proof.run(changed, progress=False)
-    assert list(rescored["rows"]) == ["semantic", "instance", "depth", "pose"]
-    assert rescored["settings"]["num_test_images"] == 4
-    for row in rescored["rows"]:
-        for m in ("p_decoder", "scratch"):
-            assert rescored["rows"][row][m]["trainable_params"] == report["rows"][row][m]["trainable_params"]
+    assert list(rescored["rows"]) == ["depth"] and rescored["settings"]["num_test_images"] == 4
+    for m in ("p_decoder", "scratch"):
+        old, new = report["rows"]["depth"][m], rescored["rows"]["depth"][m]
+        assert new["trainable_params"] == old["trainable_params"] and new["train_s"] == old["train_s"]
+        assert new["test"]["rel"] != old["test"]["rel"]  # scored on 4 images instead of 2
 
 
 def test_checkpoint_of_another_model_is_refused(proof_run):
