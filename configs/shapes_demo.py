@@ -26,7 +26,9 @@ def get_config(arg=None):
         depth=ml_collections.ConfigDict(dict(config="shapes_depth.py", steps=600, eval_images=256)),
     ))
     # Generation: one sampler pass labels each image with every decoder (semantic + depth).
-    c.generate = ml_collections.ConfigDict(dict(num_images=1024, steps=15, guidance=7.5, scheduler="dpmpp_2m",
+    # guidance 3: on the shipped model (25 PNDM steps) one-object fidelity is class 0.61 / colour 0.95
+    # at 3 against 0.52 / 0.71 at 7.5, whose images are over-saturated (`datasetdm fidelity --guidance`).
+    c.generate = ml_collections.ConfigDict(dict(num_images=1024, steps=15, guidance=3.0, scheduler="dpmpp_2m",
                                                 batch_size=32, seed=0, shard_size=256))
     # The training-free attention labeller labels the same images in that same pass (rows d, e);
     # settings from configs/shapes_attention.py:both (cross_res 8, captions not appended).
