@@ -15,7 +15,7 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
+from tiny_sd import save_random_decoder
 import pytest
 
 from datasetdm_jax import export, generate, pretrained, prompts, smoke, train
@@ -28,17 +28,6 @@ NUM = 8  # 3 shards of 3, 3, 2 (tiny: shard_size 3, batch 2)
 CACHE = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
 
 
-def _save_decoder(config, trainer):
-    """What `train.run` writes at a checkpoint, with the initial (random) decoder parameters."""
-    mngr = train._manager(str(config.workdir), train.STAGE, 2)
-    params = jax.device_get(trainer.init_params)
-    mngr.save(1, args=ocp.args.Composite(
-        data=ocp.args.JsonSave({"note": "test"}), params=ocp.args.StandardSave(params),
-        train=ocp.args.StandardSave({"step": np.ones((), np.int32), "opt": trainer.tx.init(params)})), force=True)
-    mngr.wait_until_finished()
-    mngr.close()
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
@@ -48,7 +37,7 @@ def setup(tmp_path_factory):
     with pytest.raises(FileNotFoundError, match="datasetdm train --config"):
         generate.generate_dataset(config, NUM, str(root / "never"), progress=False)
     trainer = train.Trainer(config)
-    _save_decoder(config, trainer)
+    save_random_decoder(config, trainer)
     labeler = generate.make_labeler(config)
     ref = root / "ref"
     manifest = generate.generate_dataset(config, NUM, str(ref), labeler=labeler, progress=False)

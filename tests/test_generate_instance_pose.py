@@ -11,7 +11,7 @@ import os
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
+from tiny_sd import save_random_decoder
 import pytest
 
 from datasetdm_jax import export, generate, pretrained, smoke, train
@@ -26,17 +26,6 @@ SIZE = 32
 J = len(shapes.KEYPOINT_NAMES)
 
 
-def _save_decoder(config, trainer):
-    """What `train.run` writes at a checkpoint, with the initial (random) decoder parameters."""
-    mngr = train._manager(str(config.workdir), train.STAGE, 2)
-    params = jax.device_get(trainer.init_params)
-    mngr.save(1, args=ocp.args.Composite(
-        data=ocp.args.JsonSave({"note": "test"}), params=ocp.args.StandardSave(params),
-        train=ocp.args.StandardSave({"step": np.ones((), np.int32), "opt": trainer.tx.init(params)})), force=True)
-    mngr.wait_until_finished()
-    mngr.close()
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen_ip")
@@ -48,7 +37,7 @@ def setup(tmp_path_factory):
     for task, cfg in configs.items():
         trainer = train.Trainer(cfg, pipe)
         pipe = trainer.pipe
-        _save_decoder(cfg, trainer)
+        save_random_decoder(cfg, trainer)
     return root, over, configs, pipe
 
 

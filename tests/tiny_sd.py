@@ -137,3 +137,20 @@ def nchw(x):
 def nhwc(t):
     """NCHW torch tensor -> NHWC numpy."""
     return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def save_random_decoder(config, trainer) -> None:
+    """What `train.run` writes at a checkpoint, with the initial (random) decoder parameters: lets
+    generation tests use a 'trained' decoder without training one."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from datasetdm_jax import train
+
+    mngr = train._manager(str(config.workdir), train.STAGE, 2)
+    params = jax.device_get(trainer.init_params)
+    mngr.save(1, args=ocp.args.Composite(
+        data=ocp.args.JsonSave({"note": "test"}), params=ocp.args.StandardSave(params),
+        train=ocp.args.StandardSave({"step": np.ones((), np.int32), "opt": trainer.tx.init(params)})), force=True)
+    mngr.wait_until_finished()
+    mngr.close()
