@@ -20,7 +20,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import ml_collections
 import numpy as np
@@ -161,12 +161,17 @@ def _p_decoder(cfg: ml_collections.ConfigDict, row: str, pipe, fingerprint: str,
     res: dict[str, Any] = {"model": "P-Decoder on frozen SD features", "steps": int(cfg.steps),
                            "trainable_params": trainer.num_params, "frozen_params": frozen_params,
                            **json.loads(timing_file.read_text())}
-    t1 = time.time()
-    for split in splits:
-        res[split] = train.evaluate(trainer, params, split=split, per_class=True)
-    res["eval_s"] = round(time.time() - t1, 1)
+    res.update(_score(lambda split: train.evaluate(trainer, params, split=split, per_class=True), splits))
     _store(cache, eval_key, res)
     return res
+
+
+def _score(evaluate: Callable[[str], dict[str, Any]], splits: Sequence[str]) -> dict[str, Any]:
+    """Metrics of every split and the seconds they took (the same for both kinds of row)."""
+    t1 = time.time()
+    out: dict[str, Any] = {split: evaluate(split) for split in splits}
+    out["eval_s"] = round(time.time() - t1, 1)
+    return out
 
 
 def _scratch(cfg: ml_collections.ConfigDict, row: str, scfg: ml_collections.ConfigDict, target_params: int,
@@ -202,10 +207,7 @@ def _scratch(cfg: ml_collections.ConfigDict, row: str, scfg: ml_collections.Conf
         _store(folder / "trained.json", tkey, timing)
     res: dict[str, Any] = {"model": f"scratch conv backbone (width {width}) + the same head", "steps": int(cfg.steps),
                            "trainable_params": scratch.num_params, "frozen_params": 0, **timing}
-    t1 = time.time()
-    for split in splits:
-        res[split] = baselines.evaluate(scratch, params, split=split, per_class=True)
-    res["eval_s"] = round(time.time() - t1, 1)
+    res.update(_score(lambda split: baselines.evaluate(scratch, params, split=split, per_class=True), splits))
     _store(cache, key, res)
     return res
 
