@@ -8,7 +8,8 @@ from datasetdm_jax import generate, prompts, train
 from datasetdm_jax.config_utils import load_config
 from datasetdm_jax.data import records, shapes
 from datasetdm_jax.labelers import composite
-from test_generate_dataset import TINY, _save_decoder
+from test_generate_dataset import TINY
+from tiny_sd import save_random_decoder
 
 # The tiny UNet attends at feature heights 16 and 8 for a 32 px image (latent 16).
 ATTENTION = dict(self_res=16, cross_res=8, append_class_names=False)
@@ -19,7 +20,7 @@ INDICES = np.arange(3, 5)
 def setup(pipe, tiny_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("composite")
     config = load_config(TINY, [f"pipeline={tiny_dir}", f"workdir={root / 'wd'}"])
-    _save_decoder(config, train.Trainer(config, pipe=pipe))
+    save_random_decoder(config, train.Trainer(config, pipe=pipe))
     ps = prompts.from_config(config.generate.prompts).batch(INDICES)
     plain = generate.DecoderLabeler(config, pipe=pipe)(ps, INDICES, 0)
     both = composite.DecoderAttentionLabeler(config, pipe=pipe, attention_config=ATTENTION)
