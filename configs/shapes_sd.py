@@ -103,7 +103,7 @@ def get_config(arg=None):
     """Default: 64 px, VAE (16, 32, 64) -> 16x16x4, UNet (32, 64, 128), 24-token captions. ``arg='tiny'``: 16 px."""
     c = ml_collections.ConfigDict()
     c.seed = 0                    # model init, noise, timesteps, caption dropout (folded with step)
-    c.stages = ("vae", "diffusion")  # run in order; each resumes from workdir/<stage>/
+    c.stages = ("vae", "vae_decoder", "diffusion")  # run in order; each resumes from workdir/<stage>/
     c.export = True               # write the diffusers folder at the end of the diffusion stage
     c.export_dir = ""             # default: <workdir>/model
     c.export_dtype = "float16"    # safetensors dtype of the shipped folder (halves its size)
@@ -151,6 +151,24 @@ def get_config(arg=None):
     c.vae.eval_every = 250        # reconstruction PSNR on the held-out batch
     c.vae.checkpoint_every_s = 300.0
 
+    # --- stage 1b: the decoder fine-tuned with the encoder frozen (latents unchanged, so it can
+    # follow a trained UNet too: `stages="('vae_decoder',)" init_from=<folder>` re-exports that
+    # folder with the new decoder).
+    c.vae_decoder = ml_collections.ConfigDict()
+    c.vae_decoder.steps = 2000
+    c.vae_decoder.batch_size = 32
+    c.vae_decoder.lr = 5e-4
+    c.vae_decoder.warmup_steps = 100
+    c.vae_decoder.final_lr_fraction = 0.1
+    c.vae_decoder.weight_decay = 0.0
+    c.vae_decoder.grad_clip = 1.0
+    c.vae_decoder.l1_weight = 1.0
+    c.vae_decoder.mse_weight = 1.0
+    c.vae_decoder.ema_decay = 0.0
+    c.vae_decoder.log_every = 25
+    c.vae_decoder.eval_every = 250
+    c.vae_decoder.checkpoint_every_s = 300.0
+
     # --- stage 2: latent diffusion, UNet + text encoder from scratch, VAE frozen.
     c.unet = _unet((32, 64, 128),
                    ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -193,6 +211,11 @@ def get_config(arg=None):
         c.vae.warmup_steps = 2
         c.vae.log_every = 2
         c.vae.eval_every = 3
+        c.vae_decoder.steps = 4
+        c.vae_decoder.batch_size = 4
+        c.vae_decoder.warmup_steps = 1
+        c.vae_decoder.log_every = 2
+        c.vae_decoder.eval_every = 2
         c.unet = _unet((16, 32), ("CrossAttnDownBlock2D", "DownBlock2D"),
                        ("UpBlock2D", "CrossAttnUpBlock2D"),
                        norm_num_groups=4, heads=2, cross_attention_dim=32, sample_size=8)

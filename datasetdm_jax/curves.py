@@ -15,6 +15,8 @@ PANELS: tuple[tuple[str, str, str], ...] = (
     # (stage, metric key, title)
     ("vae", "loss", "VAE loss"),
     ("vae", "eval/psnr", "VAE held-out PSNR (dB)"),
+    ("vae_decoder", "loss", "decoder fine-tune loss"),
+    ("vae_decoder", "eval/psnr", "decoder fine-tune held-out PSNR (dB)"),
     ("diffusion", "loss", "diffusion loss (Min-SNR weighted)"),
     ("diffusion", "eval/mse", "held-out eps-MSE (EMA)"),
     ("diffusion", "eval/caption_gain", "caption gain (uncond - cond eps-MSE)"),

@@ -5,6 +5,10 @@ orbax checkpoint folder ``workdir/<stage>/``:
 
 1. ``vae``: an AutoencoderKL on shapes images (L1 + L2 reconstruction, tiny KL); tracks
    reconstruction PSNR on a fixed held-out batch.
+1b. ``vae_decoder``: the VAE's decoder fine-tuned with its encoder frozen. The latents do not
+   change, so a UNet trained on them stays valid: this is how a shipped model's images get sharper
+   without retraining its UNet (a round trip through the first VAE cost the judge 14 points of
+   class accuracy).
 2. ``diffusion``: VAE frozen; UNet2DConditionModel and CLIPTextModel trained jointly from scratch on
    (latent, caption) with eps-prediction, Min-SNR-gamma weighting, AdamW with warmup + cosine, grad
    clipping, an EMA of the weights and caption dropout for classifier-free guidance. Tracks the EMA
@@ -14,7 +18,7 @@ orbax checkpoint folder ``workdir/<stage>/``:
 Then the EMA weights are exported as a diffusers-format folder (``export``).
 
 Warm start (``config.init_from``, a diffusers folder such as the shipped model): its VAE is used
-frozen (the ``vae`` stage is skipped), its tokenizer is copied, and its UNet and text encoder
+frozen (the ``vae`` stage is skipped; ``vae_decoder`` starts from its decoder), its tokenizer is copied, and its UNet and text encoder
 weights start the ``diffusion`` stage with a fresh optimiser and schedule. Checkpoints live in
 ``workdir`` (lost between sessions on ephemeral machines); the shipped folder is not, so this is how
 training continues across sessions.
@@ -59,7 +63,10 @@ from datasetdm_jax.models.vae import AutoencoderKL
 
 __all__ = ["run", "export", "main_pretrain", "STAGES", "TrainingDiverged"]
 
-STAGES = ("vae", "diffusion")
+# Appended, never reordered: a stage's random stream is keyed by its index here.
+STAGES = ("vae", "diffusion", "vae_decoder")
+# The VAE parameters behind z -> image; the rest (encoder, quant_conv) define the latent space.
+DECODER_KEYS = ("decoder", "post_quant_conv")
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -494,6 +501,13 @@ def _kl(mean, logvar):
     return 0.5 * jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3))
 
 
+def _psnr(vae, x):
+    """Mean PSNR (on the [0, 1] scale) of decode(posterior mean) against images ``x`` in [-1, 1]."""
+    xr = jnp.clip(_vae_decode(vae, _vae_encode(vae, x)[0]).astype(jnp.float32), -1, 1)
+    mse = jnp.mean(jnp.square((xr - x) / 2.0), axis=(1, 2, 3))
+    return jnp.mean(10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10)))
+
+
 def _vae_stage(config: ml_collections.ConfigDict, workdir: str) -> _Stage:
     vcfg = config.vae
     model_cfg = _plain(vcfg.model.to_dict())
@@ -517,11 +531,7 @@ def _vae_stage(config: ml_collections.ConfigDict, workdir: str) -> _Stage:
 
     def eval_fn(p, frozen):
         vae = nnx.merge(graph, p, rest)
-        mean, logvar = _vae_encode(vae, held_x)
-        xr = jnp.clip(_vae_decode(vae, mean).astype(jnp.float32), -1, 1)
-        mse = jnp.mean(jnp.square((xr - held_x) / 2.0), axis=(1, 2, 3))  # on the [0, 1] scale
-        return {"psnr": jnp.mean(10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10))),
-                "latent_std": jnp.std(mean)}
+        return {"psnr": _psnr(vae, held_x), "latent_std": jnp.std(_vae_encode(vae, held_x)[0])}
 
     return _Stage("vae", vcfg, params, {}, loss_fn, eval_fn,
                   lambda b: {"image": np.asarray(b["image"], np.float32)}, {"model": model_cfg})
@@ -556,6 +566,49 @@ def _frozen_vae(config: ml_collections.ConfigDict, workdir: str):
         raise ValueError(f"the VAE checkpoint is at step {meta['step']} of {config.vae.steps}; "
                          "finish the vae stage first")
     return graph, params, rest, {**model_cfg, "_source": meta["step"]}
+
+
+
+def _vae_decoder_stage(config: ml_collections.ConfigDict, workdir: str) -> _Stage:
+    """Decoder + post_quant_conv trained on posterior samples of the frozen encoder."""
+    dcfg = config.vae_decoder
+    graph, base, rest, info = _frozen_vae(config, workdir)
+    params = {k: base[k] for k in DECODER_KEYS}
+    frozen = {k: v for k, v in base.items() if k not in DECODER_KEYS}
+    l1w, l2w = float(dcfg.l1_weight), float(dcfg.mse_weight)
+
+    def loss_fn(p, frozen, batch, rng):
+        vae = nnx.merge(graph, {**frozen, **p}, rest)
+        x = batch["image"]
+        mean, logvar = jax.lax.stop_gradient(_vae_encode(vae, x))
+        z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+        xr = _vae_decode(vae, z).astype(jnp.float32)
+        l1, l2 = jnp.mean(jnp.abs(xr - x)), jnp.mean(jnp.square(xr - x))
+        return l1w * l1 + l2w * l2, {"l1": l1, "mse": l2}
+
+    held_x = jnp.asarray(_heldout_batch(config)["image"])
+
+    def eval_fn(p, frozen):
+        vae = nnx.merge(graph, {**frozen, **p}, rest)
+        return {"psnr": _psnr(vae, held_x)}
+
+    return _Stage("vae_decoder", dcfg, params, frozen, loss_fn, eval_fn,
+                  lambda b: {"image": np.asarray(b["image"], np.float32)},
+                  {"vae_step": info["_source"]})
+
+
+def _export_vae(config: ml_collections.ConfigDict, workdir: str):
+    """The VAE to ship: the frozen one, with the ``vae_decoder`` stage's decoder when that stage is
+    configured (it must have finished, and on this VAE's encoder)."""
+    graph, params, rest, info = _frozen_vae(config, workdir)
+    if "vae_decoder" not in config.stages:
+        return graph, params, rest, info
+    dec, meta = _restore_item(workdir, "vae_decoder", "params", {k: params[k] for k in DECODER_KEYS},
+                              config.keep_checkpoints)
+    if meta["step"] < int(config.vae_decoder.steps) or meta.get("vae_step") != info["_source"]:
+        raise ValueError(f"the vae_decoder checkpoint (step {meta['step']}, VAE {meta.get('vae_step')!r}) "
+                         f"is not a finished fine-tune of the VAE {info['_source']!r}")
+    return graph, {**params, **dec}, rest, info
 
 
 # ----------------------------------------------------------------------------------------------
@@ -679,6 +732,15 @@ def _diffusion_stage(config: ml_collections.ConfigDict, workdir: str) -> _Stage:
 # Export
 
 
+def _init_step(folder: str) -> int | None:
+    """The diffusion step recorded in a folder written by ``export`` (None for other folders)."""
+    path = os.path.join(folder, "training.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("diffusion_step")
+
+
 def export(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None = None) -> str:
     """Write the diffusers-format folder via ``pretrained.save_pipeline``: EMA weights of the latest
     diffusion checkpoint, the VAE with its measured ``scaling_factor``, the closed-vocabulary
@@ -688,13 +750,20 @@ def export(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None 
     seed = int(config.seed)
     tok_folder = _ensure_tokenizer(workdir, config)
     tokens = _Tokens(tok_folder, config.tokenizer.max_length)
-    vg, vp, vr, vae_cfg = _frozen_vae(config, workdir)
+    vg, vp, vr, vae_cfg = _export_vae(config, workdir)
     text_cfg = _text_encoder_dict(config, tokens.tokenizer)
     unet_cfg = _plain(config.unet.to_dict())
     ug, up, ur = _split(_build("unet", unet_cfg, seed + 1))
     tg, tp, tr = _split(_build("text_encoder", text_cfg, seed + 2))
-    weights, meta = _restore_item(workdir, "diffusion", "ema", {"unet": up, "text_encoder": tp},
-                                  config.keep_checkpoints)
+    if "diffusion" in config.stages:
+        weights, meta = _restore_item(workdir, "diffusion", "ema", {"unet": up, "text_encoder": tp},
+                                      config.keep_checkpoints)
+    else:  # a decoder-only fine-tune of ``init_from``: its UNet and text encoder as they are
+        weights = {"unet": _init_weights(config, "unet", unet_cfg, up),
+                   "text_encoder": _init_weights(config, "text_encoder", text_cfg, tp)}
+        source = _init_pipeline(os.path.abspath(config.init_from))
+        meta = {"step": _init_step(config.init_from),
+                "scaling_factor": float(source.configs["vae"]["scaling_factor"])}
     dtype = jnp.dtype(config.export_dtype)
     vae_cfg = {k: v for k, v in vae_cfg.items() if k != "_source"}
     vae_cfg["scaling_factor"] = meta["scaling_factor"]
@@ -737,10 +806,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> bool:
             raise ValueError(f"unknown stage {name!r} (expected one of {STAGES})")
         if name == "vae" and config.init_from:
             continue  # the warm-start folder's VAE is used
-        stage = _vae_stage(config, workdir) if name == "vae" else _diffusion_stage(config, workdir)
+        stage = {"vae": _vae_stage, "vae_decoder": _vae_decoder_stage,
+                 "diffusion": _diffusion_stage}[name](config, workdir)
         if not _train_stage(stage, config, workdir, deadline, budget):
             return False
-    if config.export and "diffusion" in config.stages:
+    if config.export and ("diffusion" in config.stages or (config.init_from and "vae_decoder" in config.stages)):
         export(config, workdir)
     return True
 

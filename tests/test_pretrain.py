@@ -56,7 +56,7 @@ def test_config_loading_and_overrides():
 def test_run_metrics_and_checkpoints(tiny_run):
     config, workdir = tiny_run
     recs = _metrics(workdir)
-    for stage in ("vae", "diffusion"):
+    for stage in ("vae", "vae_decoder", "diffusion"):
         train = [r for r in recs if r["stage"] == stage and "loss" in r]
         assert train and all(np.isfinite(r["loss"]) and r["img_per_s"] > 0 and r["lr"] >= 0 for r in train)
         assert max(r["step"] for r in train) == config[stage].steps
@@ -73,7 +73,7 @@ def test_resume_equals_uninterrupted(tiny_run, tmp_path):
     for max_steps in (3, config.vae.steps - 3 + 2, 0):
         c = load_config(TINY, [f"max_steps={max_steps}", "export=False"])
         assert pretrain.run(c, pieces) is (max_steps == 0)
-    for stage in ("vae", "diffusion"):
+    for stage in ("vae", "vae_decoder", "diffusion"):
         step_a, a, data_a = _restore_all(full, stage)
         step_b, b, data_b = _restore_all(pieces, stage)
         assert step_a == step_b and data_a == data_b
@@ -165,6 +165,71 @@ def test_warm_start_from_an_exported_folder(tiny_run, tmp_path):
     bad = load_config(TINY, [f"init_from={folder}", "unet.block_out_channels=(8, 32)"])
     with pytest.raises(ValueError, match="block_out_channels"):
         pretrain._diffusion_stage(bad, str(tmp_path / "bad"))
+
+
+def _vae_weights(folder):
+    from datasetdm_jax import pretrained
+
+    return nnx.to_pure_dict(nnx.state(pretrain._init_pipeline(os.path.abspath(folder)).module("vae"), nnx.Param))
+
+
+def _same(a, b) -> bool:
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+def test_decoder_finetune_keeps_the_latent_space(tiny_run):
+    """The shipped VAE = the vae stage's encoder (latents unchanged, so the UNet stays valid) + the
+    vae_decoder stage's decoder (which did change)."""
+    config, workdir = tiny_run
+    shipped = _vae_weights(os.path.join(workdir, "model"))
+    half = lambda t: jax.tree.map(lambda x: np.asarray(x, config.export_dtype), t)  # noqa: E731
+    _, vae, _ = _restore_all(workdir, "vae")
+    _, dec, _ = _restore_all(workdir, "vae_decoder")
+    for k in ("encoder", "quant_conv"):
+        assert _same(shipped[k], half(vae["params"][k])), k
+    for k in pretrain.DECODER_KEYS:
+        assert _same(shipped[k], half(dec["params"][k])), k
+        assert not _same(dec["params"][k], vae["params"][k]), k
+
+
+def test_decoder_only_refresh_of_a_folder(tiny_run, tmp_path):
+    """stages=('vae_decoder',) with init_from re-exports that folder with a new decoder and the
+    same UNet, text encoder and encoder."""
+    config, workdir = tiny_run
+    folder = os.path.join(workdir, "model")
+    c = load_config(TINY, [f"init_from={folder}", "stages=('vae_decoder',)"])
+    out = str(tmp_path / "refresh")
+    assert pretrain.run(c, out) is True
+    new, old = pretrain._init_pipeline(os.path.abspath(os.path.join(out, "model"))), \
+        pretrain._init_pipeline(os.path.abspath(folder))
+    for name in ("unet", "text_encoder"):
+        assert _same(nnx.state(new.module(name), nnx.Param), nnx.state(old.module(name), nnx.Param)), name
+    a, b = _vae_weights(os.path.join(out, "model")), _vae_weights(folder)
+    assert _same(a["encoder"], b["encoder"]) and not _same(a["decoder"], b["decoder"])
+    assert new.configs["vae"]["scaling_factor"] == old.configs["vae"]["scaling_factor"]
+    with open(os.path.join(out, "model", "training.json")) as f:
+        assert json.load(f)["diffusion_step"] == config.diffusion.steps
+
+
+def test_decoder_loss_decreases_on_a_fixed_batch(tiny_run):
+    config, workdir = tiny_run
+    st = pretrain._vae_decoder_stage(config, workdir)
+    batch = st.host_batch(next(pretrain._train_iterator(config, 8, None)))
+    tx = optax.adam(3e-3)
+    rng = jax.random.key(1)
+
+    @jax.jit
+    def step(params, opt):
+        (loss, _), g = jax.value_and_grad(st.loss_fn, has_aux=True)(params, st.frozen, batch, rng)
+        upd, opt = tx.update(g, opt, params)
+        return optax.apply_updates(params, upd), opt, loss
+
+    params, opt, losses = st.params, tx.init(st.params), []
+    for _ in range(50):
+        params, opt, loss = step(params, opt)
+        losses.append(float(loss))
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
 
 
 def test_curves_png_from_metrics(tiny_run, tmp_path):
