@@ -52,7 +52,8 @@ def _cmd_probe(args: argparse.Namespace) -> None:
     from datasetdm_jax import probe
 
     probe.main_probe(args.model, args.out, num_train=args.num_train, num_test=args.num_test,
-                     probe_steps=args.steps, scratch_steps=args.steps, seed=args.seed)
+                     probe_steps=args.steps, scratch_steps=args.steps, seed=args.seed,
+                     timestep=args.timestep, capture=args.capture)
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -165,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_test", type=int, default=500, help="test-split images")
     p.add_argument("--steps", type=int, default=600, help="training steps of each head")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timestep", type=int, default=1, help="diffusion timestep of the feature pass (noise level)")
+    p.add_argument("--capture", default="datasetdm", help="feature capture preset (datasetdm, lean)")
     p.set_defaults(fn=_cmd_probe)
 
     p = sub.add_parser("fidelity", help="judge whether a shapes-world model draws the prompted class and colour")
@@ -191,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    from datasetdm_jax import devices
+
+    devices.use_host_cores()  # before any JAX work: one XLA device per core on CPU hosts
     _enable_compilation_cache()
     try:
         args.fn(args)

@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from datasetdm_jax import features, schedulers
+from datasetdm_jax import devices, features, schedulers
 from datasetdm_jax.decoders import postprocess
 
 
@@ -172,10 +173,11 @@ class DecoderLabeler:
             decoders.append((t2, p2, s2, cfg))
         self.size = int(config.data.image_size)
         self.batch_size = int(g.batch_size)
-        n_dev = tr.mesh.size
-        if self.batch_size % n_dev:
-            raise ValueError(f"generate.batch_size={self.batch_size} is not divisible by {n_dev} local devices")
-        self.params = jax.device_put([p for _, p, _, _ in decoders], tr.repl)
+        # Its own mesh: the decoder trained at another batch size (the papers' 1) than it labels at.
+        mesh = devices.data_mesh(self.batch_size)
+        self.repl, self.data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+        self.frozen = jax.device_put(tr.frozen, self.repl)
+        self.params = jax.device_put([p for _, p, _, _ in decoders], self.repl)
         self.parts = [{"task": t.task, "workdir": os.path.abspath(str(c.workdir)), "checkpoint_step": s,
                        "params_sha256": _sha256(p)} for t, p, s, c in decoders]
         self.uncond = tr.pipe.tokenize([str(g.negative_prompt)])[0]
@@ -206,8 +208,8 @@ class DecoderLabeler:
                 labels.update(label(t, p, feats))
             return jnp.round(images * 255).astype(jnp.uint8), finish(labels)
 
-        data = tr.data_sharding
-        self.fn = jax.jit(run, in_shardings=(tr.repl, tr.repl, data, data, data, tr.repl, data), out_shardings=data)
+        data, repl = self.data_sharding, self.repl
+        self.fn = jax.jit(run, in_shardings=(repl, repl, data, data, data, repl, data), out_shardings=data)
 
     def _build_sampler(self, pipe, g, capture: str):
         """(frozen, cond, uncond, indices, seed, extra) -> (images, features, labels): the sampler with the
@@ -226,11 +228,10 @@ class DecoderLabeler:
         texts, extra = self._inputs(prompts, b)
         cond = np.asarray(self.pipe.tokenize(texts), np.int32)
         uncond = np.broadcast_to(np.asarray(self.uncond, np.int32), cond.shape)
-        tr = self.trainer
         # explicit placement: jit refuses sharded numpy inputs under jax.distributed
-        cond, uncond, idx, extra = jax.device_put((cond, uncond, np.asarray(pad, np.int32), extra), tr.data_sharding)
-        seed_arr = jax.device_put(np.int32(seed), tr.repl)
-        images, labels = jax.device_get(self.fn(tr.frozen, self.params, cond, uncond, idx, seed_arr, extra))
+        cond, uncond, idx, extra = jax.device_put((cond, uncond, np.asarray(pad, np.int32), extra), self.data_sharding)
+        seed_arr = jax.device_put(np.int32(seed), self.repl)
+        images, labels = jax.device_get(self.fn(self.frozen, self.params, cond, uncond, idx, seed_arr, extra))
         rows = [postprocess.trim({k: v[i] for k, v in labels.items()}) for i in range(n)]
         return LabelledExamples(np.asarray(images[:n]), rows, texts[:n])
 

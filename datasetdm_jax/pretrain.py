@@ -53,7 +53,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from datasetdm_jax import curves, pretrained, schedulers
+from datasetdm_jax import curves, devices, pretrained, schedulers
 from datasetdm_jax import tokenizer as tk
 from datasetdm_jax.config_utils import load_config
 from datasetdm_jax.data import pipeline, shapes
@@ -362,11 +362,8 @@ def _train_stage(st: _Stage, config: ml_collections.ConfigDict, workdir: str,
 
     cfg = st.cfg
     total = int(cfg.steps)
-    mesh = jax.make_mesh((jax.local_device_count(),), ("data",),
-                         axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = devices.data_mesh(int(cfg.batch_size))
     repl, data_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    if int(cfg.batch_size) % mesh.size:
-        raise ValueError(f"{st.name}.batch_size={cfg.batch_size} is not divisible by {mesh.size} devices")
     tx, schedule = _optimizer(cfg, st.params)
     ema_decay = float(cfg.ema_decay)
     state = {"step": jnp.zeros((), jnp.int32), "params": st.params, "opt": tx.init(st.params)}

@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from datasetdm_jax import pretrained, schedulers
+from datasetdm_jax import devices, pretrained, schedulers
 from datasetdm_jax.config_utils import load_config
 from datasetdm_jax.data import pipeline, shapes
 from datasetdm_jax.decoders import feature_spec
@@ -181,11 +181,8 @@ class Trainer:
         self.tx = optax.adam(float(config.lr))
         self.uncond_ids = np.asarray(self.pipe.tokenize([""])[0], np.int32)
         self.base_key = jax.random.key(int(config.seed))
-        self.mesh = jax.make_mesh((jax.local_device_count(),), ("data",), devices=jax.local_devices(),
-                                  axis_types=(jax.sharding.AxisType.Auto,))  # local: one per process
+        self.mesh = devices.data_mesh(int(config.batch_size))  # local devices: one mesh per process
         self.repl, self.data_sharding = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P("data"))
-        if int(config.batch_size) % self.mesh.size:
-            raise ValueError(f"batch_size={config.batch_size} is not divisible by {self.mesh.size} devices")
         self.frozen = jax.device_put({k: self.pipe.params[k] for k in ("vae", "unet", "text_encoder")}, self.repl)
         # Two jits per step: the frozen SD's features, then the decoder's update. Split so the big
         # SD half is one compilation whatever the task (the persistent cache shares it between

@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from datasetdm_jax import features, generate, schedulers
+from datasetdm_jax.devices import data_mesh
 from datasetdm_jax.pretrained import Pipeline
 
 PROMPT = "a red circle and a blue person on a light striped background"
@@ -28,15 +29,6 @@ class Program:
     fn: Callable
     args: tuple
     devices: int
-
-
-def mesh_for(batch: int, devices: int | None = None) -> Mesh:
-    """A data mesh over `devices` local devices (default: all that divide `batch`)."""
-    devs = jax.local_devices()
-    n = devices or len(devs)
-    while batch % n:
-        n -= 1
-    return Mesh(np.array(devs[:n]), ("data",))
 
 
 def _put(x: Any, sharding: NamedSharding, abstract: bool):
@@ -59,7 +51,7 @@ def latent_shape(pipe: Pipeline, size: int) -> tuple[int, int, int]:
 def generation(pipe: Pipeline, batch: int, size: int, *, steps: int, scheduler: str, guidance: float = 7.5,
                capture: str | None = None, devices: int | None = None) -> Program:
     """Full text-to-image generation of `batch` images (all steps in one jit)."""
-    mesh = mesh_for(batch, devices)
+    mesh = data_mesh(batch, devices)
     abstract = _is_abstract(pipe)
     repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     h, w, _ = latent_shape(pipe, size)
@@ -92,7 +84,7 @@ def _inputs(pipe: Pipeline, batch: int, size: int, mesh: Mesh, abstract: bool):
 def unet_forward(pipe: Pipeline, batch: int, size: int, *, capture: str | None = None,
                  devices: int | None = None) -> Program:
     """One UNet call on the CFG batch of `batch` images (2 * batch rows), optionally capturing."""
-    mesh = mesh_for(batch, devices)
+    mesh = data_mesh(batch, devices)
     abstract = _is_abstract(pipe)
     gd = pipe.graphdefs["unet"]
     x, emb = _inputs(pipe, batch, size, mesh, abstract)
@@ -112,7 +104,7 @@ def unet_forward(pipe: Pipeline, batch: int, size: int, *, capture: str | None =
 def sampler_step(pipe: Pipeline, batch: int, size: int, *, steps: int, scheduler: str, guidance: float = 7.5,
                  devices: int | None = None) -> Program:
     """One denoising step as the loop runs it: CFG UNet call, guidance, scheduler update."""
-    mesh = mesh_for(batch, devices)
+    mesh = data_mesh(batch, devices)
     abstract = _is_abstract(pipe)
     gd = pipe.graphdefs["unet"]
     sampler = schedulers.get_sampler(scheduler)

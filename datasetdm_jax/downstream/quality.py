@@ -119,4 +119,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    from datasetdm_jax import devices
+
+    devices.use_host_cores()
     main()

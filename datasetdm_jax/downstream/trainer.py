@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from datasetdm_jax import devices
 from datasetdm_jax import metrics as mt
 from datasetdm_jax.decoders.losses import silog_loss
 from datasetdm_jax.downstream.data import IGNORE
@@ -56,10 +57,6 @@ def task_loss(task: str, out: jax.Array, label: jax.Array, depth_loss: str = "si
     if depth_loss == "l1log":
         return l1_log_loss(out, label)
     raise ValueError(f"depth_loss must be 'silog' or 'l1log', got {depth_loss!r}")
-
-
-def _mesh() -> jax.sharding.Mesh:
-    return jax.make_mesh((jax.local_device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def lr_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
@@ -154,7 +151,7 @@ def train(cfg: ml_collections.ConfigDict, batches: Iterator[Mapping[str, np.ndar
     model = build_model(task, cfg.model.to_dict() if hasattr(cfg.model, "to_dict") else cfg.model,
                         int(cfg.num_classes), int(cfg.seed))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    mesh = _mesh()
+    mesh = devices.data_mesh(int(cfg.batch_size))
     repl, data_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     grad_clip, weight_decay = float(cfg.grad_clip), float(cfg.weight_decay)
     opt = _optimizer(0.0, grad_clip, weight_decay, params).init(params)
@@ -202,9 +199,10 @@ def predict(trained: Trained, images: np.ndarray, batch_size: int = 32) -> np.nd
 
     Fixed batch shape (the last batch padded), so there is one compile per image size.
     """
-    mesh = _mesh()
+    n = jax.local_device_count()
+    bs = max(n, -(-int(batch_size) // n) * n)
+    mesh = devices.data_mesh(bs)
     data_sh = NamedSharding(mesh, P("data"))
-    bs = max(mesh.size, -(-int(batch_size) // mesh.size) * mesh.size)
     task, graphdef = trained.task, trained.graphdef
     if (graphdef, task) not in _FORWARDS:
         def forward(params, rest, x):
