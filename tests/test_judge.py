@@ -57,3 +57,21 @@ def test_fidelity_end_to_end_on_random_pipeline(small_judge, tmp_path):
     assert 0.0 <= report["multi"]["classes"] <= 1.0 and report["multi"]["n"] == 3
     assert json.loads((tmp_path / "out" / "fidelity.json").read_text())["single"]["n"] == 6
     assert (tmp_path / "out" / "fidelity_grid.png").stat().st_size > 0
+
+
+def test_vae_ceiling_is_judged_on_round_trips(small_judge, tmp_path):
+    """A VAE that passes images through unchanged scores what the judge scores on real images; a
+    random VAE (a blur of noise) scores far below it."""
+    from datasetdm_jax import smoke
+
+    class Identity:
+        configs = {"vae": {"sample_size": 32}}
+        vae_encode = vae_decode = staticmethod(lambda x: x)
+
+    real = J.judge_accuracy(small_judge, n=40, seed=2)
+    same = J.vae_ceiling(small_judge, Identity(), n=40, seed=2, batch=16)
+    assert same["n"] == 40 and same["class"] == real["class"] and same["colour"] == real["colour"]
+    pipe = smoke.random_pipeline(tmp_path / "sd")
+    pipe.configs["vae"]["sample_size"] = 32
+    noisy = J.vae_ceiling(small_judge, pipe, n=40, seed=2, batch=16)
+    assert noisy["colour"] < real["colour"] - 0.2, (noisy, real)
