@@ -87,16 +87,10 @@ def test_resume_equals_uninterrupted(tiny_run, tmp_path):
     assert len(rows) == len(set(rows))
 
 
-def test_diffusion_loss_decreases_on_a_fixed_batch(tiny_run):
-    """The joint UNet + text encoder objective is trainable: 20 Adam steps on one batch (fixed
-    timesteps, noise and caption dropout) must cut the loss well down."""
-    config, workdir = tiny_run
-    st = pretrain._diffusion_stage(config, workdir)
-    it = pretrain._train_iterator(config, 8, None)
-    batch = jax.tree.map(np.asarray, st.host_batch({"image": next(it)["image"], "caption": [
-        "a red circle on a plain background", "a blue square on a dark striped background"] * 4}))
-    tx = optax.adam(1e-3)
-    rng = jax.random.key(3)
+def _fit_one_batch(st, batch, lr: float, steps: int, seed: int) -> list[float]:
+    """Adam on one batch with a fixed rng (same timesteps / noise each step): the losses."""
+    tx = optax.adam(lr)
+    rng = jax.random.key(seed)
 
     @jax.jit
     def step(params, opt):
@@ -105,9 +99,21 @@ def test_diffusion_loss_decreases_on_a_fixed_batch(tiny_run):
         return optax.apply_updates(params, upd), opt, loss
 
     params, opt, losses = st.params, tx.init(st.params), []
-    for _ in range(20):
+    for _ in range(steps):
         params, opt, loss = step(params, opt)
         losses.append(float(loss))
+    return losses
+
+
+def test_diffusion_loss_decreases_on_a_fixed_batch(tiny_run):
+    """The joint UNet + text encoder objective is trainable: 20 Adam steps on one batch (fixed
+    timesteps, noise and caption dropout) must cut the loss well down."""
+    config, workdir = tiny_run
+    st = pretrain._diffusion_stage(config, workdir)
+    it = pretrain._train_iterator(config, 8, None)
+    batch = jax.tree.map(np.asarray, st.host_batch({"image": next(it)["image"], "caption": [
+        "a red circle on a plain background", "a blue square on a dark striped background"] * 4}))
+    losses = _fit_one_batch(st, batch, lr=1e-3, steps=20, seed=3)
     assert np.all(np.isfinite(losses)), losses
     assert np.mean(losses[-3:]) < 0.75 * np.mean(losses[:3]), losses
 
@@ -215,20 +221,8 @@ def test_decoder_only_refresh_of_a_folder(tiny_run, tmp_path):
 def test_decoder_loss_decreases_on_a_fixed_batch(tiny_run):
     config, workdir = tiny_run
     st = pretrain._vae_decoder_stage(config, workdir)
-    batch = st.host_batch(next(pretrain._train_iterator(config, 8, None)))
-    tx = optax.adam(3e-3)
-    rng = jax.random.key(1)
-
-    @jax.jit
-    def step(params, opt):
-        (loss, _), g = jax.value_and_grad(st.loss_fn, has_aux=True)(params, st.frozen, batch, rng)
-        upd, opt = tx.update(g, opt, params)
-        return optax.apply_updates(params, upd), opt, loss
-
-    params, opt, losses = st.params, tx.init(st.params), []
-    for _ in range(50):
-        params, opt, loss = step(params, opt)
-        losses.append(float(loss))
+    losses = _fit_one_batch(st, st.host_batch(next(pretrain._train_iterator(config, 8, None))),
+                            lr=3e-3, steps=50, seed=1)
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
 
 
