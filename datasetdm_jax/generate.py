@@ -28,9 +28,39 @@ def initial_noise(seed: int, indices: jax.Array, shape: tuple[int, ...], dtype=j
     return jax.vmap(draw)(indices).astype(dtype)
 
 
-def _guided(eps: jax.Array, guidance: float) -> jax.Array:
+# The pieces every text-to-image sampler here is built from (plain generation, and the attention
+# labellers that also read attention inside the same loop), so they draw identical images.
+
+
+def sampler_modules(pipe, params) -> tuple[nnx.Module, nnx.Module, nnx.Module]:
+    """(text encoder, UNet, VAE) merged from ``params`` (``pipe.params``), inside a jitted function."""
+    return tuple(nnx.merge(pipe.graphdefs[k], params[k]) for k in ("text_encoder", "unet", "vae"))
+
+
+def prompt_embeddings(pipe, text: nnx.Module, cond_ids: jax.Array, uncond_ids: jax.Array) -> jax.Array:
+    """[uncond; cond] text embeddings: classifier-free guidance's batch-2x context."""
+    return text.encode(jnp.concatenate([uncond_ids, cond_ids]), clip_skip=pipe.clip_skip)
+
+
+def latent_noise(pipe, seed: int, indices: jax.Array, latent_hw: tuple[int, int]) -> jax.Array:
+    """x_T of the pipeline's UNet for each global example index."""
+    return initial_noise(seed, indices, (*latent_hw, int(pipe.configs["unet"].get("in_channels", 4))), pipe.dtype)
+
+
+def guided_unet(unet: nnx.Module, x: jax.Array, t: jax.Array, emb: jax.Array, guidance: float, **kwargs):
+    """One batch-2x UNet call with classifier-free guidance: (guided eps, the UNet's extra output
+    (captured taps / attention) or None). ``kwargs`` go to the UNet (``capture``, ``attention``)."""
+    x2 = jnp.concatenate([x, x])
+    out = unet(x2, jnp.broadcast_to(t, (x2.shape[0],)), emb, **kwargs)
+    eps, extra = out if isinstance(out, tuple) else (out, None)
     uncond, cond = jnp.split(eps, 2)
-    return uncond + guidance * (cond - uncond)
+    return uncond + guidance * (cond - uncond), extra
+
+
+def decode_latents(pipe, vae: nnx.Module, z: jax.Array) -> jax.Array:
+    """Final latents -> NHWC images in [0, 1] (fp32)."""
+    images = vae.decode(z / pipe.scaling_factor + pipe.shift_factor)
+    return jnp.clip((images.astype(jnp.float32) + 1) / 2, 0, 1)
 
 
 def build_sampler_fn(pipe, *, steps: int, guidance: float, scheduler: str, latent_hw: tuple[int, int],
@@ -40,33 +70,24 @@ def build_sampler_fn(pipe, *, steps: int, guidance: float, scheduler: str, laten
     `params` is `pipe.params`; wrap in `jax.jit` (the pipeline caches one per setting).
     """
     sampler = schedulers.get_sampler(scheduler)
-    cfg = pipe.schedule
-    gds = pipe.graphdefs
-    clip_skip, scale, shift = pipe.clip_skip, pipe.scaling_factor, pipe.shift_factor
-    latent_channels = int(pipe.configs["unet"].get("in_channels", 4))
 
     def run(params, cond_ids, uncond_ids, indices, seed):
-        text = nnx.merge(gds["text_encoder"], params["text_encoder"])
-        unet = nnx.merge(gds["unet"], params["unet"])
-        vae = nnx.merge(gds["vae"], params["vae"])
-        emb = text.encode(jnp.concatenate([uncond_ids, cond_ids]), clip_skip=clip_skip)
-        x_T = initial_noise(seed, indices, (*latent_hw, latent_channels), pipe.dtype)
+        text, unet, vae = sampler_modules(pipe, params)
+        emb = prompt_embeddings(pipe, text, cond_ids, uncond_ids)
+        x_T = latent_noise(pipe, seed, indices, latent_hw)
 
         def model_fn(x, t):
-            x2 = jnp.concatenate([x, x])
-            return _guided(unet(x2, jnp.broadcast_to(t, (x2.shape[0],)), emb), guidance)
+            return guided_unet(unet, x, t, emb, guidance)[0]
 
         def last_model_fn(x, t):
-            x2 = jnp.concatenate([x, x])
-            eps, taps = unet(x2, jnp.broadcast_to(t, (x2.shape[0],)), emb, capture=True)
-            return _guided(eps, guidance), features.extract(taps, capture, x.shape[0])
+            eps, taps = guided_unet(unet, x, t, emb, guidance, capture=True)
+            return eps, features.extract(taps, capture, x.shape[0])
 
         if capture is None:
-            z, feats = schedulers.sample_loop(sampler, cfg, steps, model_fn, x_T), None
+            z, feats = schedulers.sample_loop(sampler, pipe.schedule, steps, model_fn, x_T), None
         else:
-            z, feats = schedulers.sample_loop(sampler, cfg, steps, model_fn, x_T, last_model_fn)
-        images = vae.decode(z / scale + shift)
-        return jnp.clip((images.astype(jnp.float32) + 1) / 2, 0, 1), feats
+            z, feats = schedulers.sample_loop(sampler, pipe.schedule, steps, model_fn, x_T, last_model_fn)
+        return decode_latents(pipe, vae, z), feats
 
     return run
 

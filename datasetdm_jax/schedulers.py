@@ -524,29 +524,35 @@ def default_sampler_name(cfg: ScheduleConfig) -> str:
     return _CLASS_TO_SAMPLER.get(cfg.class_name, "ddim")
 
 
-def sample_loop(sampler: Sampler, cfg: ScheduleConfig, num_steps: int,
-                model_fn: Callable[[jax.Array, jax.Array], jax.Array], x_T: jax.Array,
-                last_model_fn: Callable[[jax.Array, jax.Array], tuple[jax.Array, Any]] | None = None):
+def sample_loop(sampler: Sampler, cfg: ScheduleConfig, num_steps: int, model_fn: Callable, x_T: jax.Array,
+                last_model_fn: Callable | None = None, carry: Any = None):
     """Run all steps with ``lax.fori_loop``; ``model_fn(x, t)`` gets the int32 timestep t (traced).
 
     With ``last_model_fn(x, t) -> (model_output, aux)``, the final model call goes through it
     instead (e.g. a UNet call that captures features) and ``(x_0, aux)`` is returned; the other
     steps stay in the loop, so capture costs one call, not one per step.
+    With ``carry`` (a pytree, e.g. attention sums), every call also threads it:
+    ``model_fn(x, t, carry) -> (model_output, carry)``, ``last_model_fn(x, t, carry) -> (model_output,
+    aux, carry)``, and the final carry is returned last: ``(x_0, carry)`` or ``(x_0, aux, carry)``.
     Call under ``jax.jit`` with ``cfg`` and ``num_steps`` static; the step coefficients are built in
     numpy at trace time.
     """
+    threaded = carry is not None
+    call = model_fn if threaded else (lambda x, t, c: (model_fn(x, t), c))
     state = sampler.init(cfg, num_steps, x_T)
     n = int(state["timesteps"].shape[0])
 
-    def body(i, carry):
-        x, st = carry
-        out = model_fn(sampler.scale_model_input(x, i), st["timesteps"][i])
-        return sampler.step(st, out, i, x)
+    def body(i, loop):
+        x, st, c = loop
+        out, c = call(sampler.scale_model_input(x, i), st["timesteps"][i], c)
+        x, st = sampler.step(st, out, i, x)
+        return x, st, c
 
     if last_model_fn is None:
-        x, _ = jax.lax.fori_loop(0, n, body, (x_T, state))
-        return x
-    x, state = jax.lax.fori_loop(0, n - 1, body, (x_T, state))
-    out, aux = last_model_fn(sampler.scale_model_input(x, n - 1), state["timesteps"][n - 1])
+        x, _, carry = jax.lax.fori_loop(0, n, body, (x_T, state, carry))
+        return (x, carry) if threaded else x
+    x, state, carry = jax.lax.fori_loop(0, n - 1, body, (x_T, state, carry))
+    last = last_model_fn if threaded else (lambda x, t, c: (*last_model_fn(x, t), c))
+    out, aux, carry = last(sampler.scale_model_input(x, n - 1), state["timesteps"][n - 1], carry)
     x, _ = sampler.step(state, out, n - 1, x)
-    return x, aux
+    return (x, aux, carry) if threaded else (x, aux)

@@ -151,6 +151,33 @@ def test_sample_loop_jit(sampler):
     assert rel_err(gen(cfg, jnp.asarray(X_T)), ref_xs[-1]) < 1e-5
 
 
+@pytest.mark.parametrize("sampler", list(CASES))
+def test_sample_loop_threads_a_carry_through_every_call(sampler):
+    """With a carry (here: a call counter and the sum of timesteps seen), the samples are those of the
+    plain loop, every model call (the last one too) updates it, and the last call's aux comes back."""
+    n = 6
+    cfg = S.ScheduleConfig.from_dict(CONFIGS["sd15"])
+    smp = S.get_sampler(sampler)
+    model = lambda x, t: fake_model(x, t.astype(jnp.float32), jnp)  # noqa: E731
+
+    def counted(x, t, c):
+        return model(x, t), (c[0] + 1, c[1] + t)
+
+    def last(x, t, c):
+        return model(x, t), t, (c[0] + 1, c[1] + t)
+
+    x_T = jnp.asarray(X_T)
+    plain = jax.jit(lambda x: S.sample_loop(smp, cfg, n, model, x))(x_T)
+    zero = (jnp.int32(0), jnp.int32(0))
+    x0, (calls, t_sum) = jax.jit(lambda x: S.sample_loop(smp, cfg, n, counted, x, carry=zero))(x_T)
+    x1, t_last, (calls1, t_sum1) = jax.jit(lambda x: S.sample_loop(smp, cfg, n, counted, x, last, zero))(x_T)
+    ts = smp.timesteps(cfg, n)
+    np.testing.assert_array_equal(np.asarray(x0), np.asarray(plain))
+    np.testing.assert_allclose(np.asarray(x1), np.asarray(plain), rtol=1e-5, atol=1e-6)  # last call unrolled
+    assert int(calls) == int(calls1) == len(ts) and int(t_sum) == int(t_sum1) == int(np.sum(ts))
+    assert int(t_last) == int(ts[-1])
+
+
 def test_pndm_makes_one_extra_model_call():
     cfg = S.ScheduleConfig.from_dict(CONFIGS["sd15"])
     ts = S.get_sampler("pndm").timesteps(cfg, 10)

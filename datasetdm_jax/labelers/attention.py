@@ -21,7 +21,6 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from datasetdm_jax import generate, schedulers
 from datasetdm_jax.labelers import class_prompts, refine
@@ -106,13 +105,26 @@ def feature_grids(pipe, latent_hw: tuple[int, int],
             _grid(latent_hw, cfg.cross_res or latent_hw[0] // 4, "cross_res", available))
 
 
-def accumulate(att: Mapping[str, list], acc_self: jax.Array, acc_cross: jax.Array) -> tuple[jax.Array, jax.Array]:
+def zero_sums(batch: int, ls: int, lc: int, class_tokens: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Running sums (self attention, class-prompt attention, UNet calls) before the first step."""
+    return (jnp.zeros((batch, ls, ls), jnp.float32), jnp.zeros((batch, lc, class_tokens), jnp.float32),
+            jnp.zeros((), jnp.float32))
+
+
+def accumulate(att: Mapping[str, list], sums: tuple[jax.Array, jax.Array, jax.Array]):
     """Adds one UNet call's layer-mean self and class-prompt attention to the fp32 running sums."""
+    acc_self, acc_cross, calls = sums
     if not att["self_attention"] or not att["class_attention"]:  # trace-time check
         raise ValueError(f"labeler: no attention layers with {acc_self.shape[1]} (self) / {acc_cross.shape[1]} "
                          "(cross) query positions")
     return (acc_self + sum(att["self_attention"]) / len(att["self_attention"]),
-            acc_cross + sum(att["class_attention"]) / len(att["class_attention"]))
+            acc_cross + sum(att["class_attention"]) / len(att["class_attention"]), calls + 1)
+
+
+def mean_maps(sums: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """(self, class-prompt) attention averaged over every UNet call of the sampler."""
+    acc_self, acc_cross, calls = sums
+    return acc_self / calls, acc_cross / calls
 
 
 def build_labeller_fn(pipe, *, steps: int, guidance: float, scheduler: str, latent_hw: tuple[int, int],
@@ -125,42 +137,26 @@ def build_labeller_fn(pipe, *, steps: int, guidance: float, scheduler: str, late
     layers and all sampler steps.
     """
     sampler = schedulers.get_sampler(scheduler)
-    sched = pipe.schedule
-    gds = pipe.graphdefs
-    clip_skip, scale, shift = pipe.clip_skip, pipe.scaling_factor, pipe.shift_factor
-    latent_channels = int(pipe.configs["unet"].get("in_channels", 4))
     image_hw = (latent_hw[0] * pipe.vae_scale_factor, latent_hw[1] * pipe.vae_scale_factor)
     ls, lc = self_hw[0] * self_hw[1], cross_hw[0] * cross_hw[1]
 
     def run(params, cond_ids, uncond_ids, class_prompt_ids, token_weights, class_ids, valid, indices, seed):
-        text = nnx.merge(gds["text_encoder"], params["text_encoder"])
-        unet = nnx.merge(gds["unet"], params["unet"])
-        vae = nnx.merge(gds["vae"], params["vae"])
-        b = cond_ids.shape[0]
-        emb = text.encode(jnp.concatenate([uncond_ids, cond_ids, class_prompt_ids]), clip_skip=clip_skip)
-        emb, class_emb = emb[: 2 * b], emb[2 * b:]
-        request = AttentionCapture.request(class_emb, ls, lc)
-        x_T = generate.initial_noise(seed, indices, (*latent_hw, latent_channels), pipe.dtype)
-        state = sampler.init(sched, steps, x_T)
-        n = int(state["timesteps"].shape[0])
+        text, unet, vae = generate.sampler_modules(pipe, params)
+        emb = generate.prompt_embeddings(pipe, text, cond_ids, uncond_ids)
+        request = AttentionCapture.request(text.encode(class_prompt_ids, clip_skip=pipe.clip_skip), ls, lc)
+        x_T = generate.latent_noise(pipe, seed, indices, latent_hw)
 
-        def body(i, carry):
-            x, st, acc_self, acc_cross = carry
-            x2 = jnp.concatenate([x, x])
-            eps, att = unet(x2, jnp.broadcast_to(st["timesteps"][i], (2 * b,)), emb, attention=request)
-            acc_self, acc_cross = accumulate(att, acc_self, acc_cross)
-            uncond, cond = jnp.split(eps, 2)
-            x, st = sampler.step(st, uncond + guidance * (cond - uncond), i, x)
-            return x, st, acc_self, acc_cross
+        def model_fn(x, t, sums):
+            eps, att = generate.guided_unet(unet, x, t, emb, guidance, attention=request)
+            return eps, accumulate(att, sums)
 
-        zeros = (jnp.zeros((b, ls, ls), jnp.float32), jnp.zeros((b, lc, class_emb.shape[1]), jnp.float32))
-        z, _, acc_self, acc_cross = jax.lax.fori_loop(0, n, body, (x_T, state, *zeros))
-        acc_self, acc_cross = acc_self / n, acc_cross / n
-        images = vae.decode(z / scale + shift)
+        sums = zero_sums(cond_ids.shape[0], ls, lc, class_prompt_ids.shape[1])
+        z, sums = schedulers.sample_loop(sampler, pipe.schedule, steps, model_fn, x_T, carry=sums)
+        acc_self, acc_cross = mean_maps(sums)
         labels = refine.attention_labels(acc_self, acc_cross, token_weights, class_ids, valid, self_hw=self_hw,
                                          cross_hw=cross_hw, image_hw=image_hw, tau=tau, threshold=threshold,
                                          uncertainty_threshold=uncertainty_threshold)
-        return {"images": jnp.clip((images.astype(jnp.float32) + 1) / 2, 0, 1), "labels": labels,
+        return {"images": generate.decode_latents(pipe, vae, z), "labels": labels,
                 "self_attention": acc_self, "class_attention": acc_cross}
 
     return run

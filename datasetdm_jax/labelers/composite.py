@@ -16,10 +16,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
-from flax import nnx
-
 from datasetdm_jax import features, generate, schedulers
 from datasetdm_jax.labelers import attention, class_prompts, refine
 from datasetdm_jax.models.unet_blocks import AttentionCapture
@@ -39,48 +35,30 @@ def build_sampler_fn(pipe, *, steps: int, guidance: float, scheduler: str, laten
     on its own and is only read as attention keys), so the images and features match it.
     """
     sampler = schedulers.get_sampler(scheduler)
-    sched = pipe.schedule
-    gds = pipe.graphdefs
-    clip_skip, scale, shift = pipe.clip_skip, pipe.scaling_factor, pipe.shift_factor
-    latent_channels = int(pipe.configs["unet"].get("in_channels", 4))
     image_hw = (latent_hw[0] * pipe.vae_scale_factor, latent_hw[1] * pipe.vae_scale_factor)
     ls, lc = self_hw[0] * self_hw[1], cross_hw[0] * cross_hw[1]
 
     def run(params, cond_ids, uncond_ids, indices, seed, extra):
         class_tok, weights, class_ids, valid = extra
-        text = nnx.merge(gds["text_encoder"], params["text_encoder"])
-        unet = nnx.merge(gds["unet"], params["unet"])
-        vae = nnx.merge(gds["vae"], params["vae"])
-        b = cond_ids.shape[0]
-        emb = text.encode(jnp.concatenate([uncond_ids, cond_ids]), clip_skip=clip_skip)
-        request = AttentionCapture.request(text.encode(class_tok, clip_skip=clip_skip), ls, lc)
-        x_T = generate.initial_noise(seed, indices, (*latent_hw, latent_channels), pipe.dtype)
-        state = sampler.init(sched, steps, x_T)
-        n = int(state["timesteps"].shape[0])
+        text, unet, vae = generate.sampler_modules(pipe, params)
+        emb = generate.prompt_embeddings(pipe, text, cond_ids, uncond_ids)
+        request = AttentionCapture.request(text.encode(class_tok, clip_skip=pipe.clip_skip), ls, lc)
+        x_T = generate.latent_noise(pipe, seed, indices, latent_hw)
 
-        def call(x, st, i, acc, capture_now):
-            x_in = sampler.scale_model_input(x, i)
-            x2 = jnp.concatenate([x_in, x_in])
-            eps, out = unet(x2, jnp.broadcast_to(st["timesteps"][i], (2 * b,)), emb, capture=capture_now,
-                            attention=request)
-            return generate._guided(eps, guidance), out, attention.accumulate(out, *acc)
+        def model_fn(x, t, sums):
+            eps, att = generate.guided_unet(unet, x, t, emb, guidance, attention=request)
+            return eps, attention.accumulate(att, sums)
 
-        def body(i, carry):
-            x, st, acc = carry
-            eps, _, acc = call(x, st, i, acc, False)
-            x, st = sampler.step(st, eps, i, x)
-            return x, st, acc
+        def last_model_fn(x, t, sums):  # the P-Decoder reads this step's features
+            eps, taps = generate.guided_unet(unet, x, t, emb, guidance, capture=True, attention=request)
+            return eps, features.extract(taps, capture, x.shape[0]), attention.accumulate(taps, sums)
 
-        zeros = (jnp.zeros((b, ls, ls), jnp.float32), jnp.zeros((b, lc, class_tok.shape[1]), jnp.float32))
-        x, st, acc = jax.lax.fori_loop(0, n - 1, body, (x_T, state, zeros))
-        eps, taps, (acc_self, acc_cross) = call(x, st, n - 1, acc, True)  # the P-Decoder reads this step
-        feats = features.extract(taps, capture, b)
-        z, _ = sampler.step(st, eps, n - 1, x)
-        images = jnp.clip((vae.decode(z / scale + shift).astype(jnp.float32) + 1) / 2, 0, 1)
-        labels = refine.attention_labels(acc_self / n, acc_cross / n, weights, class_ids, valid, self_hw=self_hw,
+        sums = attention.zero_sums(cond_ids.shape[0], ls, lc, class_tok.shape[1])
+        z, feats, sums = schedulers.sample_loop(sampler, pipe.schedule, steps, model_fn, x_T, last_model_fn, sums)
+        labels = refine.attention_labels(*attention.mean_maps(sums), weights, class_ids, valid, self_hw=self_hw,
                                          cross_hw=cross_hw, image_hw=image_hw, tau=tau, threshold=threshold,
                                          uncertainty_threshold=uncertainty_threshold)
-        return images, feats, {ATTENTION_KEY: labels}
+        return generate.decode_latents(pipe, vae, z), feats, {ATTENTION_KEY: labels}
 
     return run
 
