@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from datasetdm_jax import generate, schedulers
+from datasetdm_jax import features, generate, schedulers
 from datasetdm_jax.labelers import class_prompts, refine
 from datasetdm_jax.models.unet_blocks import AttentionCapture
 
@@ -129,12 +129,15 @@ def mean_maps(sums: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, 
 
 def build_labeller_fn(pipe, *, steps: int, guidance: float, scheduler: str, latent_hw: tuple[int, int],
                       self_hw: tuple[int, int], cross_hw: tuple[int, int], tau: int, threshold: float,
-                      uncertainty_threshold: float):
+                      uncertainty_threshold: float, capture: str | None = None):
     """A pure function (params, cond_ids, uncond_ids, class_prompt_ids, token_weights, class_ids, valid,
     indices, seed) -> dict(images, labels, self_attention, class_attention); wrap in `jax.jit`.
 
     `self_attention` (B, Ls, Ls) and `class_attention` (B, Lc, T) are the fp32 means over heads,
-    layers and all sampler steps.
+    layers and all sampler steps. With `capture` (a features preset), the last step's UNet features
+    come back too (`features`), for a P-Decoder labelling the same images (labelers/composite.py).
+    The images equal `generate.build_sampler_fn`'s: the class prompt is encoded on its own and only
+    read as attention keys.
     """
     sampler = schedulers.get_sampler(scheduler)
     image_hw = (latent_hw[0] * pipe.vae_scale_factor, latent_hw[1] * pipe.vae_scale_factor)
@@ -150,14 +153,23 @@ def build_labeller_fn(pipe, *, steps: int, guidance: float, scheduler: str, late
             eps, att = generate.guided_unet(unet, x, t, emb, guidance, attention=request)
             return eps, accumulate(att, sums)
 
+        def last_model_fn(x, t, sums):  # a P-Decoder reads this step's features
+            eps, taps = generate.guided_unet(unet, x, t, emb, guidance, capture=True, attention=request)
+            return eps, features.extract(taps, capture, x.shape[0]), accumulate(taps, sums)
+
         sums = zero_sums(cond_ids.shape[0], ls, lc, class_prompt_ids.shape[1])
-        z, sums = schedulers.sample_loop(sampler, pipe.schedule, steps, model_fn, x_T, carry=sums)
+        out = {}
+        if capture is None:
+            z, sums = schedulers.sample_loop(sampler, pipe.schedule, steps, model_fn, x_T, carry=sums)
+        else:
+            z, out["features"], sums = schedulers.sample_loop(sampler, pipe.schedule, steps, model_fn, x_T,
+                                                              last_model_fn, sums)
         acc_self, acc_cross = mean_maps(sums)
         labels = refine.attention_labels(acc_self, acc_cross, token_weights, class_ids, valid, self_hw=self_hw,
                                          cross_hw=cross_hw, image_hw=image_hw, tau=tau, threshold=threshold,
                                          uncertainty_threshold=uncertainty_threshold)
         return {"images": generate.decode_latents(pipe, vae, z), "labels": labels,
-                "self_attention": acc_self, "class_attention": acc_cross}
+                "self_attention": acc_self, "class_attention": acc_cross, **out}
 
     return run
 

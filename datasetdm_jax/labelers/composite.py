@@ -16,9 +16,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from datasetdm_jax import features, generate, schedulers
-from datasetdm_jax.labelers import attention, class_prompts, refine
-from datasetdm_jax.models.unet_blocks import AttentionCapture
+from datasetdm_jax import generate
+from datasetdm_jax.labelers import attention, class_prompts
 
 ATTENTION_KEY = "attention_label"
 
@@ -34,31 +33,14 @@ def build_sampler_fn(pipe, *, steps: int, guidance: float, scheduler: str, laten
     The same steps, guidance and noise as `generate.build_sampler_fn` (the class prompt is encoded
     on its own and is only read as attention keys), so the images and features match it.
     """
-    sampler = schedulers.get_sampler(scheduler)
-    image_hw = (latent_hw[0] * pipe.vae_scale_factor, latent_hw[1] * pipe.vae_scale_factor)
-    ls, lc = self_hw[0] * self_hw[1], cross_hw[0] * cross_hw[1]
+    labeller = attention.build_labeller_fn(
+        pipe, steps=steps, guidance=guidance, scheduler=scheduler, latent_hw=latent_hw, self_hw=self_hw,
+        cross_hw=cross_hw, tau=tau, threshold=threshold, uncertainty_threshold=uncertainty_threshold, capture=capture)
 
     def run(params, cond_ids, uncond_ids, indices, seed, extra):
         class_tok, weights, class_ids, valid = extra
-        text, unet, vae = generate.sampler_modules(pipe, params)
-        emb = generate.prompt_embeddings(pipe, text, cond_ids, uncond_ids)
-        request = AttentionCapture.request(text.encode(class_tok, clip_skip=pipe.clip_skip), ls, lc)
-        x_T = generate.latent_noise(pipe, seed, indices, latent_hw)
-
-        def model_fn(x, t, sums):
-            eps, att = generate.guided_unet(unet, x, t, emb, guidance, attention=request)
-            return eps, attention.accumulate(att, sums)
-
-        def last_model_fn(x, t, sums):  # the P-Decoder reads this step's features
-            eps, taps = generate.guided_unet(unet, x, t, emb, guidance, capture=True, attention=request)
-            return eps, features.extract(taps, capture, x.shape[0]), attention.accumulate(taps, sums)
-
-        sums = attention.zero_sums(cond_ids.shape[0], ls, lc, class_tok.shape[1])
-        z, feats, sums = schedulers.sample_loop(sampler, pipe.schedule, steps, model_fn, x_T, last_model_fn, sums)
-        labels = refine.attention_labels(*attention.mean_maps(sums), weights, class_ids, valid, self_hw=self_hw,
-                                         cross_hw=cross_hw, image_hw=image_hw, tau=tau, threshold=threshold,
-                                         uncertainty_threshold=uncertainty_threshold)
-        return generate.decode_latents(pipe, vae, z), feats, {ATTENTION_KEY: labels}
+        out = labeller(params, cond_ids, uncond_ids, class_tok, weights, class_ids, valid, indices, seed)
+        return out["images"], out["features"], {ATTENTION_KEY: out["labels"]}
 
     return run
 
