@@ -21,9 +21,13 @@ from datasetdm_jax import devices, features, schedulers
 from datasetdm_jax.decoders import postprocess
 
 
-def initial_noise(seed: int, indices: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
-    """x_T for each global example index: (len(indices), *shape), independent of batching."""
+def initial_noise(seed: int, indices: jax.Array, shape: tuple[int, ...], dtype=jnp.float32,
+                  stream: int = 0) -> jax.Array:
+    """x_T for each global example index: (len(indices), *shape), independent of batching.
+    ``stream`` > 0 draws another independent noise per index (e.g. for re-noising the result)."""
     base = jax.random.PRNGKey(seed)
+    if stream:
+        base = jax.random.fold_in(base, 2**31 - int(stream))
     draw = lambda i: jax.random.normal(jax.random.fold_in(base, i), shape, jnp.float32)
     return jax.vmap(draw)(indices).astype(dtype)
 
@@ -57,6 +61,17 @@ def guided_unet(unet: nnx.Module, x: jax.Array, t: jax.Array, emb: jax.Array, gu
     return uncond + guidance * (cond - uncond), extra
 
 
+def renoised_features(pipe, unet: nnx.Module, emb: jax.Array, z: jax.Array, seed: int, indices: jax.Array,
+                      timestep: int, capture: str, guidance: float):
+    """Features of one captured UNet pass on the final latents noised to ``timestep``: exactly what a
+    P-Decoder trained at that timestep saw on real images (``train.Trainer.features``), at the cost
+    of one more UNet call. The noise is stream 1 of each example's index."""
+    noise = initial_noise(seed, indices, z.shape[1:], z.dtype, stream=1)
+    zt = schedulers.add_noise(pipe.schedule, z, noise, timestep)
+    _, taps = guided_unet(unet, zt, jnp.float32(timestep), emb, guidance, capture=True)
+    return features.extract(taps, capture, z.shape[0])
+
+
 def decode_latents(pipe, vae: nnx.Module, z: jax.Array) -> jax.Array:
     """Final latents -> NHWC images in [0, 1] (fp32)."""
     images = vae.decode(z / pipe.scaling_factor + pipe.shift_factor)
@@ -64,10 +79,12 @@ def decode_latents(pipe, vae: nnx.Module, z: jax.Array) -> jax.Array:
 
 
 def build_sampler_fn(pipe, *, steps: int, guidance: float, scheduler: str, latent_hw: tuple[int, int],
-                     capture: str | None = None):
+                     capture: str | None = None, capture_timestep: int | None = None):
     """A pure function (params, cond_ids, uncond_ids, indices, seed) -> (images in [0, 1], features).
 
-    `params` is `pipe.params`; wrap in `jax.jit` (the pipeline caches one per setting).
+    Features: of the last sampler step (the official choice), or with ``capture_timestep`` of one
+    extra pass on the result re-noised to it (``renoised_features``). `params` is `pipe.params`;
+    wrap in `jax.jit` (the pipeline caches one per setting).
     """
     sampler = schedulers.get_sampler(scheduler)
 
@@ -83,8 +100,10 @@ def build_sampler_fn(pipe, *, steps: int, guidance: float, scheduler: str, laten
             eps, taps = guided_unet(unet, x, t, emb, guidance, capture=True)
             return eps, features.extract(taps, capture, x.shape[0])
 
-        if capture is None:
+        if capture is None or capture_timestep is not None:
             z, feats = schedulers.sample_loop(sampler, pipe.schedule, steps, model_fn, x_T), None
+            if capture is not None:
+                feats = renoised_features(pipe, unet, emb, z, seed, indices, capture_timestep, capture, guidance)
         else:
             z, feats = schedulers.sample_loop(sampler, pipe.schedule, steps, model_fn, x_T, last_model_fn)
         return decode_latents(pipe, vae, z), feats
@@ -96,6 +115,23 @@ def _compiled(pipe, **settings):
     """One jit per pipeline and setting (steps, guidance, scheduler, size, capture)."""
     key = ("generate", tuple(sorted(settings.items())))
     return pipe._jit(key, build_sampler_fn(pipe, **settings))
+
+
+FEATURE_PASSES = ("last_step", "renoise")
+
+
+def _capture_timestep(g, decoders) -> int | None:
+    """``generate.feature_pass``: 'last_step' (official: the final sampler step's features) -> None;
+    'renoise' -> the decoders' training timestep (they must share one)."""
+    mode = str(g.get("feature_pass", "last_step"))
+    if mode not in FEATURE_PASSES:
+        raise ValueError(f"generate.feature_pass must be one of {FEATURE_PASSES}, got {mode!r}")
+    if mode == "last_step":
+        return None
+    ts = sorted({int(t.t) for t, _, _, _ in decoders})
+    if len(ts) > 1:
+        raise ValueError(f"generate.feature_pass=renoise: the decoders were trained at different timesteps {ts}")
+    return ts[0]
 
 
 def _latent_hw(pipe, height: int | None, width: int | None) -> tuple[int, int]:
@@ -202,6 +238,7 @@ class DecoderLabeler:
         self.parts = [{"task": t.task, "workdir": os.path.abspath(str(c.workdir)), "checkpoint_step": s,
                        "params_sha256": _sha256(p)} for t, p, s, c in decoders]
         self.uncond = tr.pipe.tokenize([str(g.negative_prompt)])[0]
+        self.capture_timestep = _capture_timestep(g, decoders)
         sampler = self._build_sampler(tr.pipe, g, tr.capture)
         min_area = int(g.get("min_area", 0))  # semantic only (pose configs have none)
         size = self.size
@@ -236,7 +273,8 @@ class DecoderLabeler:
         """(frozen, cond, uncond, indices, seed, extra) -> (images, features, labels): the sampler with the
         last step captured; a subclass (labelers/composite.py) also labels inside it from `extra`."""
         fn = build_sampler_fn(pipe, steps=int(g.steps), guidance=float(g.guidance), scheduler=str(g.scheduler),
-                              latent_hw=_latent_hw(pipe, self.size, self.size), capture=capture)
+                              latent_hw=_latent_hw(pipe, self.size, self.size), capture=capture,
+                              capture_timestep=self.capture_timestep)
         return lambda frozen, cond, uncond, indices, seed, extra: (*fn(frozen, cond, uncond, indices, seed), {})
 
     def _inputs(self, prompts, batch: int) -> tuple[list[str], Any]:
@@ -258,7 +296,8 @@ class DecoderLabeler:
 
     def describe(self) -> dict[str, Any]:
         first = self.parts[0]
-        desc = {"name": self.name, **first, "capture": self.trainer.capture}
+        desc = {"name": self.name, **first, "capture": self.trainer.capture,
+                "feature_pass": "last_step" if self.capture_timestep is None else f"renoise t={self.capture_timestep}"}
         if len(self.parts) > 1:
             desc["also"] = self.parts[1:]
         return desc

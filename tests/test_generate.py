@@ -57,3 +57,27 @@ def test_sample_rejects_bad_input(pipe):
         generate.sample(pipe, [])
     with pytest.raises(ValueError, match="multiples"):
         generate.sample(pipe, PROMPTS[:1], height=31)
+
+
+def test_renoise_feature_pass(pipe):
+    """feature_pass=renoise: the same images, features of one extra pass on the result noised to the
+    decoder's timestep (so they change with it), keyed by example index like the images."""
+    import jax.numpy as jnp
+
+    def run(prompts, start, t):
+        fn = jax.jit(generate.build_sampler_fn(pipe, steps=2, guidance=7.5, scheduler="pndm",
+                                               latent_hw=(LATENT_SIZE, LATENT_SIZE), capture="datasetdm",
+                                               capture_timestep=t))
+        idx = jnp.arange(start, start + len(prompts), dtype=jnp.int32)
+        images, feats = fn(pipe.params, pipe.tokenize(prompts), pipe.tokenize([""] * len(prompts)), idx, jnp.int32(4))
+        return np.asarray(images), [np.asarray(x) for x in jax.tree.leaves(feats)]
+
+    last, t50, t400 = run(PROMPTS, 0, None), run(PROMPTS, 0, 50), run(PROMPTS, 0, 400)
+    for images, _ in (t50, t400):
+        np.testing.assert_allclose(images, last[0], atol=1e-5)
+    diff = lambda a, b: max(float(np.abs(x - y).max()) for x, y in zip(a, b))  # noqa: E731
+    assert diff(t50[1], last[1]) > 1e-3 and diff(t50[1], t400[1]) > 1e-3
+    alone = run(PROMPTS[2:], 2, 50)
+    assert diff(alone[1], [x[2:] for x in t50[1]]) < 1e-4
+    with pytest.raises(ValueError, match="feature_pass"):
+        generate._capture_timestep({"feature_pass": "middle"}, [])

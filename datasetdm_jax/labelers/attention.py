@@ -129,13 +129,15 @@ def mean_maps(sums: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, 
 
 def build_labeller_fn(pipe, *, steps: int, guidance: float, scheduler: str, latent_hw: tuple[int, int],
                       self_hw: tuple[int, int], cross_hw: tuple[int, int], tau: int, threshold: float,
-                      uncertainty_threshold: float, capture: str | None = None):
+                      uncertainty_threshold: float, capture: str | None = None,
+                      capture_timestep: int | None = None):
     """A pure function (params, cond_ids, uncond_ids, class_prompt_ids, token_weights, class_ids, valid,
     indices, seed) -> dict(images, labels, self_attention, class_attention); wrap in `jax.jit`.
 
     `self_attention` (B, Ls, Ls) and `class_attention` (B, Lc, T) are the fp32 means over heads,
     layers and all sampler steps. With `capture` (a features preset), the last step's UNet features
-    come back too (`features`), for a P-Decoder labelling the same images (labelers/composite.py).
+    come back too (`features`), for a P-Decoder labelling the same images (labelers/composite.py);
+    with `capture_timestep`, those of `generate.renoised_features` instead.
     The images equal `generate.build_sampler_fn`'s: the class prompt is encoded on its own and only
     read as attention keys.
     """
@@ -159,8 +161,11 @@ def build_labeller_fn(pipe, *, steps: int, guidance: float, scheduler: str, late
 
         sums = zero_sums(cond_ids.shape[0], ls, lc, class_prompt_ids.shape[1])
         out = {}
-        if capture is None:
+        if capture is None or capture_timestep is not None:
             z, sums = schedulers.sample_loop(sampler, pipe.schedule, steps, model_fn, x_T, carry=sums)
+            if capture is not None:
+                out["features"] = generate.renoised_features(pipe, unet, emb, z, seed, indices, capture_timestep,
+                                                             capture, guidance)
         else:
             z, out["features"], sums = schedulers.sample_loop(sampler, pipe.schedule, steps, model_fn, x_T,
                                                               last_model_fn, sums)

@@ -26,7 +26,7 @@ __all__ = ["ATTENTION_KEY", "DecoderAttentionLabeler", "build_sampler_fn"]
 
 def build_sampler_fn(pipe, *, steps: int, guidance: float, scheduler: str, latent_hw: tuple[int, int],
                      capture: str, self_hw: tuple[int, int], cross_hw: tuple[int, int], tau: int, threshold: float,
-                     uncertainty_threshold: float):
+                     uncertainty_threshold: float, capture_timestep: int | None = None):
     """A pure function (params, cond_ids, uncond_ids, indices, seed, extra) -> (images in [0, 1],
     last-step features, {ATTENTION_KEY: (B, H, W) uint8}); ``extra`` is `attention.class_inputs`.
 
@@ -35,7 +35,8 @@ def build_sampler_fn(pipe, *, steps: int, guidance: float, scheduler: str, laten
     """
     labeller = attention.build_labeller_fn(
         pipe, steps=steps, guidance=guidance, scheduler=scheduler, latent_hw=latent_hw, self_hw=self_hw,
-        cross_hw=cross_hw, tau=tau, threshold=threshold, uncertainty_threshold=uncertainty_threshold, capture=capture)
+        cross_hw=cross_hw, tau=tau, threshold=threshold, uncertainty_threshold=uncertainty_threshold, capture=capture,
+        capture_timestep=capture_timestep)
 
     def run(params, cond_ids, uncond_ids, indices, seed, extra):
         class_tok, weights, class_ids, valid = extra
@@ -71,7 +72,8 @@ class DecoderAttentionLabeler(generate.DecoderLabeler):
         a = self.attention
         return build_sampler_fn(pipe, steps=int(g.steps), guidance=float(g.guidance), scheduler=str(g.scheduler),
                                 latent_hw=latent_hw, capture=capture, self_hw=self_hw, cross_hw=cross_hw, tau=a.tau,
-                                threshold=float(a.threshold), uncertainty_threshold=float(a.uncertainty_threshold))
+                                threshold=float(a.threshold), uncertainty_threshold=float(a.uncertainty_threshold),
+                                capture_timestep=self.capture_timestep)
 
     def _inputs(self, prompts, batch: int) -> tuple[list[str], Any]:
         names = [list(p.classes) for p in prompts]
