@@ -18,10 +18,10 @@ orbax checkpoint folder ``workdir/<stage>/``:
 Then the EMA weights are exported as a diffusers-format folder (``export``).
 
 Warm start (``config.init_from``, a diffusers folder such as the shipped model): its VAE is used
-frozen (the ``vae`` stage is skipped; ``vae_decoder`` starts from its decoder), its tokenizer is copied, and its UNet and text encoder
-weights start the ``diffusion`` stage with a fresh optimiser and schedule. Checkpoints live in
-``workdir`` (lost between sessions on ephemeral machines); the shipped folder is not, so this is how
-training continues across sessions.
+frozen (the ``vae`` stage is skipped; ``vae_decoder`` starts from its decoder), its tokenizer is
+copied, and its UNet and text encoder weights start the ``diffusion`` stage with a fresh optimiser
+and schedule. Checkpoints live in ``workdir`` (lost between sessions on ephemeral machines); the
+shipped folder is not, so this is how training continues across sessions.
 
 Every stage can be stopped at any time and rerun with the same command: the step, params, EMA,
 optimiser state and the grain iterator position are checkpointed every ``checkpoint_every_s``
@@ -498,9 +498,9 @@ def _kl(mean, logvar):
     return 0.5 * jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3))
 
 
-def _psnr(vae, x):
-    """Mean PSNR (on the [0, 1] scale) of decode(posterior mean) against images ``x`` in [-1, 1]."""
-    xr = jnp.clip(_vae_decode(vae, _vae_encode(vae, x)[0]).astype(jnp.float32), -1, 1)
+def _psnr(vae, x, mean):
+    """Mean PSNR (on the [0, 1] scale) of decode(``mean``, the posterior mean of images ``x`` in [-1, 1])."""
+    xr = jnp.clip(_vae_decode(vae, mean).astype(jnp.float32), -1, 1)
     mse = jnp.mean(jnp.square((xr - x) / 2.0), axis=(1, 2, 3))
     return jnp.mean(10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10)))
 
@@ -528,7 +528,8 @@ def _vae_stage(config: ml_collections.ConfigDict, workdir: str) -> _Stage:
 
     def eval_fn(p, frozen):
         vae = nnx.merge(graph, p, rest)
-        return {"psnr": _psnr(vae, held_x), "latent_std": jnp.std(_vae_encode(vae, held_x)[0])}
+        mean = _vae_encode(vae, held_x)[0]
+        return {"psnr": _psnr(vae, held_x, mean), "latent_std": jnp.std(mean)}
 
     return _Stage("vae", vcfg, params, {}, loss_fn, eval_fn,
                   lambda b: {"image": np.asarray(b["image"], np.float32)}, {"model": model_cfg})
@@ -565,7 +566,6 @@ def _frozen_vae(config: ml_collections.ConfigDict, workdir: str):
     return graph, params, rest, {**model_cfg, "_source": meta["step"]}
 
 
-
 def _vae_decoder_stage(config: ml_collections.ConfigDict, workdir: str) -> _Stage:
     """Decoder + post_quant_conv trained on posterior samples of the frozen encoder."""
     dcfg = config.vae_decoder
@@ -587,7 +587,7 @@ def _vae_decoder_stage(config: ml_collections.ConfigDict, workdir: str) -> _Stag
 
     def eval_fn(p, frozen):
         vae = nnx.merge(graph, {**frozen, **p}, rest)
-        return {"psnr": _psnr(vae, held_x)}
+        return {"psnr": _psnr(vae, held_x, _vae_encode(vae, held_x)[0])}
 
     return _Stage("vae_decoder", dcfg, params, frozen, loss_fn, eval_fn,
                   lambda b: {"image": np.asarray(b["image"], np.float32)},
