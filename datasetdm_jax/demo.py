@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
+from datasetdm_jax import keyed_cache
 from datasetdm_jax.config_utils import load_config
 
 __all__ = ["CONFIGS_DIR", "ATTENTION_ROWS", "run", "check_claims", "add_attention_rows", "attention_label_stats",
@@ -95,10 +96,9 @@ def _downstream(config: ml_collections.ConfigDict, workdir: str, synthetic_dir: 
     key = {"downstream": json.loads(ds.to_json()), "test_images": int(d.test_images),
            "synthetic": json.loads((Path(synthetic_dir) / "manifest.json").read_text())["shards"],
            "attention": _attention_enabled(config)}
-    if cache.is_file():
-        stored = json.loads(cache.read_text())
-        if stored.get("key") == key:
-            return stored["result"]
+    hit = keyed_cache.load(cache, key)
+    if hit is not None:
+        return hit
     real = data.shapes_arrays(ds.real.split, int(ds.real.num_images), int(ds.real.seed), int(ds.real.image_size))
     synthetic = data.records_arrays(synthetic_dir)
     tests = {s: data.shapes_arrays(s, int(d.test_images), int(ds.test.seed), int(ds.test.image_size))
@@ -111,7 +111,7 @@ def _downstream(config: ml_collections.ConfigDict, workdir: str, synthetic_dir: 
         ds_att = ml_collections.ConfigDict(ds.to_dict())
         ds_att.tasks, ds_att.rows = ("semantic",), tuple(ATTENTION_ROWS)
         result = add_attention_rows(result, compare.jsonable(compare.run_comparison(real, attention, tests, ds_att)))
-    cache.write_text(json.dumps({"key": key, "result": result}, indent=1))
+    keyed_cache.store(cache, key, result)
     return result
 
 

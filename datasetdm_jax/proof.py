@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import ml_collections
 import numpy as np
 
+from datasetdm_jax import keyed_cache
 from datasetdm_jax.config_utils import load_config
 
 __all__ = ["ROWS", "METRICS", "model_fingerprint", "task_config", "run", "check_claims", "format_tables",
@@ -86,20 +87,6 @@ def _jsonable(x: Any) -> Any:
     return json.loads(json.dumps(x))
 
 
-def _cached(path: Path, key: Any) -> dict[str, Any] | None:
-    if path.is_file():
-        stored = json.loads(path.read_text())
-        if stored.get("key") == _jsonable(key):
-            return stored["result"]
-    return None
-
-
-def _store(path: Path, key: Any, result: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "result": result}, indent=1))
-    os.replace(tmp, path)
-
-
 def _latest_step(train_workdir: str) -> int:
     from datasetdm_jax import train
 
@@ -142,7 +129,7 @@ def _p_decoder(cfg: ml_collections.ConfigDict, row: str, pipe, fingerprint: str,
     eval_key = {"training": tkey, "steps": int(cfg.steps), "eval": json.loads(cfg.eval.to_json()),
                 "splits": list(splits)}
     cache = Path(wd).parent / "p_decoder_eval.json"
-    hit = _cached(cache, eval_key)
+    hit = keyed_cache.load(cache, eval_key)
     if hit is not None and done == int(cfg.steps):
         return hit
     t0, c0 = time.time(), time.process_time()
@@ -162,7 +149,7 @@ def _p_decoder(cfg: ml_collections.ConfigDict, row: str, pipe, fingerprint: str,
                            "trainable_params": trainer.num_params, "frozen_params": frozen_params,
                            **json.loads(timing_file.read_text())}
     res.update(_score(lambda split: train.evaluate(trainer, params, split=split, per_class=True), splits))
-    _store(cache, eval_key, res)
+    keyed_cache.store(cache, eval_key, res)
     return res
 
 
@@ -188,10 +175,10 @@ def _scratch(cfg: ml_collections.ConfigDict, row: str, scfg: ml_collections.Conf
     tkey = {"training": _training_key(cfg, "-"), "steps": int(cfg.steps), "width": width}
     key = {"training": tkey, "eval": json.loads(cfg.eval.to_json()), "splits": list(splits)}
     cache = folder.parent / "scratch_eval.json"
-    hit = _cached(cache, key)
+    hit = keyed_cache.load(cache, key)
     if hit is not None:
         return hit
-    trained = _cached(folder / "trained.json", tkey)
+    trained = keyed_cache.load(folder / "trained.json", tkey)
     params_file = folder / "params.msgpack"
     if trained is not None and params_file.is_file():
         scratch = baselines.Scratch(cfg, width)
@@ -204,11 +191,11 @@ def _scratch(cfg: ml_collections.ConfigDict, row: str, scfg: ml_collections.Conf
         tmp.write_bytes(serialization.msgpack_serialize(serialization.to_state_dict(params)))
         os.replace(tmp, params_file)
         timing = {k: round(v, 4 if "per_step" in k else 2) for k, v in timing.items()}
-        _store(folder / "trained.json", tkey, timing)
+        keyed_cache.store(folder / "trained.json", tkey, timing)
     res: dict[str, Any] = {"model": f"scratch conv backbone (width {width}) + the same head", "steps": int(cfg.steps),
                            "trainable_params": scratch.num_params, "frozen_params": 0, **timing}
     res.update(_score(lambda split: baselines.evaluate(scratch, params, split=split, per_class=True), splits))
-    _store(cache, key, res)
+    keyed_cache.store(cache, key, res)
     return res
 
 
