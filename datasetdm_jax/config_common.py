@@ -37,6 +37,7 @@ def shapes_pdecoder(task: str, **training: Any) -> ConfigDict:
     c.workdir = f"runs/shapes_{task}"
     c.capture = "datasetdm"          # features preset: 'datasetdm' or 'lean'
     c.timestep = 0                   # official: DDPM set_timesteps(50) -> timesteps[-1] = 0 (reference §2.1)
+    c.cache_features = True          # SD pass once per (image, mirror) into a feature bank (train.py)
     c.seed = 42
     c.steps = 3000
     c.max_steps = 0                  # > 0: stop this invocation after that many steps (resumable)
@@ -95,6 +96,7 @@ def sd14_pdecoder(task: str, name: str, *, steps: int, eval_every: int, data: di
     c.workdir = f"runs/{name}"
     c.capture = "datasetdm"          # §2.2-2.3: 28 UNet maps + cond cross-attention of all 16 layers
     c.timestep = 0                   # §2.1: DDPM set_timesteps(50) -> timesteps[-1] = 0
+    c.cache_features = False         # 200 rows of 512 px SD features take GBs of device memory
     c.seed = 42                      # §4: seed_everything(42)
     c.batch_size = 1                 # §4: batch 1 (ours works at any batch size)
     # §4: Adam, no weight decay; StepLR x0.1 every 350 epochs (400 for NYU and pose), not yet in

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from datasetdm_jax import pretrained, smoke, train
+from datasetdm_jax.data import pipeline
+from datasetdm_jax.decoders import tasks
 from datasetdm_jax.config_utils import load_config
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -163,3 +165,35 @@ def test_missing_model_names_the_pretrain_command(tmp_path):
     config = load_config(*tiny("semantic", f"pipeline={tmp_path / 'nope'}"))
     with pytest.raises(FileNotFoundError, match="datasetdm pretrain --config configs/shapes_sd.py"):
         train.Trainer(config)
+
+
+def test_feature_bank_row_2i_plus_f_holds_image_i_mirrored_when_f(trainers):
+    """Each bank row is closest to the features of its own image (mirrored on odd rows) among all
+    images and mirrors; the bank's fixed noise only perturbs it (timestep 0)."""
+    tr = trainers("semantic")
+    source = train.data_source(tr.config, str(tr.config.data.split), 3, int(tr.config.data.seed))
+    bank = tr.feature_bank(source)                              # 3 images, batch 2: a padded chunk
+    assert jax.tree.leaves(bank)[0].shape[0] == 6
+    refs = []
+    for one in pipeline.grain_dataset(source, 1, None):
+        b = {k: np.repeat(v, 2, 0) for k, v in tr.host_batch(one, 0, augment=False).items()}
+        for f in (False, True):
+            x = tasks.flip_batch(b, np.full(2, f))
+            refs.append(jax.device_get(tr.features_fn(tr.frozen, x["image"], x["input_ids"], jax.random.key(9)))
+                        .maps)
+    for row in range(6):
+        dist = [sum(float(np.abs(bank.maps[r][row] - ref[r][0]).mean()) for r in ref) for ref in refs]
+        assert int(np.argmin(dist)) == row, (row, dist)
+
+
+def test_uncached_training_resumes_exactly(trainers, sd):
+    """The SD pass inside every step (``cache_features=False``, the paper-scale default)."""
+    tr, root = trainers("depth"), sd[2] / "uncached"
+    config = tr.config.copy_and_resolve_references()
+    config.cache_features = False
+    done, _, full = train.run(config, str(root / "full"), trainer=tr)
+    train.run(config, str(root / "resumed"), trainer=tr, max_steps=3)
+    done2, _, resumed = train.run(config, str(root / "resumed"), trainer=tr)
+    assert done and done2
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

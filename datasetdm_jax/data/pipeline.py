@@ -11,7 +11,8 @@ Batches are dicts of numpy arrays:
 ``depth`` float32 (B,H,W); ``instance_map`` uint8 (B,H,W); ``instances`` bool (B,M,H,W) and
 ``instance_classes`` int32 (B,M), padded to M = max_objects with empty masks / class 0;
 ``num_instances`` int32 (B,); ``keypoints`` float32 (B,M,17,3) padded with zeros (visibility 0);
-``num_persons`` int32 (B,).
+``num_persons`` int32 (B,); with ``with_index=True`` also ``index`` int32 (B,), each example's
+position in the source (what a per-example cache, e.g. the trainer's feature bank, is keyed by).
 """
 
 from __future__ import annotations
@@ -61,7 +62,12 @@ def standardize(example: Mapping[str, Any], max_objects: int = 3) -> dict[str, n
         "num_instances": np.int32(n),
         "keypoints": keypoints,
         "num_persons": np.int32(len(kp)),
+        **({"index": np.int32(example["index"])} if "index" in example else {}),
     }
+
+
+def _with_index(i: int, example: Mapping[str, Any]) -> dict[str, Any]:
+    return {**example, "index": i}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,18 +88,21 @@ def grain_dataset(source: Sequence[Mapping[str, Any]], batch_size: int, shuffle_
                   num_epochs: int | None = 1, max_objects: int | None = None,
                   drop_remainder: bool = True, shard_index: int = 0, shard_count: int = 1,
                   worker_count: int = 0, read_threads: int = 2,
-                  prefetch_batches: int = 4) -> grain.IterDataset:
+                  prefetch_batches: int = 4, with_index: bool = False) -> grain.IterDataset:
     """Batched, optionally shuffled (reshuffled each epoch) grain dataset over a random-access source.
 
     ``source``: a TFDS data source or a ``shapes.ShapesSource``. ``num_epochs=None`` repeats
     forever. ``shard_index``/``shard_count`` split the records between hosts. ``worker_count > 0``
     renders/decodes in that many processes (needs absl flags parsed; keep 0 in tests).
     ``read_threads``/``prefetch_batches`` bound grain's read-ahead (its defaults, 16 threads and
-    500 elements, would render hundreds of batches ahead on a small CPU).
+    500 elements, would render hundreds of batches ahead on a small CPU). ``with_index`` adds each
+    example's source position as ``index``.
     """
     if max_objects is None:
         max_objects = getattr(getattr(source, "config", None), "max_objects", 3)
     ds = grain.MapDataset.source(source)
+    if with_index:
+        ds = ds.map_with_index(_with_index)
     if shard_count > 1:
         ds = ds[shard_index::shard_count]
     if shuffle_seed is not None:
