@@ -197,3 +197,18 @@ def test_uncached_training_resumes_exactly(trainers, sd):
     assert done and done2
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_train_batches_name_their_bank_rows_across_epochs(trainers):
+    """``entry`` = 2 * source position + mirrored, for every example of several shuffled epochs."""
+    tr = trainers("instance")                                   # a tiny config that flips
+    src, it = train._train_source(tr.config), train._train_iterator(tr.config, None)
+    seen = set()
+    for step in range(3 * len(src) // int(tr.config.batch_size)):
+        hb = tr.host_batch(next(it), step)
+        for image, entry in zip(hb["image"], hb["entry"]):
+            i, mirrored = divmod(int(entry), 2)
+            want = pipeline.standardize(src[i])["image"]
+            np.testing.assert_array_equal(image, want[:, ::-1] if mirrored else want)
+            seen.add(int(entry))
+    assert len({e // 2 for e in seen}) == len(src) and any(e % 2 for e in seen)

@@ -66,8 +66,15 @@ def standardize(example: Mapping[str, Any], max_objects: int = 3) -> dict[str, n
     }
 
 
-def _with_index(i: int, example: Mapping[str, Any]) -> dict[str, Any]:
-    return {**example, "index": i}
+@dataclasses.dataclass(frozen=True)
+class _WithIndex:
+    """Adds the source position; grain hands epoch-offset indices (i + epoch * len) to a source
+    that is shuffled per epoch, hence the modulo."""
+
+    size: int
+
+    def __call__(self, i: int, example: Mapping[str, Any]) -> dict[str, Any]:
+        return {**example, "index": i % self.size}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +109,7 @@ def grain_dataset(source: Sequence[Mapping[str, Any]], batch_size: int, shuffle_
         max_objects = getattr(getattr(source, "config", None), "max_objects", 3)
     ds = grain.MapDataset.source(source)
     if with_index:
-        ds = ds.map_with_index(_with_index)
+        ds = ds.map_with_index(_WithIndex(len(source)))
     if shard_count > 1:
         ds = ds[shard_index::shard_count]
     if shuffle_seed is not None:
