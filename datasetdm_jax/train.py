@@ -6,7 +6,9 @@ schedule) with fresh noise -> one UNet pass on the CFG batch [uncond "" ; the im
 feature capture -> decoder -> task loss (``decoders/tasks.py``: Mask2Former set loss for semantic
 and class-aware instance segmentation, SILog for depth, JointsMSE on Gaussian heatmaps for pose)
 -> Adam. The step is one jitted pure function of the decoder's (params, opt state), the batch, and
-the frozen pipeline params, over a data-parallel ``('data',)`` mesh of the local devices.
+the frozen pipeline params, over a data-parallel ``('data',)`` mesh of the local devices. With
+``config.cache_features`` the frozen half runs once per (training image, mirror) before training
+(``Trainer.feature_bank``, noise fixed per row) and each step gathers its rows from that bank.
 
 Resumable like ``pretrain``: step, decoder params, optimiser state and the grain iterator position
 go into an orbax checkpoint; randomness (noise, flips, loss point sampling) is a pure function of
