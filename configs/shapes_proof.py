@@ -3,8 +3,8 @@
 For each task (semantic, instance, depth, pose): the P-Decoder trained on 100 labelled real images
 through the frozen shapes-world SD, and a plain Flax conv model + the same head trained from scratch
 on the same images with the same recipe (``datasetdm_jax/baselines.py``); both scored on the test
-and domain-shifted test splits by the same evaluator. One more row: the semantic P-Decoder with
-Mask2Former deep supervision. Stages are cached in ``workdir``: a rerun is fast, a killed one goes on.
+and domain-shifted test splits by the same evaluator. One more row: the semantic P-Decoder without
+Mask2Former deep supervision (on in the shapes configs). Stages are cached in ``workdir``: a rerun is fast, a killed one goes on.
 
 Variants: ``:small`` (few steps, few test images: minutes, a check that it all runs) and ``:tiny``
 (tiny task configs for a tiny random SD; tests, with ``model=PATH``).
@@ -24,8 +24,8 @@ def get_config(arg=None):
     c.tasks = ml_collections.ConfigDict({t: ml_collections.ConfigDict(dict(config=f"shapes_{t}.py", steps=0))
                                          for t in TASKS})
     # Rows to run, comma-separated (e.g. `rows=depth,pose`): the four tasks (P-Decoder and scratch)
-    # and the semantic P-Decoder with deep_supervision=True ('semantic_deep_supervision').
-    c.rows = ",".join(TASKS + ("semantic_deep_supervision",))
+    # and the semantic P-Decoder with deep_supervision=False ('semantic_without_deep_supervision').
+    c.rows = ",".join(TASKS + ("semantic_without_deep_supervision",))
     # Scratch model width: 'auto' = the width whose parameter count is closest to the P-Decoder's
     # trainable parameters (from `widths`), or an int.
     c.scratch = ml_collections.ConfigDict(dict(width="auto", widths=(8, 16, 24, 32, 48, 64)))

@@ -45,7 +45,7 @@ def test_report_has_every_row_with_finite_numbers(proof_run):
     workdir = str(config.workdir)
     assert json.load(open(os.path.join(workdir, "report.json")))["rows"].keys() == report["rows"].keys()
     table = open(os.path.join(workdir, "table.md")).read()
-    for text in ("mIoU", "mask AP", "REL", "keypoint AP", "P-Decoder + deep supervision", "Per-class IoU",
+    for text in ("mIoU", "mask AP", "REL", "keypoint AP", "P-Decoder without deep supervision", "Per-class IoU",
                  "| star |"):
         assert text in table, text
 
@@ -86,7 +86,8 @@ def test_checkpoint_of_another_model_is_refused(proof_run):
 
 def test_claims_can_fail():
     res = lambda v: {"test": {"miou": v}}
-    rows = {"semantic": {"p_decoder": res(0.3), "scratch": res(0.5)}, proof.DS_ROW: {"p_decoder": res(0.2)},
+    rows = {"semantic": {"p_decoder": {**res(0.3), "deep_supervision": True}, "scratch": res(0.5)},
+            proof.DS_ROW: {"p_decoder": res(0.35)},
             "depth": {"p_decoder": {"test": {"rel": 0.1}}, "scratch": {"test": {"rel": 0.2}}}}
     claims = proof.check_claims(rows, ["test"])
     assert [c["holds"] for c in claims] == [False, True, False]
