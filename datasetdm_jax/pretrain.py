@@ -659,6 +659,7 @@ def _diffusion_stage(config: ml_collections.ConfigDict, workdir: str) -> _Stage:
         up = _init_weights(config, "unet", unet_cfg, up)
         tp = _init_weights(config, "text_encoder", text_cfg, tp)
         meta["scaling_factor"] = float(_init_pipeline(os.path.abspath(config.init_from)).configs["vae"]["scaling_factor"])
+        meta["init_step"] = _init_step(config.init_from) or 0  # the folder's steps count in the total
     if "scaling_factor" not in meta:
         it = _train_iterator(config, int(dcfg.batch_size), None)
         zs = [np.asarray(jax.jit(encode_latents, static_argnums=3)(
@@ -780,7 +781,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None 
         model_index={"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1"})
     path = pretrained.save_pipeline(pipe, out_dir, overwrite=True)
     with open(os.path.join(path, "training.json"), "w") as f:
-        json.dump({"diffusion_step": meta["step"], "weights": "EMA", "dtype": str(dtype),
+        json.dump({"diffusion_step": meta.get("init_step", 0) + meta["step"], "weights": "EMA", "dtype": str(dtype),
                    "config": json.loads(config.to_json())}, f, indent=2)
     return str(path)
 

@@ -163,7 +163,7 @@ def test_warm_start_from_an_exported_folder(tiny_run, tmp_path):
     assert pretrain.run(warm, out) is True
     assert not os.path.exists(os.path.join(out, "vae"))
     with open(os.path.join(out, "model", "training.json")) as f:
-        assert json.load(f)["diffusion_step"] == 2
+        assert json.load(f)["diffusion_step"] == config.diffusion.steps + 2   # the folder's steps + this run's
     with open(os.path.join(out, "tokenizer", "vocab.json")) as f, \
             open(os.path.join(folder, "tokenizer", "vocab.json")) as g:
         assert f.read() == g.read()
