@@ -169,8 +169,11 @@ def test_missing_model_names_the_pretrain_command(tmp_path):
 
 def test_feature_bank_row_2i_plus_f_holds_image_i_mirrored_when_f(trainers):
     """Each bank row is closest to the features of its own image (mirrored on odd rows) among all
-    images and mirrors; the bank's fixed noise only perturbs it (timestep 0)."""
-    tr = trainers("semantic")
+    images and mirrors; at timestep 0 the bank's fixed noise only perturbs it."""
+    base = trainers("semantic")
+    config = base.config.copy_and_resolve_references()
+    config.timestep = 0
+    tr = train.Trainer(config, base.pipe)
     source = train.data_source(tr.config, str(tr.config.data.split), 3, int(tr.config.data.seed))
     bank = tr.feature_bank(source)                              # 3 images, batch 2: a padded chunk
     assert jax.tree.leaves(bank)[0].shape[0] == 6

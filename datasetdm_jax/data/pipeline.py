@@ -62,8 +62,12 @@ def standardize(example: Mapping[str, Any], max_objects: int = 3) -> dict[str, n
         "num_instances": np.int32(n),
         "keypoints": keypoints,
         "num_persons": np.int32(len(kp)),
-        **({"index": np.int32(example["index"])} if "index" in example else {}),
+        **({"index": np.int32(example[_SOURCE_INDEX])} if _SOURCE_INDEX in example else {}),
     }
+
+
+# Not "index": TFDS shapes records carry their own (their position in the split, not in a subset).
+_SOURCE_INDEX = "_source_index"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +78,7 @@ class _WithIndex:
     size: int
 
     def __call__(self, i: int, example: Mapping[str, Any]) -> dict[str, Any]:
-        return {**example, "index": i % self.size}
+        return {**example, _SOURCE_INDEX: i % self.size}
 
 
 @dataclasses.dataclass(frozen=True)
