@@ -42,7 +42,7 @@ def _decoder_configs(config: ml_collections.ConfigDict, workdir: str, model: str
     for task in TASKS:
         d = config.decoders[task]
         cfg = _config(d.config, [f"steps={int(d.steps)}", f"pipeline={model}",
-                                 f"eval.num_images={int(d.eval_images)}", *d.get("overrides", ())])
+                                 f"eval.num_images={int(d.eval_images)}", *d.overrides])
         cfg.workdir = os.path.join(workdir, f"decoder_{task}")
         g = config.generate
         for k in ("steps", "guidance", "scheduler", "batch_size", "seed", "shard_size"):

@@ -72,6 +72,14 @@ def renoised_features(pipe, unet: nnx.Module, emb: jax.Array, z: jax.Array, seed
     return features.extract(taps, capture, z.shape[0])
 
 
+def pass_features(pipe, unet: nnx.Module, emb: jax.Array, z: jax.Array, seed: int, indices: jax.Array,
+                  passes: Sequence[int | None], capture: str, guidance: float, last_step=None) -> tuple:
+    """Features per feature pass: ``None`` -> ``last_step`` (the final sampler step's, captured in
+    the loop), a timestep -> `renoised_features` at it (one more UNet call each)."""
+    return tuple(last_step if p is None else renoised_features(pipe, unet, emb, z, seed, indices, p, capture, guidance)
+                 for p in passes)
+
+
 def decode_latents(pipe, vae: nnx.Module, z: jax.Array) -> jax.Array:
     """Final latents -> NHWC images in [0, 1] (fp32)."""
     images = vae.decode(z / pipe.scaling_factor + pipe.shift_factor)
@@ -79,14 +87,17 @@ def decode_latents(pipe, vae: nnx.Module, z: jax.Array) -> jax.Array:
 
 
 def build_sampler_fn(pipe, *, steps: int, guidance: float, scheduler: str, latent_hw: tuple[int, int],
-                     capture: str | None = None, capture_timestep: int | None = None):
+                     capture: str | None = None, feature_passes: Sequence[int | None] = (None,)):
     """A pure function (params, cond_ids, uncond_ids, indices, seed) -> (images in [0, 1], features).
 
-    Features: of the last sampler step (the official choice), or with ``capture_timestep`` of one
-    extra pass on the result re-noised to it (``renoised_features``). `params` is `pipe.params`;
-    wrap in `jax.jit` (the pipeline caches one per setting).
+    Features (with a ``capture`` preset): a tuple, one per entry of ``feature_passes``: ``None`` the
+    last sampler step's (the official choice, captured in the loop), a timestep those of one extra
+    pass on the result re-noised to it (`renoised_features`); so decoders trained at different
+    timesteps label one sampler pass. `params` is `pipe.params`; wrap in `jax.jit` (the pipeline
+    caches one per setting).
     """
     sampler = schedulers.get_sampler(scheduler)
+    passes = tuple(feature_passes) if capture is not None else ()
 
     def run(params, cond_ids, uncond_ids, indices, seed):
         text, unet, vae = sampler_modules(pipe, params)
@@ -100,12 +111,11 @@ def build_sampler_fn(pipe, *, steps: int, guidance: float, scheduler: str, laten
             eps, taps = guided_unet(unet, x, t, emb, guidance, capture=True)
             return eps, features.extract(taps, capture, x.shape[0])
 
-        if capture is None or capture_timestep is not None:
-            z, feats = schedulers.sample_loop(sampler, pipe.schedule, steps, model_fn, x_T), None
-            if capture is not None:
-                feats = renoised_features(pipe, unet, emb, z, seed, indices, capture_timestep, capture, guidance)
+        if None in passes:
+            z, last = schedulers.sample_loop(sampler, pipe.schedule, steps, model_fn, x_T, last_model_fn)
         else:
-            z, feats = schedulers.sample_loop(sampler, pipe.schedule, steps, model_fn, x_T, last_model_fn)
+            z, last = schedulers.sample_loop(sampler, pipe.schedule, steps, model_fn, x_T), None
+        feats = pass_features(pipe, unet, emb, z, seed, indices, passes, capture, guidance, last)
         return decode_latents(pipe, vae, z), feats
 
     return run
@@ -120,18 +130,17 @@ def _compiled(pipe, **settings):
 FEATURE_PASSES = ("last_step", "renoise")
 
 
-def _capture_timestep(g, decoders) -> int | None:
-    """``generate.feature_pass``: 'last_step' (official: the final sampler step's features) -> None;
-    'renoise' -> the decoders' training timestep (they must share one)."""
+def feature_pass(g, timestep: int) -> int | None:
+    """A decoder's ``generate.feature_pass``: 'last_step' (official: the final sampler step's
+    features) -> None; 'renoise' -> ``timestep``, the one it was trained at."""
     mode = str(g.get("feature_pass", "last_step"))
     if mode not in FEATURE_PASSES:
         raise ValueError(f"generate.feature_pass must be one of {FEATURE_PASSES}, got {mode!r}")
-    if mode == "last_step":
-        return None
-    ts = sorted({int(t.t) for t, _, _, _ in decoders})
-    if len(ts) > 1:
-        raise ValueError(f"generate.feature_pass=renoise: the decoders were trained at different timesteps {ts}")
-    return ts[0]
+    return None if mode == "last_step" else int(timestep)
+
+
+def describe_pass(p: int | None) -> str:
+    return "last_step" if p is None else f"renoise t={p}"
 
 
 def _latent_hw(pipe, height: int | None, width: int | None) -> tuple[int, int]:
@@ -170,7 +179,7 @@ def sample_with_features(pipe, prompts: Sequence[str], steps: int = 25, guidance
     uncond = pipe.tokenize([negative_prompt] * len(prompts))
     indices = jnp.arange(start_index, start_index + len(prompts), dtype=jnp.int32)
     images, feats = fn(pipe.params, cond, uncond, indices, jnp.int32(seed))
-    return np.asarray(images), feats
+    return np.asarray(images), (feats[0] if feats else None)
 
 
 # ==============================================================================================
@@ -206,11 +215,13 @@ class LabelledExamples:
 
 
 class DecoderLabeler:
-    """DatasetDM's labeller: sampler (last step captured) -> trained P-Decoder(s) -> post-processing,
+    """DatasetDM's labeller: sampler (features captured) -> trained P-Decoder(s) -> post-processing,
     all in one jit over a `data` mesh of the local devices; features never leave the device.
 
     ``also``: more task configs (e.g. depth beside semantic) whose trained decoders label the same
-    images from the same captured features, so one sampler pass yields every annotation."""
+    images, so one sampler pass yields every annotation. Each decoder reads the feature pass of its
+    own config's ``generate.feature_pass`` (`feature_pass`); decoders sharing a pass share its
+    features, each distinct re-noised timestep costs one more UNet call per image."""
 
     name = "decoder"
 
@@ -235,10 +246,13 @@ class DecoderLabeler:
         self.repl, self.data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
         self.frozen = jax.device_put(tr.frozen, self.repl)
         self.params = jax.device_put([p for _, p, _, _ in decoders], self.repl)
+        passes = [feature_pass(c.generate, t.t) for t, _, _, c in decoders]
+        self.feature_passes = tuple(dict.fromkeys(passes))  # distinct, in decoder order
+        slots = [self.feature_passes.index(q) for q in passes]
         self.parts = [{"task": t.task, "workdir": os.path.abspath(str(c.workdir)), "checkpoint_step": s,
-                       "params_sha256": _sha256(p)} for t, p, s, c in decoders]
+                       "params_sha256": _sha256(p), "feature_pass": describe_pass(q)}
+                      for (t, p, s, c), q in zip(decoders, passes)]
         self.uncond = tr.pipe.tokenize([str(g.negative_prompt)])[0]
-        self.capture_timestep = _capture_timestep(g, decoders)
         sampler = self._build_sampler(tr.pipe, g, tr.capture)
         min_area = int(g.get("min_area", 0))  # semantic only (pose configs have none)
         size = self.size
@@ -262,19 +276,20 @@ class DecoderLabeler:
 
         def run(frozen, dec_params, cond, uncond, indices, seed, extra):
             images, feats, labels = sampler(frozen, cond, uncond, indices, seed, extra)
-            for (t, _, _, _), p in zip(decoders, dec_params):
-                labels.update(label(t, p, feats))
+            for (t, _, _, _), p, slot in zip(decoders, dec_params, slots):
+                labels.update(label(t, p, feats[slot]))
             return jnp.round(images * 255).astype(jnp.uint8), finish(labels)
 
         data, repl = self.data_sharding, self.repl
         self.fn = jax.jit(run, in_shardings=(repl, repl, data, data, data, repl, data), out_shardings=data)
 
     def _build_sampler(self, pipe, g, capture: str):
-        """(frozen, cond, uncond, indices, seed, extra) -> (images, features, labels): the sampler with the
-        last step captured; a subclass (labelers/composite.py) also labels inside it from `extra`."""
+        """(frozen, cond, uncond, indices, seed, extra) -> (images, features per pass, labels): the
+        sampler with `feature_passes` captured; a subclass (labelers/composite.py) also labels inside
+        it from `extra`."""
         fn = build_sampler_fn(pipe, steps=int(g.steps), guidance=float(g.guidance), scheduler=str(g.scheduler),
                               latent_hw=_latent_hw(pipe, self.size, self.size), capture=capture,
-                              capture_timestep=self.capture_timestep)
+                              feature_passes=self.feature_passes)
         return lambda frozen, cond, uncond, indices, seed, extra: (*fn(frozen, cond, uncond, indices, seed), {})
 
     def _inputs(self, prompts, batch: int) -> tuple[list[str], Any]:
@@ -296,8 +311,7 @@ class DecoderLabeler:
 
     def describe(self) -> dict[str, Any]:
         first = self.parts[0]
-        desc = {"name": self.name, **first, "capture": self.trainer.capture,
-                "feature_pass": "last_step" if self.capture_timestep is None else f"renoise t={self.capture_timestep}"}
+        desc = {"name": self.name, **first, "capture": self.trainer.capture}
         if len(self.parts) > 1:
             desc["also"] = self.parts[1:]
         return desc

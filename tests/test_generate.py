@@ -59,25 +59,33 @@ def test_sample_rejects_bad_input(pipe):
         generate.sample(pipe, PROMPTS[:1], height=31)
 
 
-def test_renoise_feature_pass(pipe):
-    """feature_pass=renoise: the same images, features of one extra pass on the result noised to the
-    decoder's timestep (so they change with it), keyed by example index like the images."""
+def test_feature_passes(pipe):
+    """feature_passes: None = the last sampler step's features, t = one extra pass on the result noised
+    to t (so they change with it); several in one program equal each alone, keyed by example index
+    like the images, and the images never change."""
     import jax.numpy as jnp
 
-    def run(prompts, start, t):
+    def run(prompts, start, passes):
         fn = jax.jit(generate.build_sampler_fn(pipe, steps=2, guidance=7.5, scheduler="pndm",
                                                latent_hw=(LATENT_SIZE, LATENT_SIZE), capture="datasetdm",
-                                               capture_timestep=t))
+                                               feature_passes=passes))
         idx = jnp.arange(start, start + len(prompts), dtype=jnp.int32)
         images, feats = fn(pipe.params, pipe.tokenize(prompts), pipe.tokenize([""] * len(prompts)), idx, jnp.int32(4))
-        return np.asarray(images), [np.asarray(x) for x in jax.tree.leaves(feats)]
+        assert len(feats) == len(passes)
+        return np.asarray(images), [[np.asarray(x) for x in jax.tree.leaves(f)] for f in feats]
 
-    last, t50, t400 = run(PROMPTS, 0, None), run(PROMPTS, 0, 50), run(PROMPTS, 0, 400)
+    last, t50, t400 = run(PROMPTS, 0, (None,)), run(PROMPTS, 0, (50,)), run(PROMPTS, 0, (400,))
     for images, _ in (t50, t400):
         np.testing.assert_allclose(images, last[0], atol=1e-5)
     diff = lambda a, b: max(float(np.abs(x - y).max()) for x, y in zip(a, b))  # noqa: E731
-    assert diff(t50[1], last[1]) > 1e-3 and diff(t50[1], t400[1]) > 1e-3
-    alone = run(PROMPTS[2:], 2, 50)
-    assert diff(alone[1], [x[2:] for x in t50[1]]) < 1e-4
+    assert diff(t50[1][0], last[1][0]) > 1e-3 and diff(t50[1][0], t400[1][0]) > 1e-3
+    images, (m50, mlast, m400) = run(PROMPTS, 0, (50, None, 400))
+    np.testing.assert_allclose(images, last[0], atol=1e-5)
+    for got, alone in ((m50, t50), (mlast, last), (m400, t400)):
+        assert diff(got, alone[1][0]) < 1e-4
+    alone = run(PROMPTS[2:], 2, (50,))
+    assert diff(alone[1][0], [x[2:] for x in t50[1][0]]) < 1e-4
+    assert generate.feature_pass({"feature_pass": "renoise"}, 400) == 400
+    assert generate.feature_pass({}, 400) is None                       # the official last step
     with pytest.raises(ValueError, match="feature_pass"):
-        generate._capture_timestep({"feature_pass": "middle"}, [])
+        generate.feature_pass({"feature_pass": "middle"}, 400)

@@ -14,7 +14,7 @@ import numpy as np
 from tiny_sd import save_random_decoder
 import pytest
 
-from datasetdm_jax import export, generate, pretrained, smoke, train
+from datasetdm_jax import export, generate, pretrained, prompts, smoke, train
 from datasetdm_jax.config_utils import load_config
 from datasetdm_jax.data import records, shapes
 
@@ -137,3 +137,29 @@ def test_pose_and_instance_in_one_pass_and_coco_export(setup):
     assert sum(1 for a in anns if "keypoints" in a) == sum(
         1 for e in exs for kp in e["keypoints"] if (kp[:, 2] > 0).any())
     assert json.loads((coco_dir / "prompts.jsonl").read_text().splitlines()[0])["index"] == 0
+
+
+def test_decoders_read_their_own_feature_pass(setup):
+    """Pose re-noised to its timestep, instance at the last sampler step (its config's choice), one
+    sampler pass: each decoder's labels equal those of a labeller running it alone."""
+    root, over, configs, pipe = setup
+    inst_last = load_config(INSTANCE, over["instance"] + ["generate.feature_pass=last_step"])
+    both = generate.DecoderLabeler(configs["pose"], pipe=pipe, also=[inst_last])
+    t = int(configs["pose"].timestep)
+    assert both.feature_passes == (t, None)
+    desc = both.describe()
+    assert (desc["feature_pass"], desc["also"][0]["feature_pass"]) == (f"renoise t={t}", "last_step")
+    ps = prompts.from_config(configs["pose"].generate.prompts).batch(np.arange(2))
+    res = both(ps, np.arange(2), 0)
+    inst_alone = generate.DecoderLabeler(inst_last, pipe=pipe)(ps, np.arange(2), 0)
+    np.testing.assert_array_equal(res.images, inst_alone.images)
+    for a, b in zip(res.labels, inst_alone.labels):
+        for k in ("instance_masks", "instance_labels", "instance_scores"):
+            np.testing.assert_array_equal(a[k], b[k])
+    pose_last = load_config(POSE, over["pose"] + ["generate.feature_pass=last_step"])
+    all_last = generate.DecoderLabeler(pose_last, pipe=pipe, also=[inst_last])
+    assert all_last.feature_passes == (None,)
+    ref = all_last(ps, np.arange(2), 0)
+    for a, b in zip(res.labels, ref.labels):      # same instances, pose read from another pass
+        np.testing.assert_array_equal(a["instance_masks"], b["instance_masks"])
+        assert np.abs(a["keypoint_scores"] - b["keypoint_scores"]).max() > 1e-4

@@ -130,18 +130,19 @@ def mean_maps(sums: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, 
 def build_labeller_fn(pipe, *, steps: int, guidance: float, scheduler: str, latent_hw: tuple[int, int],
                       self_hw: tuple[int, int], cross_hw: tuple[int, int], tau: int, threshold: float,
                       uncertainty_threshold: float, capture: str | None = None,
-                      capture_timestep: int | None = None):
+                      feature_passes: Sequence[int | None] = (None,)):
     """A pure function (params, cond_ids, uncond_ids, class_prompt_ids, token_weights, class_ids, valid,
     indices, seed) -> dict(images, labels, self_attention, class_attention); wrap in `jax.jit`.
 
     `self_attention` (B, Ls, Ls) and `class_attention` (B, Lc, T) are the fp32 means over heads,
-    layers and all sampler steps. With `capture` (a features preset), the last step's UNet features
-    come back too (`features`), for a P-Decoder labelling the same images (labelers/composite.py);
-    with `capture_timestep`, those of `generate.renoised_features` instead.
+    layers and all sampler steps. With `capture` (a features preset), UNet features come back too
+    (`features`: one per entry of `feature_passes`, as in `generate.build_sampler_fn`), for
+    P-Decoders labelling the same images (labelers/composite.py).
     The images equal `generate.build_sampler_fn`'s: the class prompt is encoded on its own and only
     read as attention keys.
     """
     sampler = schedulers.get_sampler(scheduler)
+    passes = tuple(feature_passes) if capture is not None else ()
     image_hw = (latent_hw[0] * pipe.vae_scale_factor, latent_hw[1] * pipe.vae_scale_factor)
     ls, lc = self_hw[0] * self_hw[1], cross_hw[0] * cross_hw[1]
 
@@ -161,14 +162,13 @@ def build_labeller_fn(pipe, *, steps: int, guidance: float, scheduler: str, late
 
         sums = zero_sums(cond_ids.shape[0], ls, lc, class_prompt_ids.shape[1])
         out = {}
-        if capture is None or capture_timestep is not None:
-            z, sums = schedulers.sample_loop(sampler, pipe.schedule, steps, model_fn, x_T, carry=sums)
-            if capture is not None:
-                out["features"] = generate.renoised_features(pipe, unet, emb, z, seed, indices, capture_timestep,
-                                                             capture, guidance)
+        if None in passes:
+            z, last, sums = schedulers.sample_loop(sampler, pipe.schedule, steps, model_fn, x_T, last_model_fn, sums)
         else:
-            z, out["features"], sums = schedulers.sample_loop(sampler, pipe.schedule, steps, model_fn, x_T,
-                                                              last_model_fn, sums)
+            z, sums = schedulers.sample_loop(sampler, pipe.schedule, steps, model_fn, x_T, carry=sums)
+            last = None
+        if capture is not None:
+            out["features"] = generate.pass_features(pipe, unet, emb, z, seed, indices, passes, capture, guidance, last)
         acc_self, acc_cross = mean_maps(sums)
         labels = refine.attention_labels(acc_self, acc_cross, token_weights, class_ids, valid, self_hw=self_hw,
                                          cross_hw=cross_hw, image_hw=image_hw, tau=tau, threshold=threshold,

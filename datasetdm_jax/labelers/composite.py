@@ -1,7 +1,7 @@
 """P-Decoder and attention labels for the same images from one sampler pass.
 
-`DecoderAttentionLabeler` is `generate.DecoderLabeler` (last step captured, trained P-Decoder(s)
-label the features) whose jitted sampler also carries the attention labeller's fp32 running sums
+`DecoderAttentionLabeler` is `generate.DecoderLabeler` (features captured, trained P-Decoder(s)
+label them) whose jitted sampler also carries the attention labeller's fp32 running sums
 (`attention.accumulate`) through every step and refines them after the loop. Each record then
 holds the P-Decoder's ``segmentation`` (and ``depth``) and the training-free ``attention_label``
 of the very same image, so a comparison of the two labellers differs only in the labels; the
@@ -26,9 +26,9 @@ __all__ = ["ATTENTION_KEY", "DecoderAttentionLabeler", "build_sampler_fn"]
 
 def build_sampler_fn(pipe, *, steps: int, guidance: float, scheduler: str, latent_hw: tuple[int, int],
                      capture: str, self_hw: tuple[int, int], cross_hw: tuple[int, int], tau: int, threshold: float,
-                     uncertainty_threshold: float, capture_timestep: int | None = None):
+                     uncertainty_threshold: float, feature_passes: Sequence[int | None] = (None,)):
     """A pure function (params, cond_ids, uncond_ids, indices, seed, extra) -> (images in [0, 1],
-    last-step features, {ATTENTION_KEY: (B, H, W) uint8}); ``extra`` is `attention.class_inputs`.
+    features per feature pass, {ATTENTION_KEY: (B, H, W) uint8}); ``extra`` is `attention.class_inputs`.
 
     The same steps, guidance and noise as `generate.build_sampler_fn` (the class prompt is encoded
     on its own and is only read as attention keys), so the images and features match it.
@@ -36,7 +36,7 @@ def build_sampler_fn(pipe, *, steps: int, guidance: float, scheduler: str, laten
     labeller = attention.build_labeller_fn(
         pipe, steps=steps, guidance=guidance, scheduler=scheduler, latent_hw=latent_hw, self_hw=self_hw,
         cross_hw=cross_hw, tau=tau, threshold=threshold, uncertainty_threshold=uncertainty_threshold, capture=capture,
-        capture_timestep=capture_timestep)
+        feature_passes=feature_passes)
 
     def run(params, cond_ids, uncond_ids, indices, seed, extra):
         class_tok, weights, class_ids, valid = extra
@@ -73,7 +73,7 @@ class DecoderAttentionLabeler(generate.DecoderLabeler):
         return build_sampler_fn(pipe, steps=int(g.steps), guidance=float(g.guidance), scheduler=str(g.scheduler),
                                 latent_hw=latent_hw, capture=capture, self_hw=self_hw, cross_hw=cross_hw, tau=a.tau,
                                 threshold=float(a.threshold), uncertainty_threshold=float(a.uncertainty_threshold),
-                                capture_timestep=self.capture_timestep)
+                                feature_passes=self.feature_passes)
 
     def _inputs(self, prompts, batch: int) -> tuple[list[str], Any]:
         names = [list(p.classes) for p in prompts]
