@@ -42,6 +42,12 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     demo.main_demo(args.config, args.overrides)
 
 
+def _cmd_diagnose(args: argparse.Namespace) -> None:
+    from datasetdm_jax import diagnose
+
+    diagnose.main_diagnose(args.config, args.overrides)
+
+
 def _cmd_proof(args: argparse.Namespace) -> None:
     from datasetdm_jax import proof
 
@@ -105,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="default configs/shapes_demo.py; configs/shapes_demo.py:small is quick")
     p.add_argument("overrides", nargs="*", help="config overrides as key=value (e.g. generate.num_images=2048)")
     p.set_defaults(fn=_cmd_demo)
+
+    p = sub.add_parser("diagnose", help="after the demo: what N more images are worth with ground truth, with "
+                       "P-Decoder labels, and generated (downstream segmenter rows)")
+    p.add_argument("--config", default=None, help="the demo's config (default configs/shapes_demo.py)")
+    p.add_argument("overrides", nargs="*", help="the demo's config overrides as key=value")
+    p.set_defaults(fn=_cmd_diagnose)
 
     p = sub.add_parser("proof", help="P-Decoder vs a scratch model on all four tasks, shapes world (cached stages)")
     p.add_argument("--config", default=None, help="default configs/shapes_proof.py; configs/shapes_proof.py:small is quick")

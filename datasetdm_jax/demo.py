@@ -37,7 +37,7 @@ def _config(name: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDi
     return load_config(os.path.join(CONFIGS_DIR, name), list(overrides))
 
 
-def _decoder_configs(config: ml_collections.ConfigDict, workdir: str, model: str) -> dict[str, Any]:
+def decoder_configs(config: ml_collections.ConfigDict, workdir: str, model: str) -> dict[str, Any]:
     out = {}
     for task in TASKS:
         d = config.decoders[task]
@@ -49,6 +49,14 @@ def _decoder_configs(config: ml_collections.ConfigDict, workdir: str, model: str
             cfg.generate[k] = g[k]
         out[task] = cfg
     return out
+
+
+def downstream_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The downstream comparison config the demo trains with (its steps set)."""
+    d = config.downstream
+    ds = _config(d.config)
+    ds.semantic.steps, ds.depth.steps = int(d.semantic_steps), int(d.depth_steps)
+    return ds
 
 
 def _attention_enabled(config: ml_collections.ConfigDict) -> bool:
@@ -91,8 +99,7 @@ def _downstream(config: ml_collections.ConfigDict, workdir: str, synthetic_dir: 
 
     cache = Path(workdir) / "downstream.json"
     d = config.downstream
-    ds = _config(d.config)
-    ds.semantic.steps, ds.depth.steps = int(d.semantic_steps), int(d.depth_steps)
+    ds = downstream_config(config)
     key = {"downstream": json.loads(ds.to_json()), "test_images": int(d.test_images),
            "synthetic": json.loads((Path(synthetic_dir) / "manifest.json").read_text())["shards"],
            "attention": _attention_enabled(config)}
@@ -215,7 +222,7 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True) -> dict[str
 
     print("[1/4] P-Decoders on 100 labelled real images")
     t = time.time()
-    decoder_cfgs = _decoder_configs(config, workdir, model)
+    decoder_cfgs = decoder_configs(config, workdir, model)
     decoder_results = {}
     for task, cfg in decoder_cfgs.items():
         train.run(cfg, pipe=pipe)

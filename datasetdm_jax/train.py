@@ -315,18 +315,25 @@ def evaluate(trainer: Trainer, params: Any, split: str | None = None, num: int |
     split = split or str(ecfg.split)
     num = int(num or ecfg.num_images)
     seed = int(ecfg.get("seed", config.data.seed) if seed is None else seed)
-    src = data_source(config, split, num, seed)
-    ds = pipeline.grain_dataset(src, int(ecfg.batch_size), None, drop_remainder=False)
     ev = tasks.Evaluator(trainer.spec)
-    bs = int(ecfg.batch_size)
+    for pred, b in predict_split(trainer, params, split, num, seed, int(ecfg.batch_size)):
+        ev.update(pred, b)
+    return ev.compute(per_class=per_class)
+
+
+def predict_split(trainer: Trainer, params: Any, split: str, num: int, seed: int, batch_size: int):
+    """Yields (the decoder's labels, the source batch) over ``num`` images of ``split``, in order,
+    with fixed noise (as `evaluate` scores them)."""
+    src = data_source(trainer.config, split, num, seed)
+    ds = pipeline.grain_dataset(src, batch_size, None, drop_remainder=False)
     for i, b in enumerate(ds):
         hb = trainer.host_batch(b, 0, augment=False)
         n = len(hb["image"])
-        if n < bs:  # a short last batch: pad (one compiled shape, divisible over the devices), then cut
-            hb = {k: np.concatenate([v, np.repeat(v[-1:], bs - n, axis=0)]) for k, v in hb.items()}
-        pred = jax.device_get(trainer.predict_fn(params, trainer.frozen, hb, jax.random.key(int(config.seed) + 7 + i)))
-        ev.update({k: v[:n] for k, v in pred.items()}, b)
-    return ev.compute(per_class=per_class)
+        if n < batch_size:  # a short last batch: pad (one compiled shape, divisible over the devices), then cut
+            hb = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - n, axis=0)]) for k, v in hb.items()}
+        key = jax.random.key(int(trainer.config.seed) + 7 + i)
+        pred = jax.device_get(trainer.predict_fn(params, trainer.frozen, hb, key))
+        yield {k: v[:n] for k, v in pred.items()}, b
 
 
 class _Summaries:
