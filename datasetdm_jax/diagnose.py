@@ -43,7 +43,7 @@ def label_real_pool(decoder_config: ml_collections.ConfigDict, num: int, *, pipe
     trainer, params, _ = train.load_trained_decoder(decoder_config, pipe=pipe)
     if trainer.task != "semantic":
         raise ValueError(f"diagnose labels the pool with a semantic P-Decoder, got task {trainer.task!r}")
-    images, truth, labels = [], [], []
+    images, truth, labels, confidence = [], [], [], []
     ev = tasks.Evaluator(trainer.spec)
     batches = train.predict_split(trainer, params, POOL_SPLIT, num, seed, batch_size)
     for pred, b in tqdm(batches, desc="P-Decoder labels on real images", total=-(-num // batch_size),
@@ -51,10 +51,47 @@ def label_real_pool(decoder_config: ml_collections.ConfigDict, num: int, *, pipe
         images.append(np.round((np.asarray(b["image"]) + 1) * 127.5).astype(np.uint8))  # grain gives [-1, 1]
         truth.append(np.asarray(b["segmentation"], np.uint8))
         labels.append(np.asarray(pred["segmentation"], np.uint8))
+        confidence.append(np.asarray(pred["confidence"], np.float32))
         ev.update(pred, b)
-    images = np.concatenate(images)
-    return ({"image": images, "segmentation": np.concatenate(truth)},
-            {"image": images, "segmentation": np.concatenate(labels)}, ev.compute(per_class=True))
+    images, truth, labels = np.concatenate(images), np.concatenate(truth), np.concatenate(labels)
+    errors = {**ev.compute(per_class=True), **label_errors(labels, truth, np.concatenate(confidence))}
+    mask_size = images.shape[1] // trainer.pipe.vae_scale_factor  # the finest UNet feature map's
+    errors["mask_size"] = mask_size
+    errors["mask_size_ceiling_miou"] = resolution_ceiling(truth, mask_size, trainer.spec.num_classes)
+    return {"image": images, "segmentation": truth}, {"image": images, "segmentation": labels}, errors
+
+
+def label_errors(labels: np.ndarray, truth: np.ndarray, confidence: np.ndarray,
+                 low_fraction: float = 0.1) -> dict[str, float]:
+    """Where the labels go wrong: accuracy on foreground pixels, and whether confidence separates right
+    from wrong ones (the ``low_fraction`` least confident pixels: their share of the foreground and
+    their foreground accuracy, against the rest's)."""
+    fg = truth > 0
+    right = labels == truth
+    low = confidence < np.quantile(confidence, low_fraction)
+    return {"foreground_accuracy": float(right[fg].mean()), "low_confidence_fraction": low_fraction,
+            "foreground_share_low_confidence": float((low & fg).sum() / max(fg.sum(), 1)),
+            "foreground_accuracy_low_confidence": float(right[low & fg].mean()) if (low & fg).any() else float("nan"),
+            "foreground_accuracy_other": float(right[~low & fg].mean()) if (~low & fg).any() else float("nan")}
+
+
+def resolution_ceiling(truth: np.ndarray, size: int, num_classes: int) -> float:
+    """mIoU of perfect labels at ``size`` x ``size`` (per-class area fractions), upsampled bilinearly
+    and arg-maxed: the best a decoder whose masks live at that resolution can score."""
+    import jax
+    import jax.numpy as jnp
+
+    from datasetdm_jax import metrics
+
+    n, h, w = truth.shape
+    if h % size or w % size:
+        raise ValueError(f"label size {h}x{w} is not a multiple of the mask size {size}")
+    onehot = np.eye(num_classes, dtype=np.float32)[np.minimum(truth, num_classes - 1)]
+    low = onehot.reshape(n, size, h // size, size, w // size, num_classes).mean((2, 4))
+    up = jax.image.resize(jnp.asarray(low), (n, h, w, num_classes), "bilinear")
+    m = metrics.MeanIoU(num_classes)
+    m.update(np.asarray(up.argmax(-1)), truth)
+    return float(m.compute()[0])
 
 
 def compare_pools(real: Mapping[str, np.ndarray], pools: Mapping[str, Mapping[str, np.ndarray]],
@@ -89,8 +126,16 @@ def format_table(result: Mapping[str, Any]) -> str:
         for pool in POOLS:
             label = names[pool] if key == "pool" else f"100 real + {names[pool]}"
             lines.append(f"{label:<44}" + "  ".join(f"{100 * result[pool][key][s]:>12.1f}" for s in splits))
-    lines.append(f"P-Decoder labels on the {n} real images: mIoU {100 * result['p_decoder_on_pool']['miou']:.1f} "
-                 "against their ground truth")
+    e = result["p_decoder_on_pool"]
+    lines.append(f"P-Decoder labels on the {n} real images: mIoU {100 * e['miou']:.1f} against their ground truth")
+    if "foreground_accuracy" in e:
+        low = 100 * e["low_confidence_fraction"]
+        lines += [f"  foreground pixels right: {100 * e['foreground_accuracy']:.1f}%; the {low:.0f}% least confident "
+                  f"pixels hold {100 * e['foreground_share_low_confidence']:.0f}% of the foreground, right "
+                  f"{100 * e['foreground_accuracy_low_confidence']:.1f}% (the others "
+                  f"{100 * e['foreground_accuracy_other']:.1f}%)",
+                  f"  perfect masks at the decoder's {e['mask_size']}x{e['mask_size']} resolution would score "
+                  f"mIoU {100 * e['mask_size_ceiling_miou']:.1f}"]
     return "\n".join(lines)
 
 

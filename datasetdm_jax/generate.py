@@ -261,13 +261,11 @@ class DecoderLabeler:
         def label(t, params, feats):
             out = nnx.merge(t.graph, params, t.rest)(feats)
             if t.task == "semantic":
-                from datasetdm_jax.decoders import semantic_inference
-                from datasetdm_jax.decoders.inference import _resize_masks
+                from datasetdm_jax.decoders import inference
                 logits, masks = out["logits"][-1], out["masks"][-1]
-                prob = jax.nn.softmax(logits.astype(jnp.float32), -1)[..., :-1]
-                score = jnp.einsum("bqk,bqhw->bkhw", prob, jax.nn.sigmoid(_resize_masks(masks, size)))
-                return {"segmentation": semantic_inference(logits, masks, out_size=size, min_area=min_area),
-                        "quality": (score.max(1) / (score.sum(1) + 1e-6)).mean((1, 2))}
+                confidence = inference.pixel_confidence(inference.semantic_scores(logits, masks, size))
+                return {"segmentation": inference.semantic_inference(logits, masks, out_size=size, min_area=min_area),
+                        "quality": confidence.mean((1, 2))}
             if t.task == "depth":
                 return {"depth": out.astype(jnp.float32)}
             if t.task in ("instance", "pose"):  # padded to fixed slots here, trimmed on the host

@@ -38,6 +38,26 @@ def test_real_pool_truth_and_p_decoder_labels(pools):
     miou = metrics.MeanIoU(len(shapes.CLASSES))           # the reported score is that of these labels
     miou.update(seg, truth["segmentation"])
     assert scores["miou"] == pytest.approx(miou.compute()[0], abs=1e-6)
+    fg = truth["segmentation"] > 0
+    assert scores["foreground_accuracy"] == pytest.approx((seg == truth["segmentation"])[fg].mean())
+    assert 0 <= scores["foreground_share_low_confidence"] <= 1 and scores["mask_size"] == IMAGE_SIZE // 2
+
+
+def test_label_errors_and_resolution_ceiling():
+    truth = np.zeros((1, 4, 4), np.uint8)
+    truth[0, :2, :2] = 1                                   # a 2x2 object
+    labels = truth.copy()
+    labels[0, 0, 0] = 2                                    # one wrong foreground pixel, the least confident
+    conf = np.ones((1, 4, 4), np.float32)
+    conf[0, 0, 0] = 0.1
+    e = diagnose.label_errors(labels, truth, conf, low_fraction=0.05)
+    assert e["foreground_accuracy"] == 0.75 and e["foreground_share_low_confidence"] == 0.25
+    assert e["foreground_accuracy_low_confidence"] == 0.0 and e["foreground_accuracy_other"] == 1.0
+    assert diagnose.resolution_ceiling(truth, 2, 3) == pytest.approx(1.0)   # the object fills one cell
+    centred = np.zeros((1, 4, 4), np.uint8)
+    centred[0, 1:3, 1:3] = 1                               # a quarter of each 2x2 cell: lost
+    assert diagnose.resolution_ceiling(centred, 4, 3) == pytest.approx(1.0)
+    assert diagnose.resolution_ceiling(centred, 2, 3) == pytest.approx(0.5 * 12 / 16)  # background IoU 12/16
 
 
 def test_pool_rows_and_table(pools):
@@ -51,6 +71,6 @@ def test_pool_rows_and_table(pools):
     for pool in diagnose.POOLS:
         assert set(rows[pool]) == {"pool", "real+pool"}
         assert all(0.0 <= v["test"] <= 1.0 for v in rows[pool].values())
-    table = diagnose.format_table({**rows, "num_pool": NUM, "p_decoder_on_pool": {"miou": 0.25}})
-    assert f"{NUM} real, ground truth" in table and "mIoU 25.0" in table
-    assert len(table.splitlines()) == 2 + 2 * len(diagnose.POOLS) + 1
+    table = diagnose.format_table({**rows, "num_pool": NUM, "p_decoder_on_pool": pools[1][2]})
+    assert f"{NUM} real, ground truth" in table and f"mIoU {100 * pools[1][2]['miou']:.1f}" in table
+    assert len(table.splitlines()) == 2 + 2 * len(diagnose.POOLS) + 3

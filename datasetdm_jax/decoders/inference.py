@@ -14,18 +14,27 @@ def _resize_masks(masks: jax.Array, size: int | tuple[int, int] | None) -> jax.A
     return jnp.moveaxis(resize(jnp.moveaxis(masks, 1, -1), size), -1, 1)
 
 
-def semantic_inference(logits: jax.Array, masks: jax.Array, out_size: int | tuple[int, int] | None = None,
-                       min_area: int = 0, fill: int = 0) -> jax.Array:
-    """(B, Q, K+1) logits, (B, Q, h, w) mask logits -> (B, H, W) int32 class map.
-
-    score[k] = sum_q softmax(logits)[q, k] * sigmoid(mask_q) with "no object" dropped, argmax over k.
-    Classes predicted on fewer than `min_area` pixels of an image are replaced by `fill`.
-    """
+def semantic_scores(logits: jax.Array, masks: jax.Array, out_size: int | tuple[int, int] | None = None) -> jax.Array:
+    """(B, Q, K+1) logits, (B, Q, h, w) mask logits -> (B, K, H, W) per-class scores:
+    score[k] = sum_q softmax(logits)[q, k] * sigmoid(mask_q), "no object" dropped."""
     prob = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., :-1]
     m = jax.nn.sigmoid(_resize_masks(masks.astype(jnp.float32), out_size))
-    seg = jnp.argmax(jnp.einsum("bqk,bqhw->bkhw", prob, m), axis=1).astype(jnp.int32)
+    return jnp.einsum("bqk,bqhw->bkhw", prob, m)
+
+
+def pixel_confidence(scores: jax.Array) -> jax.Array:
+    """(B, K, H, W) scores -> (B, H, W): the winning class's share of the pixel's total score."""
+    return scores.max(1) / (scores.sum(1) + 1e-6)
+
+
+def semantic_inference(logits: jax.Array, masks: jax.Array, out_size: int | tuple[int, int] | None = None,
+                       min_area: int = 0, fill: int = 0) -> jax.Array:
+    """(B, Q, K+1) logits, (B, Q, h, w) mask logits -> (B, H, W) int32 class map: the argmax of
+    `semantic_scores`. Classes predicted on fewer than `min_area` pixels of an image are replaced by
+    `fill`."""
+    seg = jnp.argmax(semantic_scores(logits, masks, out_size), axis=1).astype(jnp.int32)
     if min_area > 0:
-        k = prob.shape[-1]
+        k = logits.shape[-1] - 1
         area = jax.vmap(lambda s: jnp.bincount(s.reshape(-1), length=k))(seg)      # (B, K)
         small = jnp.take_along_axis(area, seg.reshape(seg.shape[0], -1), axis=1).reshape(seg.shape) < min_area
         seg = jnp.where(small, fill, seg)

@@ -26,7 +26,8 @@ from flax import nnx
 
 from datasetdm_jax import metrics as mt
 from datasetdm_jax.decoders import get_decoder
-from datasetdm_jax.decoders.inference import instance_inference, semantic_inference
+from datasetdm_jax.decoders.inference import (instance_inference, pixel_confidence, semantic_inference,
+                                               semantic_scores)
 from datasetdm_jax.decoders.losses import joints_mse_loss, segmentation_loss, silog_loss
 from datasetdm_jax.decoders.pixel_stem import FeatureSpec
 from datasetdm_jax.decoders.pose import decode_heatmaps, gaussian_heatmaps
@@ -163,12 +164,15 @@ def task_loss(spec: TaskSpec, out: Any, batch: Mapping[str, jax.Array],
 def task_predict(spec: TaskSpec, out: Any) -> dict[str, jax.Array]:
     """Decoder output -> labels at image resolution (jittable).
 
-    semantic: {'segmentation' (B,H,W) int32}; depth: {'depth' (B,H,W)}; instance: {'masks'
-    (B,k,H,W) bool, 'scores' (B,k), 'labels' (B,k) data class ids}; pose: {'keypoints' (B,1,17,3)
-    as (x, y, score) in image pixels, 'scores' (B,1) mean joint score}.
+    semantic: {'segmentation' (B,H,W) int32, 'confidence' (B,H,W) (`pixel_confidence`)}; depth:
+    {'depth' (B,H,W)}; instance: {'masks' (B,k,H,W) bool, 'scores' (B,k), 'labels' (B,k) data class
+    ids}; pose: {'keypoints' (B,1,17,3) as (x, y, score) in image pixels, 'scores' (B,1) mean joint
+    score}.
     """
     if spec.task == "semantic":
-        return {"segmentation": semantic_inference(out["logits"][-1], out["masks"][-1], out_size=spec.image_size)}
+        logits, masks = out["logits"][-1], out["masks"][-1]
+        return {"segmentation": semantic_inference(logits, masks, out_size=spec.image_size),
+                "confidence": pixel_confidence(semantic_scores(logits, masks, spec.image_size))}
     if spec.task == "instance":
         r = instance_inference(out["logits"][-1], out["masks"][-1], top_k=spec.top_k, out_size=spec.image_size)
         return {"masks": r["masks"], "scores": r["scores"], "labels": r["labels"] + 1}
