@@ -263,6 +263,9 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True) -> dict[str
     for c in claims:
         verdict = "MEASURED" if c["holds"] is None else "HOLDS" if c["holds"] else "DOES NOT HOLD"
         print(f"- {verdict}: {c['claim']} (measured {c['measured']})")
+    if any(c["holds"] is False for c in claims):
+        print("- why: `datasetdm diagnose` (same config and overrides) trains the segmenter on as many more real "
+              "images with ground truth and with P-Decoder labels, to separate label and image quality")
     if attention:
         st = report["attention_labels"]
         print(f"- attention labels: {100 * st['ignored_fraction']:.1f}% of pixels uncertain (255, ignored); "
