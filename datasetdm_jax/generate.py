@@ -269,6 +269,8 @@ class DecoderLabeler:
             if t.task == "depth":
                 return {"depth": out.astype(jnp.float32)}
             if t.task in ("instance", "pose"):  # padded to fixed slots here, trimmed on the host
+                from datasetdm_jax.decoders import tasks
+                out = tasks.pose_heatmaps(t.spec, out) if t.task == "pose" else out
                 return postprocess.task_labels(t.task, out, size, postprocess.label_settings(t.config))
             raise ValueError(f"generation labels tasks semantic, instance, depth and pose, not {t.task!r}")
 

@@ -150,6 +150,32 @@ def test_training_steps_decrease_losses(models):
     _train(models["pose"], lambda m: joints_mse_loss(m(f), target, weight))
 
 
+def test_heatmap_softmax_loss_and_heatmaps():
+    """Hand-computed cross-entropy; the loss is minimal at the target; heatmaps of logits = log(target)
+    peak at 1 where the target does, like JointsMSE's."""
+    from datasetdm_jax.decoders.losses import heatmap_softmax_loss
+    from datasetdm_jax.decoders.pose import softmax_heatmaps
+
+    target = np.zeros((1, 2, 2, 2), np.float32)
+    target[0, 0, 0, 0], target[0, 1, 1, 0] = 1.0, 1.0     # joint 0: two equal peaks -> 0.5 / 0.5
+    weight = np.array([[1.0, 0.0]], np.float32)           # joint 1 unweighted
+    logits = np.zeros((1, 2, 2, 2), np.float32)           # uniform: p = 1/4 everywhere
+    assert float(heatmap_softmax_loss(jnp.asarray(logits), target, weight)) == pytest.approx(np.log(4.0), rel=1e-6)
+    better = logits.copy()
+    better[0, 0, 0, 0] = better[0, 1, 1, 0] = 5.0
+    assert float(heatmap_softmax_loss(jnp.asarray(better), target, weight)) < np.log(4.0)
+
+    kp = jnp.array([[[12.0, 20.0]] * 17])
+    g, _ = gaussian_heatmaps(kp, jnp.ones((1, 17)), 32, sigma=1.0)
+    hm = softmax_heatmaps(jnp.log(g + 1e-12), 1.0)
+    assert float(hm[0, 20, 12, 0]) == pytest.approx(1.0, rel=1e-4)
+    out, _ = decode_heatmaps(hm)
+    np.testing.assert_allclose(np.asarray(out[0, :, :2]), np.tile([12.0, 20.0], (17, 1)))
+    from datasetdm_jax.decoders import tasks
+    with pytest.raises(ValueError, match="pose_loss"):
+        tasks.TaskSpec(task="pose", image_size=64, num_classes=8, pose_loss="l1")
+
+
 def test_heatmap_roundtrip_keeps_all_joints():
     kp = jnp.array([[[10.0, 20.0], [0.0, 0.0], [63.0, 30.0]] + [[32.0, 32.0]] * 14])
     vis = jnp.ones((1, 17)).at[0, 5].set(0)

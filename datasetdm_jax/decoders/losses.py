@@ -100,6 +100,18 @@ def silog_loss(pred: jax.Array, gt: jax.Array, eps: float = 1e-6) -> jax.Array:
     return jnp.mean(jnp.sqrt(jnp.maximum(m2 - 0.5 * m1 * m1, eps)))
 
 
+def heatmap_softmax_loss(logits: jax.Array, target: jax.Array, weight: jax.Array) -> jax.Array:
+    """Cross-entropy of each joint's spatial softmax against its Gaussian target normalised to sum 1,
+    averaged over the weighted joints. logits/target (B, H, W, J), weight (B, J). Unlike JointsMSE
+    it has no all-zero minimum to fall into: the softmax must put its mass somewhere."""
+    b, h, w, j = logits.shape
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32).reshape(b, h * w, j), axis=1)
+    t = target.astype(jnp.float32).reshape(b, h * w, j)
+    t = t / jnp.maximum(t.sum(1, keepdims=True), 1e-6)
+    wt = weight.astype(jnp.float32)
+    return jnp.sum(-(t * logp).sum(1) * wt) / jnp.maximum(wt.sum(), 1.0)
+
+
 def joints_mse_loss(pred: jax.Array, target: jax.Array, weight: jax.Array) -> jax.Array:
     """JointsMSELoss: 0.5 * MSE(pred*w, target*w), averaged over joints. pred/target (B, H, W, J), weight (B, J)."""
     w = weight.astype(jnp.float32)[:, None, None, :]

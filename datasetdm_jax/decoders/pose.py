@@ -30,6 +30,17 @@ class PoseDecoder(nnx.Module):
         return self.head(x).astype(jnp.float32)
 
 
+def softmax_heatmaps(logits: jax.Array, sigma: float) -> jax.Array:
+    """Logits of a decoder trained with `heatmap_softmax_loss` (B, H, W, J) -> heatmaps on the
+    JointsMSE scale: the spatial softmax times the mass of a peak-1 Gaussian of ``sigma``, so a
+    prediction equal to its target peaks at 1 (the scale `decode_heatmaps`' threshold expects)."""
+    b, h, w, j = logits.shape
+    prob = jax.nn.softmax(logits.astype(jnp.float32).reshape(b, h * w, j), axis=1).reshape(b, h, w, j)
+    r = jnp.arange(-int(3 * sigma), int(3 * sigma) + 1, dtype=jnp.float32)
+    mass = jnp.exp(-(r[:, None] ** 2 + r[None] ** 2) / (2 * sigma ** 2)).sum()  # gaussian_heatmaps' window
+    return prob * mass
+
+
 def gaussian_heatmaps(keypoints: jax.Array, visible: jax.Array, size: int | tuple[int, int], stride: float = 1.0,
                       sigma: float = 2.0) -> tuple[jax.Array, jax.Array]:
     """Gaussian targets (B, H, W, J) and weights (B, J) from image-space keypoints (B, J, 2).

@@ -28,11 +28,12 @@ from datasetdm_jax import metrics as mt
 from datasetdm_jax.decoders import get_decoder
 from datasetdm_jax.decoders.inference import (instance_inference, pixel_confidence, semantic_inference,
                                                semantic_scores)
-from datasetdm_jax.decoders.losses import joints_mse_loss, segmentation_loss, silog_loss
+from datasetdm_jax.decoders.losses import heatmap_softmax_loss, joints_mse_loss, segmentation_loss, silog_loss
 from datasetdm_jax.decoders.pixel_stem import FeatureSpec
-from datasetdm_jax.decoders.pose import decode_heatmaps, gaussian_heatmaps
+from datasetdm_jax.decoders.pose import decode_heatmaps, gaussian_heatmaps, softmax_heatmaps
 
 TASKS: tuple[str, ...] = ("semantic", "instance", "depth", "pose")
+POSE_LOSSES: tuple[str, ...] = ("mse", "softmax")
 _DECODER = {"semantic": "segmentation", "instance": "segmentation", "depth": "depth", "pose": "pose"}
 # Left/right keypoint swap for horizontal flips (COCO order).
 FLIP_PAIRS: tuple[tuple[int, int], ...] = ((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16))
@@ -44,7 +45,8 @@ class TaskSpec:
 
     ``num_classes``: data classes including background (class 0). ``deep_supervision``: sum the
     Mask2Former loss over every decoder layer (segmentation tasks only). ``sigma``: heatmap
-    Gaussian in heatmap pixels. ``top_k``: instances kept per image at inference.
+    Gaussian in heatmap pixels. ``top_k``: instances kept per image at inference. ``pose_loss``:
+    'mse' (official JointsMSE on heatmaps) or 'softmax' (`heatmap_softmax_loss` on logits).
     """
 
     task: str
@@ -55,10 +57,13 @@ class TaskSpec:
     sigma: float = 2.0
     top_k: int = 20
     num_joints: int = 17
+    pose_loss: str = "mse"
 
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.pose_loss not in POSE_LOSSES:
+            raise ValueError(f"pose_loss must be one of {POSE_LOSSES}, got {self.pose_loss!r}")
         if self.deep_supervision and _DECODER[self.task] != "segmentation":
             raise ValueError(f"deep_supervision applies to the segmentation head (semantic, instance), "
                              f"not to task {self.task!r}")
@@ -77,7 +82,8 @@ def spec_from_config(config) -> TaskSpec:
                     num_classes=int(get("num_classes", len(shapes.CLASSES))),
                     num_points=int(get("num_points", 12544) or 1),
                     deep_supervision=bool(get("deep_supervision", False)),
-                    sigma=float(get("pose_sigma", 2.0)), top_k=int(get("top_k", 20)))
+                    sigma=float(get("pose_sigma", 2.0)), top_k=int(get("top_k", 20)),
+                    pose_loss=str(get("pose_loss", "mse")))
 
 
 def build_decoder(spec: TaskSpec, features: FeatureSpec, decoder_config: Mapping[str, Any], *,
@@ -158,7 +164,13 @@ def task_loss(spec: TaskSpec, out: Any, batch: Mapping[str, jax.Array],
     if spec.task == "depth":
         return silog_loss(out, batch["depth"]), {}
     target, weight = pose_targets(spec, batch["keypoints"], batch["num_persons"], out.shape[1])
-    return joints_mse_loss(out, target, weight), {}
+    loss = heatmap_softmax_loss if spec.pose_loss == "softmax" else joints_mse_loss
+    return loss(out, target, weight), {}
+
+
+def pose_heatmaps(spec: TaskSpec, out: jax.Array) -> jax.Array:
+    """A pose decoder's output as heatmaps peaking near 1 at a joint, whichever loss trained it."""
+    return softmax_heatmaps(out, spec.sigma) if spec.pose_loss == "softmax" else out.astype(jnp.float32)
 
 
 def task_predict(spec: TaskSpec, out: Any) -> dict[str, jax.Array]:
@@ -178,7 +190,7 @@ def task_predict(spec: TaskSpec, out: Any) -> dict[str, jax.Array]:
         return {"masks": r["masks"], "scores": r["scores"], "labels": r["labels"] + 1}
     if spec.task == "depth":
         return {"depth": out}
-    kp, _ = decode_heatmaps(out, stride=spec.image_size / out.shape[1])
+    kp, _ = decode_heatmaps(pose_heatmaps(spec, out), stride=spec.image_size / out.shape[1])
     return {"keypoints": kp[:, None], "scores": kp[:, None, :, 2].mean(-1)}
 
 
