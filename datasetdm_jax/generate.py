@@ -262,10 +262,9 @@ class DecoderLabeler:
             out = nnx.merge(t.graph, params, t.rest)(feats)
             if t.task == "semantic":
                 from datasetdm_jax.decoders import inference
-                logits, masks = out["logits"][-1], out["masks"][-1]
-                confidence = inference.pixel_confidence(inference.semantic_scores(logits, masks, size))
-                return {"segmentation": inference.semantic_inference(logits, masks, out_size=size, min_area=min_area),
-                        "quality": confidence.mean((1, 2))}
+                scores = inference.semantic_scores(out["logits"][-1], out["masks"][-1], size)
+                return {"segmentation": inference.class_map(scores, min_area=min_area),
+                        "quality": inference.pixel_confidence(scores).mean((1, 2))}
             if t.task == "depth":
                 return {"depth": out.astype(jnp.float32)}
             if t.task in ("instance", "pose"):  # padded to fixed slots here, trimmed on the host

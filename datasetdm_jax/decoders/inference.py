@@ -30,11 +30,16 @@ def pixel_confidence(scores: jax.Array) -> jax.Array:
 def semantic_inference(logits: jax.Array, masks: jax.Array, out_size: int | tuple[int, int] | None = None,
                        min_area: int = 0, fill: int = 0) -> jax.Array:
     """(B, Q, K+1) logits, (B, Q, h, w) mask logits -> (B, H, W) int32 class map: the argmax of
-    `semantic_scores`. Classes predicted on fewer than `min_area` pixels of an image are replaced by
-    `fill`."""
-    seg = jnp.argmax(semantic_scores(logits, masks, out_size), axis=1).astype(jnp.int32)
+    `semantic_scores` (`class_map`)."""
+    return class_map(semantic_scores(logits, masks, out_size), min_area, fill)
+
+
+def class_map(scores: jax.Array, min_area: int = 0, fill: int = 0) -> jax.Array:
+    """(B, K, H, W) `semantic_scores` -> (B, H, W) int32 argmax class; classes predicted on fewer
+    than `min_area` pixels of an image are replaced by `fill`."""
+    seg = jnp.argmax(scores, axis=1).astype(jnp.int32)
     if min_area > 0:
-        k = logits.shape[-1] - 1
+        k = scores.shape[1]
         area = jax.vmap(lambda s: jnp.bincount(s.reshape(-1), length=k))(seg)      # (B, K)
         small = jnp.take_along_axis(area, seg.reshape(seg.shape[0], -1), axis=1).reshape(seg.shape) < min_area
         seg = jnp.where(small, fill, seg)

@@ -36,9 +36,9 @@ def softmax_heatmaps(logits: jax.Array, sigma: float) -> jax.Array:
     prediction equal to its target peaks at 1 (the scale `decode_heatmaps`' threshold expects)."""
     b, h, w, j = logits.shape
     prob = jax.nn.softmax(logits.astype(jnp.float32).reshape(b, h * w, j), axis=1).reshape(b, h, w, j)
-    r = jnp.arange(-int(3 * sigma), int(3 * sigma) + 1, dtype=jnp.float32)
-    mass = jnp.exp(-(r[:, None] ** 2 + r[None] ** 2) / (2 * sigma ** 2)).sum()  # gaussian_heatmaps' window
-    return prob * mass
+    r = int(3 * sigma)  # the target of a joint centred in a (2r+1)^2 map lies wholly inside it
+    target, _ = gaussian_heatmaps(jnp.full((1, 1, 2), float(r)), jnp.ones((1, 1)), 2 * r + 1, sigma=sigma)
+    return prob * target.sum()
 
 
 def gaussian_heatmaps(keypoints: jax.Array, visible: jax.Array, size: int | tuple[int, int], stride: float = 1.0,

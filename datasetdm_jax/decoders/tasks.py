@@ -26,8 +26,7 @@ from flax import nnx
 
 from datasetdm_jax import metrics as mt
 from datasetdm_jax.decoders import get_decoder
-from datasetdm_jax.decoders.inference import (instance_inference, pixel_confidence, semantic_inference,
-                                               semantic_scores)
+from datasetdm_jax.decoders.inference import class_map, instance_inference, pixel_confidence, semantic_scores
 from datasetdm_jax.decoders.losses import heatmap_softmax_loss, joints_mse_loss, segmentation_loss, silog_loss
 from datasetdm_jax.decoders.pixel_stem import FeatureSpec
 from datasetdm_jax.decoders.pose import decode_heatmaps, gaussian_heatmaps, softmax_heatmaps
@@ -182,9 +181,8 @@ def task_predict(spec: TaskSpec, out: Any) -> dict[str, jax.Array]:
     score}.
     """
     if spec.task == "semantic":
-        logits, masks = out["logits"][-1], out["masks"][-1]
-        return {"segmentation": semantic_inference(logits, masks, out_size=spec.image_size),
-                "confidence": pixel_confidence(semantic_scores(logits, masks, spec.image_size))}
+        scores = semantic_scores(out["logits"][-1], out["masks"][-1], spec.image_size)
+        return {"segmentation": class_map(scores), "confidence": pixel_confidence(scores)}
     if spec.task == "instance":
         r = instance_inference(out["logits"][-1], out["masks"][-1], top_k=spec.top_k, out_size=spec.image_size)
         return {"masks": r["masks"], "scores": r["scores"], "labels": r["labels"] + 1}
