@@ -25,6 +25,7 @@ from flax import nnx
 
 from datasetdm_jax.decoders import feature_spec, tasks
 from datasetdm_jax.features import Features
+from datasetdm_jax.models.group_norm import GroupNorm
 
 __all__ = ["ConvBackbone", "ScratchModel", "Scratch", "scratch_params", "match_width", "train_scratch", "evaluate",
            "train_and_evaluate", "main_baseline"]
@@ -46,7 +47,7 @@ class ConvBackbone(nnx.Module):
                                    nnx.Conv(c, c, (3, 3), padding=1, rngs=rngs)]))
             cin = c
         self.stages = nnx.List(convs)
-        self.norms = nnx.List([nnx.List([nnx.GroupNorm(width * 2 ** i, num_groups=min(8, width * 2 ** i), rngs=rngs)
+        self.norms = nnx.List([nnx.List([GroupNorm(width * 2 ** i, min(8, width * 2 ** i), rngs=rngs)
                                          for _ in range(3)]) for i in range(levels)])
 
     def __call__(self, image: jax.Array) -> Features:

@@ -20,6 +20,7 @@ import optax
 from flax import nnx, serialization
 
 from datasetdm_jax.data import shapes
+from datasetdm_jax.models.group_norm import GroupNorm
 
 # The judge names every object class of the world (star included), background excluded.
 JUDGE_CLASSES: tuple[str, ...] = tuple(c for c in shapes.CLASSES if c != "background")
@@ -45,7 +46,7 @@ class JudgeNet(nnx.Module):
         chans = [(3, w, 1), (w, 2 * w, 2), (2 * w, 2 * w, 1), (2 * w, 4 * w, 2), (4 * w, 4 * w, 2)]
         for k, (cin, cout, stride) in enumerate(chans):
             setattr(self, f"conv{k}", nnx.Conv(cin, cout, (3, 3), strides=stride, rngs=rngs))
-            setattr(self, f"norm{k}", nnx.GroupNorm(cout, num_groups=8, rngs=rngs))
+            setattr(self, f"norm{k}", GroupNorm(cout, 8, rngs=rngs))
         self.hidden = nnx.Linear(8 * w, 4 * w, rngs=rngs)
         self.class_head = nnx.Linear(4 * w, NUM_CLASSES, rngs=rngs)
         self.colour_head = nnx.Linear(4 * w, NUM_COLOURS, rngs=rngs)

@@ -39,6 +39,16 @@ def test_kernel_matches_einsum(impl, lk):
     assert rel_err(jax.nn.dot_product_attention(q, k, v, implementation="xla"), ref) < TOL
 
 
+def test_deferred_normalisation_in_bf16():
+    """softmax_attention divides by the row sums after the value matmul: in bf16 (upcast or not) it
+    stays within bf16 rounding of the fp32 softmax-then-matmul reference, and keeps the dtype."""
+    q, k, v = _qkv(256)
+    ref = att.dot_product_attention(q, k, v)[0]
+    for upcast in (True, False):
+        out = att.softmax_attention(*(a.astype(jnp.bfloat16) for a in (q, k, v)), upcast=upcast)
+        assert out.dtype == jnp.bfloat16 and rel_err(out.astype(jnp.float32), ref) < 2e-2
+
+
 def test_splash_pads_head_dim_and_runs_the_pallas_kernel():
     q, k, v = _qkv(256, d=40)  # 40 -> padded to 128 inside
     jaxpr = str(jax.make_jaxpr(lambda q, k, v: att.splash_attention(q, k, v))(q, k, v))

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from datasetdm_jax.models.group_norm import GroupNorm
+
 # res -> (map_channels, attention_channels); attention channels are L*H*tokens (0 if none).
 FeatureSpec = Mapping[int, tuple[int, int]]
 
@@ -54,9 +56,9 @@ class SegBlock(nnx.Module):
     """Pre-activation residual block: u = ReLU(GN(x)); conv3x3(ReLU(GN(conv3x3(u)))) + shortcut(u)."""
 
     def __init__(self, cin: int, cout: int, *, dtype=None, rngs: nnx.Rngs):
-        self.norm1 = nnx.GroupNorm(cin, _groups(cin), epsilon=1e-5, dtype=dtype, rngs=rngs)
+        self.norm1 = GroupNorm(cin, _groups(cin), epsilon=1e-5, dtype=dtype, rngs=rngs)
         self.conv1 = nnx.Conv(cin, cout, (3, 3), padding=1, dtype=dtype, rngs=rngs)
-        self.norm2 = nnx.GroupNorm(cout, _groups(cout), epsilon=1e-5, dtype=dtype, rngs=rngs)
+        self.norm2 = GroupNorm(cout, _groups(cout), epsilon=1e-5, dtype=dtype, rngs=rngs)
         self.conv2 = nnx.Conv(cout, cout, (3, 3), padding=1, dtype=dtype, rngs=rngs)
         # The official shortcut sees the activated input u (in-place ReLU), kept here.
         self.shortcut = nnx.Conv(cin, cout, (1, 1), dtype=dtype, rngs=rngs) if cin != cout else None

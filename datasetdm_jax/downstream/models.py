@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from datasetdm_jax.models.group_norm import GroupNorm
+
 __all__ = ["DeepLabSegmenter", "DepthNet", "build_model"]
 
 
@@ -35,7 +37,7 @@ class ConvNormAct(nnx.Module):
                  dtype=jnp.float32, rngs: nnx.Rngs):
         self.conv = nnx.Conv(cin, cout, (kernel, kernel), strides=(stride, stride), padding="SAME",
                              kernel_dilation=(dilation, dilation), use_bias=False, dtype=dtype, rngs=rngs)
-        self.norm = nnx.GroupNorm(cout, num_groups=_groups(cout), dtype=dtype, rngs=rngs)
+        self.norm = GroupNorm(cout, _groups(cout), dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return jax.nn.relu(self.norm(self.conv(x)))

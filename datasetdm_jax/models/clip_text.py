@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .attention import attend, attention_logits
+
 # Non-parameter buffer present in older checkpoints; pass it to `load_torch_state_dict(ignore=...)`.
 POSITION_IDS_KEY = "text_model.embeddings.position_ids"
 
@@ -111,11 +113,9 @@ class CLIPAttention(nnx.Module):
         b, n, _ = x.shape
         split = lambda t: t.reshape(b, n, self.heads, self.head_dim)
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * self.head_dim**-0.5
         causal = jnp.tril(jnp.ones((n, n), dtype=bool))
-        logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, -1)
+        logits = jnp.where(causal, attention_logits(q, k), jnp.finfo(jnp.float32).min)
+        out = attend(jax.nn.softmax(logits, axis=-1), v).reshape(b, n, -1)
         return self.out_proj(out)
 
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .attention import Attention, Identity, Kernel
+from .group_norm import GroupNorm
 
 
 class Taps(NamedTuple):
@@ -49,12 +50,9 @@ class AttentionCapture(NamedTuple):
         return cls(class_context, int(self_tokens), int(cross_tokens), [], [])
 
 
-def group_norm(channels: int, groups: int, eps: float, *, param_dtype, rngs: nnx.Rngs) -> nnx.GroupNorm:
+def group_norm(channels: int, groups: int, eps: float, *, param_dtype, rngs: nnx.Rngs) -> GroupNorm:
     """GroupNorm computing in fp32 (call through `apply_norm` to cast back)."""
-    return nnx.GroupNorm(
-        channels, num_groups=groups, epsilon=eps, use_fast_variance=False,
-        dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs,
-    )
+    return GroupNorm(channels, groups, epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
 
 
 def layer_norm(channels: int, eps: float, *, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
