@@ -31,7 +31,9 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen_ip")
     model = pretrained.save_pipeline(smoke.random_pipeline(root / "src"), root / "model")
     over = {"instance": [f"pipeline={model}", f"workdir={root / 'wd_inst'}", "generate.score_threshold=0.0"],
-            "pose": [f"pipeline={model}", f"workdir={root / 'wd_pose'}", "generate.keypoint_threshold=-1e9"]}
+            # Pose on a re-noised pass (the shipped config reads the last step) so one labeller mixes both.
+            "pose": [f"pipeline={model}", f"workdir={root / 'wd_pose'}", "generate.keypoint_threshold=-1e9",
+                     "timestep=400", "generate.feature_pass=renoise"]}
     configs = {"instance": load_config(INSTANCE, over["instance"]), "pose": load_config(POSE, over["pose"])}
     pipe = None
     for task, cfg in configs.items():
@@ -140,8 +142,8 @@ def test_pose_and_instance_in_one_pass_and_coco_export(setup):
 
 
 def test_decoders_read_their_own_feature_pass(setup):
-    """Pose re-noised to its timestep, instance at the last sampler step (its config's choice), one
-    sampler pass: each decoder's labels equal those of a labeller running it alone."""
+    """Pose re-noised to its timestep, instance at the last sampler step, one sampler pass: each
+    decoder's labels equal those of a labeller running it alone."""
     root, over, configs, pipe = setup
     inst_last = load_config(INSTANCE, over["instance"] + ["generate.feature_pass=last_step"])
     both = generate.DecoderLabeler(configs["pose"], pipe=pipe, also=[inst_last])
