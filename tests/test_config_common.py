@@ -46,7 +46,12 @@ def test_shapes_blocks_keep_task_fields_and_tiny_shrinks():
     assert full["pose"].generate.prompts.classes == ("person",) and full["semantic"].generate.prompts.classes == ()
     for t in SHAPES:
         assert (tiny[t].steps, tiny[t].data.image_size, tiny[t].generate.shard_size) == (4, 32, 3)
-        assert (full[t].steps, full[t].data.image_size, full[t].generate.shard_size) == (3000, 64, 256)
+        assert (full[t].data.image_size, full[t].generate.shard_size) == (64, 256)
+    # each task's measured recipe: steps, feature timestep and the generation pass that reads it
+    assert {t: c.steps for t, c in full.items()} == dict(semantic=3000, instance=3000, depth=3000, pose=1000)
+    assert {t: c.timestep for t, c in full.items()} == dict(semantic=400, instance=100, depth=0, pose=0)
+    assert {t: c.generate.feature_pass for t, c in full.items()} == dict(
+        semantic="renoise", instance="renoise", depth="last_step", pose="last_step")
     # the shared base is built fresh per call: changing one config never leaks into another
     a, b = common.shapes_pdecoder("semantic"), common.shapes_pdecoder("semantic")
     a.data.image_size = 8
