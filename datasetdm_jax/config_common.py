@@ -36,6 +36,7 @@ def shapes_pdecoder(task: str, **training: Any) -> ConfigDict:
     c.pipeline = ""                  # "" = the shipped shapes-world SD (datasetdm_jax/assets/shapes_sd)
     c.workdir = f"runs/shapes_{task}"
     c.capture = "datasetdm"          # features preset: 'datasetdm' or 'lean'
+    c.vae_features = ()              # VAE-decoder map resolutions added above the latent's (features.vae_maps)
     # Features of the latent noised to timestep 400, not the official 0 (DDPM set_timesteps(50) ->
     # timesteps[-1], reference §2.1): semantic test mIoU 0.411 against 0.362 at 0 (3,000 steps, deep
     # supervision); generation reads them with `generate.feature_pass=renoise`.
@@ -103,6 +104,7 @@ def sd14_pdecoder(task: str, name: str, *, steps: int, eval_every: int, data: di
     c.pipeline = "models/stable-diffusion-v1-4"  # §1: CompVis/stable-diffusion-v1-4
     c.workdir = f"runs/{name}"
     c.capture = "datasetdm"          # §2.2-2.3: 28 UNet maps + cond cross-attention of all 16 layers
+    c.vae_features = ()              # not in the paper: VAE-decoder maps, e.g. (128,) (features.vae_maps)
     c.timestep = 0                   # §2.1: DDPM set_timesteps(50) -> timesteps[-1] = 0
     c.cache_features = False         # 200 rows of 512 px SD features take GBs of device memory
     c.seed = 42                      # §4: seed_everything(42)

@@ -25,13 +25,20 @@ The `lean` preset keeps only the up blocks' layer outputs and the mid block (64:
 and heads: (B, res, res, 1, T).
 
 Resolutions are keyed by the feature height; for non-square latents maps are (B, h, w, C).
+
+VAE-decoder maps (`vae_maps`, a config's ``vae_features``): the UNet's finest map is at the
+latent resolution (1/8 of a SD image, 1/4 of a 64 px shapes scene), too coarse for keypoints and
+mask edges of small objects. The frozen VAE decoder turns the clean latent into the image through
+maps at 2x, 4x, ... that resolution; `vae_maps` keeps the up-block outputs at the requested
+resolutions (above the latent's), and `add_maps` adds them as extra `maps` levels. They cost
+nothing extra in generation (the decoder runs anyway) and one VAE decode per image in training.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Literal, Mapping
+from typing import Callable, Literal, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -117,6 +124,26 @@ def extract(taps: Mapping[str, Mapping[str, jax.Array]], preset: str | Preset, b
         a = jnp.concatenate(layers, axis=3)  # (B, h, w, L*H, T)
         cross[res] = a.mean(axis=3, keepdims=True) if p.attention == "mean" else a
     return Features(maps={res: jnp.concatenate(xs, axis=-1) for res, xs in maps.items()}, cross_attention=cross)
+
+
+def vae_maps(taps: Mapping[str, jax.Array], resolutions: Sequence[int]) -> dict[int, jax.Array]:
+    """VAE decoder taps (`AutoencoderKL.decode(z, capture=True)`) -> {res: (B, res, res, C)}: the
+    up-block outputs at each requested resolution, concatenated in forward order."""
+    by_res: dict[int, list] = {}
+    for name in sorted(taps, key=lambda n: int(n[2:])):
+        by_res.setdefault(int(taps[name].shape[1]), []).append(taps[name])
+    missing = sorted(set(int(r) for r in resolutions) - set(by_res))
+    if missing:
+        raise ValueError(f"vae_features: the VAE decoder has maps at {sorted(by_res)}, not at {missing}")
+    return {int(r): jnp.concatenate(by_res[int(r)], axis=-1) for r in resolutions}
+
+
+def add_maps(feats: Features, extra: Mapping[int, jax.Array]) -> Features:
+    """`feats` with more ``maps`` levels (e.g. `vae_maps`); a resolution it already has is an error."""
+    clash = sorted(set(extra) & set(feats.maps))
+    if clash:
+        raise ValueError(f"feature maps at {clash} already come from the UNet; VAE maps must lie above them")
+    return feats.replace(maps={**feats.maps, **{int(r): m for r, m in extra.items()}})
 
 
 def with_capture(unet_apply: Callable, preset: str | Preset) -> Callable:

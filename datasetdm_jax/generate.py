@@ -80,21 +80,38 @@ def pass_features(pipe, unet: nnx.Module, emb: jax.Array, z: jax.Array, seed: in
                  for p in passes)
 
 
-def decode_latents(pipe, vae: nnx.Module, z: jax.Array) -> jax.Array:
-    """Final latents -> NHWC images in [0, 1] (fp32)."""
-    images = vae.decode(z / pipe.scaling_factor + pipe.shift_factor)
+def _unit_images(images: jax.Array) -> jax.Array:
     return jnp.clip((images.astype(jnp.float32) + 1) / 2, 0, 1)
 
 
+def decode_latents(pipe, vae: nnx.Module, z: jax.Array) -> jax.Array:
+    """Final latents -> NHWC images in [0, 1] (fp32)."""
+    return _unit_images(vae.decode(z / pipe.scaling_factor + pipe.shift_factor))
+
+
+def decode_with_vae_maps(pipe, vae: nnx.Module, z: jax.Array, feats: tuple,
+                         vae_features: Sequence[int] = ()) -> tuple[jax.Array, tuple]:
+    """Final latents -> (images in [0, 1], ``feats`` with the VAE decoder's maps at ``vae_features``
+    added to each pass's `Features`, `features.vae_maps`): the decode that makes the images also
+    gives the decoders their high-resolution levels, as ``train.Trainer.features`` does on real images."""
+    if not vae_features or not feats:
+        return decode_latents(pipe, vae, z), feats
+    images, taps = vae.decode(z / pipe.scaling_factor + pipe.shift_factor, capture=True)
+    extra = features.vae_maps(taps, vae_features)
+    return _unit_images(images), tuple(features.add_maps(f, extra) for f in feats)
+
+
 def build_sampler_fn(pipe, *, steps: int, guidance: float, scheduler: str, latent_hw: tuple[int, int],
-                     capture: str | None = None, feature_passes: Sequence[int | None] = (None,)):
+                     capture: str | None = None, feature_passes: Sequence[int | None] = (None,),
+                     vae_features: Sequence[int] = ()):
     """A pure function (params, cond_ids, uncond_ids, indices, seed) -> (images in [0, 1], features).
 
     Features (with a ``capture`` preset): a tuple, one per entry of ``feature_passes``: ``None`` the
     last sampler step's (the official choice, captured in the loop), a timestep those of one extra
     pass on the result re-noised to it (`renoised_features`); so decoders trained at different
-    timesteps label one sampler pass. `params` is `pipe.params`; wrap in `jax.jit` (the pipeline
-    caches one per setting).
+    timesteps label one sampler pass. Each also holds the VAE decoder's maps at ``vae_features``
+    (`decode_with_vae_maps`). `params` is `pipe.params`; wrap in `jax.jit` (the pipeline caches one
+    per setting).
     """
     sampler = schedulers.get_sampler(scheduler)
     passes = tuple(feature_passes) if capture is not None else ()
@@ -116,7 +133,7 @@ def build_sampler_fn(pipe, *, steps: int, guidance: float, scheduler: str, laten
         else:
             z, last = schedulers.sample_loop(sampler, pipe.schedule, steps, model_fn, x_T), None
         feats = pass_features(pipe, unet, emb, z, seed, indices, passes, capture, guidance, last)
-        return decode_latents(pipe, vae, z), feats
+        return decode_with_vae_maps(pipe, vae, z, feats, vae_features)
 
     return run
 
@@ -248,6 +265,8 @@ class DecoderLabeler:
         self.params = jax.device_put([p for _, p, _, _ in decoders], self.repl)
         passes = [feature_pass(c.generate, t.t) for t, _, _, c in decoders]
         self.feature_passes = tuple(dict.fromkeys(passes))  # distinct, in decoder order
+        # VAE-decoder levels any decoder reads (a decoder's stem takes only its own resolutions)
+        self.vae_features = tuple(sorted({r for t, _, _, _ in decoders for r in t.vae_features}))
         slots = [self.feature_passes.index(q) for q in passes]
         self.parts = [{"task": t.task, "workdir": os.path.abspath(str(c.workdir)), "checkpoint_step": s,
                        "params_sha256": _sha256(p), "feature_pass": describe_pass(q)}
@@ -288,7 +307,7 @@ class DecoderLabeler:
         it from `extra`."""
         fn = build_sampler_fn(pipe, steps=int(g.steps), guidance=float(g.guidance), scheduler=str(g.scheduler),
                               latent_hw=_latent_hw(pipe, self.size, self.size), capture=capture,
-                              feature_passes=self.feature_passes)
+                              feature_passes=self.feature_passes, vae_features=self.vae_features)
         return lambda frozen, cond, uncond, indices, seed, extra: (*fn(frozen, cond, uncond, indices, seed), {})
 
     def _inputs(self, prompts, batch: int) -> tuple[list[str], Any]:

@@ -179,6 +179,12 @@ class Trainer:
         emb = jax.ShapeDtypeStruct((2, self.pipe.max_length, int(self.pipe.configs["unet"]["cross_attention_dim"])),
                                    jnp.float32)
         _, feats = jax.eval_shape(lambda x, e: self._unet(self.pipe.params["unet"], x, e), z, emb)
+        # VAE-decoder maps above the latent resolution (features.vae_maps); () = the UNet's alone.
+        self.vae_features = tuple(int(r) for r in config.get("vae_features", ()))
+        if self.vae_features:
+            from datasetdm_jax import features
+            mean = jax.ShapeDtypeStruct((1,) + z.shape[1:], z.dtype)
+            feats = features.add_maps(feats, jax.eval_shape(lambda m: self._vae_maps(self.pipe.params["vae"], m), mean))
         decoder = tasks.build_decoder(self.spec, feature_spec(feats), config.decoder.to_dict(),
                                       rngs=nnx.Rngs(int(config.seed)))
         self.graph, params, self.rest = nnx.split(decoder, nnx.Param, ...)
@@ -208,6 +214,11 @@ class Trainer:
                                                                            emb, capture=True)
         return eps, features.extract(taps, self.capture, x.shape[0] // 2)
 
+    def _vae_maps(self, vae_params, mean):
+        from datasetdm_jax import features
+        _, taps = nnx.merge(self.pipe.graphdefs["vae"], vae_params).decode(mean, capture=True)
+        return features.vae_maps(taps, self.vae_features)
+
     def features(self, frozen, image, input_ids, key):
         """(B,H,W,3) in [-1,1], (B,L) caption ids -> captured Features (frozen: no gradient)."""
         p = self.pipe
@@ -217,6 +228,9 @@ class Trainer:
         ids = jnp.concatenate([jnp.broadcast_to(jnp.asarray(self.uncond_ids), input_ids.shape), input_ids])
         emb = nnx.merge(p.graphdefs["text_encoder"], frozen["text_encoder"]).encode(ids, clip_skip=p.clip_skip)
         _, feats = self._unet(frozen["unet"], jnp.concatenate([zt, zt]), emb)
+        if self.vae_features:  # decoded from the clean latent, as generation decodes its result
+            from datasetdm_jax import features
+            feats = features.add_maps(feats, self._vae_maps(frozen["vae"], mean))
         return jax.lax.stop_gradient(feats)
 
     def apply(self, params, feats):

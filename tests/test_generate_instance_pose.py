@@ -165,3 +165,31 @@ def test_decoders_read_their_own_feature_pass(setup):
     for a, b in zip(res.labels, ref.labels):      # same instances, pose read from another pass
         np.testing.assert_array_equal(a["instance_masks"], b["instance_masks"])
         assert np.abs(a["keypoint_scores"] - b["keypoint_scores"]).max() > 1e-4
+
+
+def test_vae_decoder_levels_in_training_and_generation(setup):
+    """``vae_features=(32,)``: the trainer adds the VAE decoder's 32 px maps (above the UNet's 16 and
+    8) to the features, the decoder reads them, and the labeller's sampler adds the same level."""
+    root, over, configs, pipe = setup
+    cfg = load_config(POSE, over["pose"][:-2] + [f"workdir={root / 'wd_pose_vae'}", "vae_features=(32,)"])
+    trainer = train.Trainer(cfg, pipe)
+    assert trainer.vae_features == (32,)
+    batch = trainer.host_batch(next(train._train_iterator(cfg, None)), 0)
+    feats = trainer.features_fn(trainer.frozen, batch["image"], batch["input_ids"], jax.random.key(0))
+    assert sorted(feats.maps) == [8, 16, 32] and feats.maps[32].shape[:3] == (len(batch["image"]), 32, 32)
+    assert 32 not in feats.cross_attention
+    out = trainer.decode_fn(trainer.init_params, feats)
+    blank = feats.replace(maps={**feats.maps, 32: feats.maps[32] * 0})
+    assert not np.allclose(jax.device_get(trainer.apply(trainer.init_params, feats)),
+                           jax.device_get(trainer.apply(trainer.init_params, blank)))
+    assert set(out) >= {"keypoints"}
+    save_random_decoder(cfg, trainer)
+    labeller = generate.DecoderLabeler(cfg, pipe=pipe)
+    assert labeller.vae_features == (32,)
+    ps = prompts.from_config(cfg.generate.prompts).batch(np.arange(2))
+    res = labeller(ps, np.arange(2), 0)
+    plain = generate.DecoderLabeler(configs["instance"], pipe=pipe)(ps, np.arange(2), 0)
+    np.testing.assert_array_equal(res.images, plain.images)   # the extra maps leave the images alone
+    for e in res.labels:
+        kp = e["keypoints"]
+        assert kp.ndim == 3 and kp.shape[1:] == (J, 3) and len(kp) <= 1

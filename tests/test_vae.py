@@ -142,3 +142,35 @@ def test_config_refuses_unsupported():
         AutoencoderKLConfig.from_dict({**TINY, "act_fn": "gelu"})
     cfg = AutoencoderKLConfig.from_dict({**presets.SD15_VAE, "shift_factor": 0.1159, "latents_mean": None})
     assert cfg.shift_factor == pytest.approx(0.1159) and cfg.downsample_factor == 8
+
+
+def test_decoder_capture_matches_torch_up_block_outputs(torch_vae, jax_vae, image):
+    """`decode(z, capture=True)`: the same image, and each up block's output equals diffusers' (forward hooks)."""
+    from datasetdm_jax import features
+
+    outs = {}
+    hooks = [b.register_forward_hook(lambda m, i, o, k=k: outs.__setitem__(f"up{k}", o))
+             for k, b in enumerate(torch_vae.decoder.up_blocks)]
+    try:
+        with torch.no_grad():
+            mean_t = torch_vae.encode(nchw(image)).latent_dist.mean
+            torch_vae.decode(mean_t)
+    finally:
+        for h in hooks:
+            h.remove()
+    mean = jnp.asarray(nhwc(mean_t))
+    img, taps = jax_vae.decode(mean, capture=True)
+    assert rel_err(img, jax_vae.decode(mean)) < 1e-6
+    assert sorted(taps) == sorted(outs) == ["up0", "up1"]
+    for name, t in outs.items():
+        assert rel_err(taps[name], nhwc(t)) < 1e-4, name
+    # Both up blocks end at 32 px (the last has no upsampler): one 96-channel level, forward order.
+    maps = features.vae_maps(taps, (32,))
+    assert list(maps) == [32] and maps[32].shape == (2, 32, 32, 96)
+    np.testing.assert_array_equal(maps[32][..., :64], taps["up0"])
+    with pytest.raises(ValueError, match="not at \\[64\\]"):
+        features.vae_maps(taps, (64,))
+    feats = features.Features(maps={16: jnp.zeros((2, 16, 16, 3))}, cross_attention={})
+    assert sorted(features.add_maps(feats, maps).maps) == [16, 32]
+    with pytest.raises(ValueError, match="already come from the UNet"):
+        features.add_maps(feats, {16: jnp.zeros((2, 16, 16, 1))})

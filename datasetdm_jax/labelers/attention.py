@@ -130,13 +130,14 @@ def mean_maps(sums: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, 
 def build_labeller_fn(pipe, *, steps: int, guidance: float, scheduler: str, latent_hw: tuple[int, int],
                       self_hw: tuple[int, int], cross_hw: tuple[int, int], tau: int, threshold: float,
                       uncertainty_threshold: float, capture: str | None = None,
-                      feature_passes: Sequence[int | None] = (None,)):
+                      feature_passes: Sequence[int | None] = (None,), vae_features: Sequence[int] = ()):
     """A pure function (params, cond_ids, uncond_ids, class_prompt_ids, token_weights, class_ids, valid,
     indices, seed) -> dict(images, labels, self_attention, class_attention); wrap in `jax.jit`.
 
     `self_attention` (B, Ls, Ls) and `class_attention` (B, Lc, T) are the fp32 means over heads,
     layers and all sampler steps. With `capture` (a features preset), UNet features come back too
-    (`features`: one per entry of `feature_passes`, as in `generate.build_sampler_fn`), for
+    (`features`: one per entry of `feature_passes`, with the VAE maps at `vae_features`, as in
+    `generate.build_sampler_fn`), for
     P-Decoders labelling the same images (labelers/composite.py).
     The images equal `generate.build_sampler_fn`'s: the class prompt is encoded on its own and only
     read as attention keys.
@@ -161,19 +162,19 @@ def build_labeller_fn(pipe, *, steps: int, guidance: float, scheduler: str, late
             return eps, features.extract(taps, capture, x.shape[0]), accumulate(taps, sums)
 
         sums = zero_sums(cond_ids.shape[0], ls, lc, class_prompt_ids.shape[1])
-        out = {}
         if None in passes:
             z, last, sums = schedulers.sample_loop(sampler, pipe.schedule, steps, model_fn, x_T, last_model_fn, sums)
         else:
             z, sums = schedulers.sample_loop(sampler, pipe.schedule, steps, model_fn, x_T, carry=sums)
             last = None
-        if capture is not None:
-            out["features"] = generate.pass_features(pipe, unet, emb, z, seed, indices, passes, capture, guidance, last)
+        feats = generate.pass_features(pipe, unet, emb, z, seed, indices, passes, capture, guidance, last)
+        images, feats = generate.decode_with_vae_maps(pipe, vae, z, feats, vae_features)
+        out = {"features": feats} if capture is not None else {}
         acc_self, acc_cross = mean_maps(sums)
         labels = refine.attention_labels(acc_self, acc_cross, token_weights, class_ids, valid, self_hw=self_hw,
                                          cross_hw=cross_hw, image_hw=image_hw, tau=tau, threshold=threshold,
                                          uncertainty_threshold=uncertainty_threshold)
-        return {"images": generate.decode_latents(pipe, vae, z), "labels": labels,
+        return {"images": images, "labels": labels,
                 "self_attention": acc_self, "class_attention": acc_cross, **out}
 
     return run

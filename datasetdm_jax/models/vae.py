@@ -195,11 +195,16 @@ class Decoder(nnx.Module):
         self.conv_norm_out = group_norm(rev[-1], g, _EPS, param_dtype=param_dtype, rngs=rngs)
         self.conv_out = conv(rev[-1], cfg.out_channels, 3, **kw)
 
-    def __call__(self, z: jax.Array) -> jax.Array:
+    def __call__(self, z: jax.Array, capture: bool = False):
+        """``capture``: also return each up block's output, {"up{i}": (B, h_i, w_i, C_i)} (after its
+        upsampler), the decoder features a P-Decoder can read above the latent resolution."""
         x = self.mid_block(self.conv_in(z))
-        for block in self.up_blocks:
+        taps = {}
+        for i, block in enumerate(self.up_blocks):
             x = block(x)
-        return self.conv_out(jax.nn.silu(apply_norm(self.conv_norm_out, x)))
+            taps[f"up{i}"] = x
+        image = self.conv_out(jax.nn.silu(apply_norm(self.conv_norm_out, x)))
+        return (image, taps) if capture else image
 
 
 class AutoencoderKL(nnx.Module):
@@ -225,12 +230,13 @@ class AutoencoderKL(nnx.Module):
         mean, logvar = jnp.split(moments, 2, axis=-1)
         return mean, jnp.clip(logvar, -30.0, 20.0)
 
-    def decode(self, z: jax.Array) -> jax.Array:
-        """Unscaled NHWC latents -> NHWC image (nominally [-1, 1], not clipped)."""
+    def decode(self, z: jax.Array, capture: bool = False):
+        """Unscaled NHWC latents -> NHWC image (nominally [-1, 1], not clipped); with ``capture``,
+        (image, the decoder's up-block outputs) (see `Decoder`)."""
         z = z.astype(self.dtype)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        return self.decoder(z)
+        return self.decoder(z, capture=capture)
 
     def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
         """Reconstruction: decode the posterior mean, or a sample from it when `key` is given."""
