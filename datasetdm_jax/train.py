@@ -173,25 +173,20 @@ class Trainer:
         self.t = _timestep(self.sched, config.timestep)
         self.capture = str(config.capture)
         self.num_classes = self.spec.num_classes
-        size = int(config.data.image_size)
-        z = jax.ShapeDtypeStruct((2, size // self.pipe.vae_scale_factor, size // self.pipe.vae_scale_factor,
-                                  int(self.pipe.configs["unet"].get("in_channels", 4))), jnp.float32)
-        emb = jax.ShapeDtypeStruct((2, self.pipe.max_length, int(self.pipe.configs["unet"]["cross_attention_dim"])),
-                                   jnp.float32)
-        _, feats = jax.eval_shape(lambda x, e: self._unet(self.pipe.params["unet"], x, e), z, emb)
         # VAE-decoder maps above the latent resolution (features.vae_maps); () = the UNet's alone.
         self.vae_features = tuple(int(r) for r in config.get("vae_features", ()))
-        if self.vae_features:
-            from datasetdm_jax import features
-            mean = jax.ShapeDtypeStruct((1,) + z.shape[1:], z.dtype)
-            feats = features.add_maps(feats, jax.eval_shape(lambda m: self._vae_maps(self.pipe.params["vae"], m), mean))
+        self.uncond_ids = np.asarray(self.pipe.tokenize([""])[0], np.int32)
+        size = int(config.data.image_size)
+        # The decoder's input shapes: `features` on one image, traced, not run.
+        feats = jax.eval_shape(self.features, {k: self.pipe.params[k] for k in ("vae", "unet", "text_encoder")},
+                               jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),
+                               jax.ShapeDtypeStruct((1, self.pipe.max_length), jnp.int32), jax.random.key(0))
         decoder = tasks.build_decoder(self.spec, feature_spec(feats), config.decoder.to_dict(),
                                       rngs=nnx.Rngs(int(config.seed)))
         self.graph, params, self.rest = nnx.split(decoder, nnx.Param, ...)
         self.init_params = nnx.to_pure_dict(params)
         self.num_params = int(sum(np.size(x) for x in jax.tree.leaves(self.init_params)))
         self.tx = optax.adam(float(config.lr))
-        self.uncond_ids = np.asarray(self.pipe.tokenize([""])[0], np.int32)
         self.base_key = jax.random.key(int(config.seed))
         self.mesh = devices.data_mesh(int(config.batch_size))  # local devices: one mesh per process
         self.repl, self.data_sharding = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P("data"))
