@@ -52,6 +52,9 @@ def shapes_pdecoder(task: str, **training: Any) -> ConfigDict:
     c.update(training)
     c.log_every = 10
     c.eval_every = 500
+    # A val metric (e.g. 'AP'; 'rel' and 'rmse' are minimised): the decoder of its best score is the one
+    # tested and loaded (early stopping); '' = the last step's.
+    c.select_metric = ""
     c.checkpoint_every_s = 300.0
     c.keep_checkpoints = 2
     c.data = ConfigDict(dict(split="train_labelled", num_images=100, seed=0, image_size=64, flip=True))
@@ -117,6 +120,7 @@ def sd14_pdecoder(task: str, name: str, *, steps: int, eval_every: int, data: di
     c.update(training)
     c.log_every = 50
     c.eval_every = eval_every
+    c.select_metric = ""             # off: val here is drawn from the split that is tested
     c.checkpoint_every_s = 600.0
     c.keep_checkpoints = 2
     c.data = ConfigDict(data)

@@ -363,9 +363,14 @@ def fidelity(pipe, judge: Judge, num_prompts: int = 200, steps: int = 25, guidan
                  for c in dict.fromkeys(c for c, _ in targets)}
     per_colour = {o: float(ok_col[want_col == _COLOUR_INDEX[o]].mean())
                   for o in dict.fromkeys(o for _, o in targets)}
+    # Where a prompted class fails, what the judge sees instead (fraction of that class's prompts).
+    seen_as = {c: {JUDGE_CLASSES[k]: float(np.mean(pred["class"][want_cls == _CLASS_INDEX[c]] == k))
+                   for k in np.unique(pred["class"][want_cls == _CLASS_INDEX[c]])}
+               for c in per_class}
     report: dict[str, Any] = {
         "single": {"n": num_prompts, "class": float(ok_cls.mean()), "colour": float(ok_col.mean()),
-                   "both": float((ok_cls & ok_col).mean()), "per_class": per_class, "per_colour": per_colour},
+                   "both": float((ok_cls & ok_col).mean()), "per_class": per_class, "per_colour": per_colour,
+                   "seen_as": seen_as},
         "settings": {"steps": steps, "guidance": guidance, "scheduler": scheduler, "seed": seed},
     }
     multi_images = None
@@ -418,5 +423,10 @@ def main_fidelity(model: str, judge_path: str, out: str, num_prompts: int = 200,
         print(f"| {multi['n']} two-object prompts (all named present) | {multi['classes']:.3f} | "
               f"{multi['colours']:.3f} | {multi['both']:.3f} |")
     print("per class (one-object prompts): " + ", ".join(f"{k} {v:.2f}" for k, v in single["per_class"].items()))
+    for c, seen in single["seen_as"].items():
+        if single["per_class"][c] < 0.9:
+            print(f"  {c} prompts judged as: " + ", ".join(
+                f"{k} {v:.2f}" for k, v in sorted(seen.items(), key=lambda kv: -kv[1])))
+    print("per class (VAE ceiling): " + ", ".join(f"{k} {v:.2f}" for k, v in ceiling["per_class"].items()))
     print(f"report: {out_dir / 'fidelity.json'}, grid: {out_dir / 'fidelity_grid.png'}")
     return report

@@ -177,7 +177,9 @@ def main_probe(model: str | None, out: str, **kwargs: Any) -> dict[str, Any]:
     report = run_probe(model, **kwargs)
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "probe.json").write_text(json.dumps(report, indent=2))
-    names = list(report["probe"]["per_class"])
+    # Classes absent from the test split (NaN IoU in both) are left out of the table.
+    names = [n for n in report["probe"]["per_class"]
+             if any(np.isfinite(report[k]["per_class"][n]) for k in ("probe", "scratch"))]
     print("| method | mIoU | " + " | ".join(names) + " |")
     print("|---|---|" + "---|" * len(names))
     for key, label in (("probe", "1x1 conv on frozen UNet features"), ("scratch", "small U-Net from scratch")):

@@ -256,6 +256,9 @@ def format_tables(report: dict[str, Any]) -> str:
         cols = [f"{names[m]}{' - DS' if row == DS_ROW else ''} {s}" for row, m, _ in sem for s in splits]
         lines += ["", "Per-class IoU (%):", "", "| class | " + " | ".join(cols) + " |", "|" + "---|" * (1 + len(cols))]
         for c, name in enumerate(classes):
+            values = [res[s]["per_class_iou"][c] for _, _, res in sem for s in splits]
+            if not any(v is not None and np.isfinite(v) for v in values):
+                continue  # a class absent from every test set (not in this world's classes)
             lines.append(f"| {name} | " + " | ".join(_fmt(res[s]["per_class_iou"][c], True)
                                                      for _, _, res in sem for s in splits) + " |")
     return "\n".join(lines)

@@ -15,6 +15,9 @@ go into an orbax checkpoint; randomness (noise, flips, loss point sampling) is a
 ``(config.seed, step)``, so a stopped-and-rerun training equals an uninterrupted one. Metrics go to
 ``metrics.jsonl`` and to TensorBoard event files (tensorboardX) in ``<workdir>/tb``; the validation
 split is scored every ``eval_every`` steps, the test split once at the end (``results.json``).
+With ``config.select_metric`` (a validation metric, e.g. 'AP') the decoder of the best validation
+score so far is kept (in the checkpoint too), tested at the end and loaded by
+``load_trained_decoder``: early stopping for decoders that overfit 100 images.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ TASK_KEYS: dict[str, tuple[str, ...]] = {
     "depth": ("depth",),
     "pose": ("keypoints", "num_persons"),
 }
+# Validation metrics where lower is better; every other metric is maximised by ``select_metric``.
+LOWER_IS_BETTER = ("rel", "rmse")
 _DTYPES = {"segmentation": np.int32, "depth": np.float32, "instances": bool, "instance_classes": np.int32,
            "num_instances": np.int32, "keypoints": np.float32, "num_persons": np.int32}
 
@@ -392,14 +397,17 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *, pipe: 
     frozen = trainer.frozen
     mngr = _manager(workdir, STAGE, int(config.keep_checkpoints))
     data_state = None
+    best = _Best(str(config.get("select_metric", "")))
     latest = mngr.latest_step()
     if latest is not None:
         r = mngr.restore(latest, args=ocp.args.Composite(
             data=ocp.args.JsonRestore(),
             params=ocp.args.StandardRestore(state["params"]),
-            train=ocp.args.StandardRestore({"step": state["step"], "opt": state["opt"]})))
+            train=ocp.args.StandardRestore({"step": state["step"], "opt": state["opt"]}),
+            **best.restore_args(os.path.join(workdir, STAGE, str(latest)), state["params"])))
         state = {"step": r["train"]["step"], "params": r["params"], "opt": r["train"]["opt"]}
         data_state = r["data"]
+        best.restored(r)
         _truncate_metrics(workdir, STAGE, latest)
     start = int(state["step"])
     state = jax.device_put(state, repl)
@@ -409,7 +417,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *, pipe: 
         host = jax.device_get(state)
         mngr.save(step, args=ocp.args.Composite(
             data=ocp.args.JsonSave(data_state), params=ocp.args.StandardSave(host["params"]),
-            train=ocp.args.StandardSave({"step": host["step"], "opt": host["opt"]})), force=True)
+            train=ocp.args.StandardSave({"step": host["step"], "opt": host["opt"]}), **best.save_args()),
+            force=True)
         mngr.wait_until_finished()
 
     if bool(config.get("cache_features", False)):
@@ -440,27 +449,81 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *, pipe: 
                 if eval_every > 0 and (done % eval_every == 0 or done == total):
                     ev = evaluate(trainer, state["params"], which="val")
                     summaries.write(done, ev, prefix="val/")
-                    bar.write(f"step {done} val: " + ", ".join(f"{k}={v:.4g}" for k, v in ev.items()))
+                    kept = best.update(done, ev, state["params"])
+                    bar.write(f"step {done} val: " + ", ".join(f"{k}={v:.4g}" for k, v in ev.items())
+                              + (" (best so far, kept)" if kept else ""))
                 stop_now = stop.set or (budget > 0 and done_here >= budget)
                 if time.time() - t_ckpt >= float(config.checkpoint_every_s) or done == total or stop_now:
                     save(done)
                     t_ckpt = time.time()
                 if stop_now and done < total:
                     return False, trainer, state["params"]
+        final = best.params_or(state["params"])
         if not os.path.isfile(os.path.join(workdir, RESULTS_FILE)) or start < total:
-            res = evaluate(trainer, state["params"])
+            res = evaluate(trainer, final)
             summaries.write(total, res, prefix="test/")
             tmp = os.path.join(workdir, RESULTS_FILE + ".tmp")
             with open(tmp, "w") as f:
                 json.dump({"task": trainer.task, "step": total, "split": str(config.eval.split),
                            "num_images": int(config.eval.num_images), "decoder_params": trainer.num_params,
-                           **res}, f, indent=2)
+                           **best.summary(total), **res}, f, indent=2)
             os.replace(tmp, os.path.join(workdir, RESULTS_FILE))
     finally:
         bar.close()
         summaries.close()
         mngr.close()
-    return True, trainer, state["params"]
+    return True, trainer, final
+
+
+class _Best:
+    """The decoder of the best validation ``metric`` so far (host copy), saved with every checkpoint
+    so that a resumed run selects exactly what an uninterrupted one would. ``metric=''``: off."""
+
+    def __init__(self, metric: str):
+        self.metric = metric
+        self.sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+        self.step, self.value, self.params = 0, -np.inf, None
+
+    def update(self, step: int, ev: dict[str, Any], params: Any) -> bool:
+        if not self.metric:
+            return False
+        if self.metric not in ev:
+            raise KeyError(f"train: select_metric={self.metric!r} is not a validation metric of this task "
+                           f"(it has {sorted(ev)})")
+        score = self.sign * float(ev[self.metric])
+        if not score > self.value:  # ties and NaN keep the earlier decoder
+            return False
+        self.step, self.value, self.params = step, score, jax.device_get(params)
+        return True
+
+    def params_or(self, params: Any) -> Any:
+        """The selected decoder (replicated like ``params``), or ``params`` when nothing was selected."""
+        if self.params is None:
+            return params
+        return jax.tree.map(lambda p, x: jax.device_put(x, p.sharding), params, self.params)
+
+    def summary(self, total: int) -> dict[str, Any]:
+        if not self.metric:
+            return {}
+        return {"selected_step": int(self.step or total), "select_metric": self.metric,
+                "selected_val": float(self.sign * self.value) if self.params is not None else None}
+
+    def save_args(self) -> dict[str, Any]:
+        if self.params is None:
+            return {}
+        return {"best": ocp.args.StandardSave(self.params),
+                "best_meta": ocp.args.JsonSave({"step": self.step, "value": self.value, "metric": self.metric})}
+
+    def restore_args(self, checkpoint_dir: str, target: Any) -> dict[str, Any]:
+        """Restore items for a checkpoint written before any validation too (it has no 'best')."""
+        if not self.metric or not os.path.isdir(os.path.join(checkpoint_dir, "best")):
+            return {}
+        return {"best": ocp.args.StandardRestore(target), "best_meta": ocp.args.JsonRestore()}
+
+    def restored(self, r: Any) -> None:
+        meta = r.get("best_meta") if self.metric else None
+        if meta:
+            self.step, self.value, self.params = int(meta["step"]), float(meta["value"]), r["best"]
 
 
 def main_train(config_path: str, workdir: str | None = None, overrides: Sequence[str] | None = None) -> bool:
@@ -502,7 +565,8 @@ def _config_and_workdir(config: ml_collections.ConfigDict | str, workdir: str | 
 def load_trained_decoder(config: ml_collections.ConfigDict | str, workdir: str | None = None, *,
                          pipe: pretrained.Pipeline | None = None, config_path: str | None = None
                          ) -> tuple[Trainer, Any, int]:
-    """The decoder `datasetdm train` saved: (trainer, params of its latest checkpoint, step).
+    """The decoder `datasetdm train` saved: (trainer, params, step): the latest checkpoint's, or
+    with ``select_metric`` the best-validation decoder that checkpoint holds (and its step).
 
     ``config``: a ConfigDict, a config file path (``configs/shapes_semantic.py[:arg]``) or the
     train workdir itself. Use ``trainer.decode_fn(params, features)`` on captured Features, or
@@ -534,7 +598,14 @@ def load_trained_decoder(config: ml_collections.ConfigDict | str, workdir: str |
         multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})))
     try:
         step = mngr.latest_step()
-        r = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(trainer.init_params)))
+        selected = os.path.isdir(os.path.join(folder, str(step), "best"))
+        item = "best" if selected else "params"
+        args = {item: ocp.args.StandardRestore(trainer.init_params)}
+        if selected:
+            args["best_meta"] = ocp.args.JsonRestore()
+        r = mngr.restore(step, args=ocp.args.Composite(**args))
     finally:
         mngr.close()
-    return trainer, jax.device_put(r["params"], trainer.repl), int(step)   # replicated, as in training
+    if selected:
+        step = r["best_meta"]["step"]
+    return trainer, jax.device_put(r[item], trainer.repl), int(step)   # replicated, as in training

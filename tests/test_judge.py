@@ -54,6 +54,8 @@ def test_fidelity_end_to_end_on_random_pipeline(small_judge, tmp_path):
     for k in ("class", "colour", "both"):
         assert 0.0 <= single[k] <= 1.0
     assert set(single["per_class"]) <= set(J.JUDGE_CLASSES)
+    for c, seen in single["seen_as"].items():  # each prompted class's judged classes sum to one
+        assert sum(seen.values()) == pytest.approx(1.0) and seen.get(c, 0.0) == pytest.approx(single["per_class"][c])
     assert 0.0 <= report["multi"]["classes"] <= 1.0 and report["multi"]["n"] == 3
     assert json.loads((tmp_path / "out" / "fidelity.json").read_text())["single"]["n"] == 6
     assert (tmp_path / "out" / "fidelity_grid.png").stat().st_size > 0

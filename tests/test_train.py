@@ -144,6 +144,44 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(trainers, sd, monkeypatch
     assert sorted(int(n) for n in os.listdir(os.path.join(workdir, train.STAGE)) if n.isdigit()) == [2]
 
 
+def test_select_metric_keeps_the_best_validation_decoder_across_a_resume(trainers, sd, monkeypatch):
+    """Val AP 0.5 at step 2, 0.2 at step 4: the step-2 decoder is tested, returned and loaded, also when
+    the run is stopped at step 2 and resumed (the kept decoder travels in the checkpoint)."""
+    tr, root = trainers("pose"), sd[2] / "select"
+    config = tr.config.copy_and_resolve_references()
+    config.select_metric = "AP"
+    real_evaluate, scripted = train.evaluate, iter([0.5, 0.2])
+
+    def evaluate(trainer, params, split=None, num=None, seed=None, which="eval", per_class=False):
+        if which == "val":
+            return {"AP": next(scripted), "AP50": 0.0}
+        return real_evaluate(trainer, params, split, num, seed, which, per_class)
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    stopped, _, at_2 = train.run(config, str(root), trainer=tr, max_steps=2)
+    assert not stopped
+    done, _, final = train.run(config, str(root), trainer=tr)
+    assert done
+    for a, b in zip(jax.tree.leaves(at_2), jax.tree.leaves(final)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    res = json.load(open(root / train.RESULTS_FILE))
+    assert (res["selected_step"], res["select_metric"], res["selected_val"]) == (2, "AP", 0.5)
+    assert res["AP"] == real_evaluate(tr, final)["AP"]
+    _, loaded, step = train.load_trained_decoder(str(root), pipe=tr.pipe)
+    assert step == 2
+    for a, b in zip(jax.tree.leaves(at_2), jax.tree.leaves(loaded)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_select_metric_minimises_errors_and_names_unknown_metrics():
+    best = train._Best("rel")
+    assert best.update(2, {"rel": 0.3}, {"w": np.ones(1)}) and not best.update(4, {"rel": 0.4}, {"w": np.zeros(1)})
+    assert best.update(6, {"rel": 0.1}, {"w": np.zeros(1)}) and best.step == 6
+    assert not train._Best("").update(2, {"rel": 0.3}, {})
+    with pytest.raises(KeyError, match="select_metric='miou' is not a validation metric.*'rel'"):
+        train._Best("miou").update(2, {"rel": 0.3}, {})
+
+
 def test_deep_supervision_trains(sd):
     path, pipe, _ = sd
     config = load_config(*tiny("semantic", f"pipeline={path}", "deep_supervision=True"))
