@@ -181,9 +181,9 @@ def get_config(arg=None):
     # The shipped model was trained in legs of one workdir (resumes with a larger diffusion.steps
     # recompute the cosine: a warm restart): 3,200 steps (cosine over 3,200), then resumed to 4,232
     # with steps=11000 (lr 8.4e-4), to 10,000 with steps=10000 and to 14,000 with steps=14000
-    # (after the vae_decoder stage); ~1.2 steps/s here (40 img/s), 46 + 95 + 55 min; then two
-    # warm-started legs (init_from the shipped folder, lr 5e-4): +3,000 (17,000) and +4,000 (21,000,
-    # the shipped model; README). A single 14,000-step run is the plain recipe.
+    # (after the vae_decoder stage); ~1.2 steps/s here (40 img/s), 46 + 95 + 55 min; then three
+    # warm-started legs (init_from the shipped folder, lr 5e-4): +3,000 (17,000), +4,000 (21,000)
+    # and +4,500 (25,500, the shipped model; README). A single 14,000-step run is the plain recipe.
     c.diffusion.steps = 14000
     c.diffusion.batch_size = 32   # pilots: batch 64 gave no img/s gain on 2 CPU cores; more steps win
     c.diffusion.lr = 1e-3
