@@ -6,6 +6,7 @@ import pytest
 
 from datasetdm_jax import config_common as common
 from datasetdm_jax.config_utils import load_config
+from datasetdm_jax.data import shapes
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 SHAPES = ("semantic", "instance", "depth", "pose")
@@ -42,6 +43,8 @@ def test_shapes_blocks_keep_task_fields_and_tiny_shrinks():
     assert full["semantic"].num_points == 784 and full["depth"].num_points == 0
     assert full["instance"].top_k == 20 and tiny["instance"].top_k == 5 and full["pose"].pose_sigma == 1.0
     assert "deep_supervision" in full["semantic"] and "deep_supervision" not in full["depth"]
+    # a depth head outputs sigmoid x max_depth: it must reach the farthest background pixel
+    assert min(full["depth"].decoder.max_depth, tiny["depth"].decoder.max_depth) > shapes.SCENE_MAX_DEPTH
     assert full["pose"].data.filter == "one_person" and "filter" not in full["semantic"].data
     assert full["pose"].generate.prompts.classes == ("person",) and full["semantic"].generate.prompts.classes == ()
     for t in SHAPES:

@@ -64,6 +64,7 @@ def test_labels_consistent(scenes):
             assert shapes.MIN_DEPTH <= o["depth"] <= shapes.MAX_DEPTH
         bg = ~inst.any(0)
         assert s["depth"][bg].min() > max(depths)
+        assert s["depth"].max() <= shapes.SCENE_MAX_DEPTH
         # colours: each object's pixels are mostly its own RGB
         for o, m in zip(objs, inst):
             interior = ndimage.binary_erosion(m)

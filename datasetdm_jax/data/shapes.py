@@ -88,7 +88,10 @@ SPLITS: dict[str, tuple[str, int]] = {
     "test_shifted": ("shifted", 3),
 }
 
-MIN_DEPTH, MAX_DEPTH = 2.0, 8.0
+MIN_DEPTH, MAX_DEPTH = 2.0, 8.0  # objects
+# The background plane's depth at its bottom and top rows, each drawn per scene from these ranges.
+BACKGROUND_NEAR, BACKGROUND_FAR = (9.0, 10.0), (11.5, 14.0)
+SCENE_MAX_DEPTH = BACKGROUND_FAR[1]  # no pixel is further: a depth head's range must reach it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -382,7 +385,7 @@ def render_scene(seed_or_rng: int | Sequence[int] | np.random.Generator,
     instances = instance_map[None] == np.arange(1, n + 1, dtype=np.uint8)[:, None, None]
 
     rows = (np.arange(size, dtype=np.float32) + 0.5) / size
-    bg_near, bg_far = rng.uniform(9.0, 10.0), rng.uniform(11.5, 14.0)
+    bg_near, bg_far = rng.uniform(*BACKGROUND_NEAR), rng.uniform(*BACKGROUND_FAR)
     bg_depth = np.broadcast_to((bg_far - (bg_far - bg_near) * rows)[:, None], (size, size))
     depth_lut = np.array([0.0] + [o["depth"] for o in objs], np.float32)
     depth = np.where(instance_map > 0, depth_lut[instance_map], bg_depth).astype(np.float32)
