@@ -202,3 +202,16 @@ def test_save_preview(tmp_path):
     path = tmp_path / "preview.png"
     shapes.save_preview(str(path), 4, config=shapes.ShapesConfig(image_size=32), scale=1)
     assert Image.open(path).size == (4 * 32, 2 * 32)
+
+
+def test_depth_oracle_reads_object_depth_from_size_and_shows_what_a_cap_costs():
+    from datasetdm_jax.data import shapes_depth_floor as floor
+
+    scene = shapes.make_split("test", 1)[0]
+    objects = scene["instance_map"] > 0
+    ratio = floor.oracle_depth(scene)[objects] / scene["depth"][objects]
+    assert np.all(np.abs(ratio - 1) <= 1 / 0.9 - 1 + 1e-6)  # only the world's +-10 % jitter is unseen
+    m = floor.depth_floor(16, caps=(10.0, shapes.SCENE_MAX_DEPTH))
+    assert m["uncapped"]["rel"] < 0.06 and m["uncapped"]["delta1"] == 1.0
+    assert m["capped at 10"]["rel"] > m["uncapped"]["rel"] + 0.03  # background pixels beyond 10 m
+    assert m[f"capped at {shapes.SCENE_MAX_DEPTH:g}"] == m["uncapped"]
