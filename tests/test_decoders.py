@@ -186,9 +186,14 @@ def test_heatmap_roundtrip_keeps_all_joints():
     assert out.shape == (1, 17, 3)
     np.testing.assert_allclose(out[0, :3, :2], [[10, 20], [0, 0], [63, 30]], atol=0.25)
     assert visible[0, 1] and visible[0, 2] and not visible[0, 5]  # border joints kept
-    # Quarter-pixel shift toward the higher neighbour.
-    hm2 = jnp.zeros((1, 8, 8, 1)).at[0, 3, 4, 0].set(1.0).at[0, 3, 5, 0].set(0.5)
-    np.testing.assert_allclose(decode_heatmaps(hm2, stride=4.0)[0][0, 0], [(4.25) * 4, 12.0, 1.0])
+    # Sub-pixel keypoints survive a coarse heatmap: unrounded Gaussian centres, Taylor peak decoding.
+    sub = jnp.array([[[10.3, 20.7], [33.1, 4.9]] + [[32.0, 32.0]] * 15])
+    hm2, _ = gaussian_heatmaps(sub, jnp.ones((1, 17)), 32, stride=2.0, sigma=1.0)
+    assert float(hm2[0, 10, 5, 0]) == pytest.approx(np.exp(-(0.15 ** 2 + 0.35 ** 2) / 2), rel=1e-5)  # (5.15, 10.35)
+    np.testing.assert_allclose(decode_heatmaps(hm2, stride=2.0)[0][0, :2, :2], sub[0, :2], atol=1e-3)
+    # A peak with no curvature beside it (a lone spike) decodes to its pixel.
+    spike = jnp.zeros((1, 8, 8, 1)).at[0, 3, 4, 0].set(1.0)
+    np.testing.assert_allclose(decode_heatmaps(spike, stride=4.0)[0][0, 0], [16.0, 12.0, 1.0])
 
 
 def test_semantic_and_instance_inference():
