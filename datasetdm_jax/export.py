@@ -195,15 +195,17 @@ def to_coco(examples: Iterable[dict[str, Any]], file_name=lambda ex: f"{ex['inde
                 a.update(_keypoint_fields(kps[joined[r]]))
             anns.append(a)
         for p, kp in enumerate(kps):
-            lab = kp[kp[:, 2] > 0]
-            if pairs[p] is not None or person < 0 or not len(lab):
+            if pairs[p] is not None or person < 0 or not (kp[:, 2] > 0).any():
                 continue
+            fields = _keypoint_fields(kp)
+            # The box spans the joints as written (rounded), so every written joint lies inside it.
+            written = np.asarray(fields["keypoints"], np.float64).reshape(-1, 3)
+            lab = written[written[:, 2] > 0]
             x0, y0 = float(lab[:, 0].min()), float(lab[:, 1].min())
             bw, bh = float(lab[:, 0].max()) - x0, float(lab[:, 1].max()) - y0
             score = float(np.mean(np.asarray(kp_scores[p])[kp[:, 2] > 0])) if kp_scores is not None else 1.0
             anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": person, "segmentation": [],
-                         "area": bw * bh, "bbox": [x0, y0, bw, bh], "iscrowd": 0, "score": score,
-                         **_keypoint_fields(kp)})
+                         "area": bw * bh, "bbox": [x0, y0, bw, bh], "iscrowd": 0, "score": score, **fields})
     return {"info": {"description": "datasetdm-jax generated dataset"}, "images": images,
             "annotations": anns, "categories": _categories(class_names)}
 

@@ -201,6 +201,9 @@ def test_coco_export_pairs_keypoints_with_person_masks(tmp_path):
     full, empty = _generated_rows()
     pose_only = {k: v for k, v in full.items() if not k.startswith("instance_")}
     pose_only["index"] = 2
+    off_grid = full["keypoints"].copy()                    # sub-pixel joints, as DARK decoding makes
+    off_grid[..., :2] += np.float32(0.10517)
+    pose_only["keypoints"] = off_grid
     coco = export.to_coco([full, empty, pose_only])
     path = tmp_path / "ann.json"
     path.write_text(json.dumps(coco))
@@ -225,6 +228,7 @@ def test_coco_export_pairs_keypoints_with_person_masks(tmp_path):
     lab = kp[kp[:, 2] > 0]
     assert (lab[:, 0] >= x).all() and (lab[:, 0] <= x + w).all()
     assert (lab[:, 1] >= y).all() and (lab[:, 1] <= y + h).all()
+    assert [x, y, x + w, y + h] == pytest.approx([*lab[:, :2].min(0), *lab[:, :2].max(0)])  # tight on the written joints
     vis = full["keypoint_scores"][0][full["keypoints"][0, :, 2] > 0]
     assert p2["score"] == pytest.approx(float(vis.mean()), rel=1e-5)
     assert [c["keypoints"] for c in coco["categories"] if c["id"] == person] == [list(shapes.KEYPOINT_NAMES)]
