@@ -55,6 +55,7 @@ def shapes_pdecoder(task: str, **training: Any) -> ConfigDict:
     # A val metric (e.g. 'AP'; 'rel' and 'rmse' are minimised): the decoder of its best score is the one
     # tested and loaded (early stopping); '' = the last step's.
     c.select_metric = ""
+    c.baseline = ConfigDict(dict(width=32))  # `datasetdm baseline`: the scratch backbone's base width
     c.checkpoint_every_s = 300.0
     c.keep_checkpoints = 2
     c.data = ConfigDict(dict(split="train_labelled", num_images=100, seed=0, image_size=64, flip=True))

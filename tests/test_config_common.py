@@ -55,6 +55,8 @@ def test_shapes_blocks_keep_task_fields_and_tiny_shrinks():
     assert {t: c.timestep for t, c in full.items()} == dict(semantic=400, instance=100, depth=0, pose=0)
     assert {t: c.generate.feature_pass for t, c in full.items()} == dict(
         semantic="renoise", instance="renoise", depth="last_step", pose="last_step")
+    # `datasetdm baseline ... baseline.width=16` (its --help example) is a known field
+    assert load_config(os.path.join(CONFIGS, "shapes_pose.py"), ["baseline.width=16"]).baseline.width == 16
     # the shared base is built fresh per call: changing one config never leaks into another
     a, b = common.shapes_pdecoder("semantic"), common.shapes_pdecoder("semantic")
     a.data.image_size = 8
