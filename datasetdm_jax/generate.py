@@ -415,23 +415,41 @@ def _model_fingerprint(path: str) -> dict[str, Any]:
     return {"path": os.path.abspath(path), "configs_sha256": h.hexdigest()}
 
 
-def _check_spec(out: str, spec: dict[str, Any]) -> None:
-    """Refuse to mix datasets: ``out`` must be empty/new or hold this very spec."""
+# Config keys that only steer the decoder's training. The labeller's description pins the trained
+# decoder itself (its parameters' sha256), so these cannot change a generated label; comparing them
+# made a dataset refuse to resume after an unrelated training setting (say `baseline.width`) was added.
+TRAINING_ONLY_KEYS = frozenset({
+    "baseline", "batch_size", "cache_features", "checkpoint_every_s", "deep_supervision", "eval", "eval_every",
+    "keep_checkpoints", "log_every", "lr", "max_steps", "name", "num_points", "seed", "select_metric", "steps",
+    "val"})
+
+
+def _generation_view(spec: dict[str, Any]) -> dict[str, Any]:
+    """What of a dataset spec decides its content: the spec without the training-only config keys."""
+    config = {k: v for k, v in spec.get("config", {}).items() if k not in TRAINING_ONLY_KEYS}
+    return {**spec, "config": config}
+
+
+def _check_spec(out: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Refuse to mix datasets: ``out`` must be empty/new or hold a spec that generates the same data.
+    Returns the spec of record (the stored one, on a resume), which the manifest repeats."""
     from datasetdm_jax.data import records
 
     path = os.path.join(out, SPEC_FILE)
     if os.path.isfile(path):
         with open(path) as f:
-            old = json.load(f)
-        if _canonical(old) != _canonical(spec):
-            raise ValueError(f"{out} holds a dataset made with a different setting ({_first_difference(old, spec)}); "
+            stored = json.load(f)
+        old, new = _generation_view(stored), _generation_view(spec)
+        if _canonical(old) != _canonical(new):
+            raise ValueError(f"{out} holds a dataset made with a different setting ({_first_difference(old, new)}); "
                              "choose a new --out, or rerun the command that made it to resume")
-        return
+        return stored
     if os.path.isdir(out) and [n for n in os.listdir(out) if not n.startswith(".")]:
         raise ValueError(f"{out} is not empty and has no {SPEC_FILE}: not a dataset of `datasetdm generate`; "
                          "choose a new --out")
     os.makedirs(out, exist_ok=True)
     records.atomic_write(path, json.dumps(spec, indent=1, sort_keys=True))
+    return spec
 
 
 def _shard_stats(labels: list[dict[str, Any]], num_classes: int | None) -> dict[str, Any]:
@@ -495,7 +513,7 @@ def generate_dataset(config, num_images: int, out: str, *, config_path: str | No
     elif os.path.isfile(os.path.join(out, SPEC_FILE)):  # nothing left to do here: keep the stored labeller
         with open(os.path.join(out, SPEC_FILE)) as f:
             spec["labeler"] = json.load(f).get("labeler")
-    _check_spec(out, spec)
+    spec = _check_spec(out, spec)
 
     def count(s):
         return min(shard_size, num_images - s * shard_size)

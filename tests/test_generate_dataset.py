@@ -98,6 +98,9 @@ def test_rerun_is_a_no_op_and_other_configs_are_refused(setup):
     other = load_config(TINY, overrides + ["generate.guidance=3.0"])
     with pytest.raises(ValueError, match=r"different setting \(config.generate.guidance"):
         generate.generate_dataset(other, NUM, str(ref), labeler=labeler, progress=False)
+    # a training-only setting cannot change the labels (the decoder's weights are pinned): resumes
+    assert generate.generate_dataset(load_config(TINY, overrides + ["lr=0.5", "baseline.width=3"]), NUM, str(ref),
+                                     labeler=labeler, progress=False) == manifest
     with pytest.raises(ValueError, match=r"different setting \(num_images"):
         generate.generate_dataset(config, NUM + 1, str(ref), labeler=labeler, progress=False)
     stray = root / "stray"
