@@ -56,6 +56,22 @@ def test_forward_shapes_datasetdm(models):
     assert forward(models["pose"], f).shape == (2, 8, 8, 17)
 
 
+def test_pose_head_at_heatmap_resolution():
+    """`head_channels`: a 3x3 conv at the heatmap size before the 1x1 head. Without it the 1x1 head
+    commutes with the bilinear resize, so the heatmap is the coarse one interpolated."""
+    from datasetdm_jax.decoders.pixel_stem import resize
+
+    f = fake_features(1)
+    spec = feature_spec(f)
+    plain = get_decoder("pose", spec, {**POSE, "out_size": 16}, rngs=nnx.Rngs(0))
+    coarse = get_decoder("pose", spec, POSE, rngs=nnx.Rngs(0))  # same weights, heatmap at the features' 8
+    np.testing.assert_allclose(forward(plain, f), resize(forward(coarse, f), 16), atol=1e-5)
+    headed = get_decoder("pose", spec, {**POSE, "out_size": 16, "head_channels": 4}, rngs=nnx.Rngs(0))
+    assert headed.conv.kernel.shape == (3, 3, plain.stem.out_channels, 4) and headed.head.kernel.shape == (1, 1, 4, 17)
+    out = forward(headed, f)
+    assert out.shape == (2, 16, 16, 17) and np.isfinite(out).all()
+
+
 def test_forward_shapes_lean_open_vocab():
     f = fake_features(1)
     spec = feature_spec(f)

@@ -12,21 +12,29 @@ from datasetdm_jax.decoders.pixel_stem import FeatureSpec, PixelStem, resize
 class PoseDecoder(nnx.Module):
     """Returns heatmaps (B, S, S, num_joints), S = `out_size` or the highest feature resolution R.
 
-    The official heatmaps are at R (64 for SD at 512 px, stride 8). Small images (the shapes world:
-    64 px, R = 16) need a finer grid for keypoints to be localisable, hence `out_size`: the fused
-    map is bilinearly resized to it before the 1x1 head.
+    The official heatmaps are at R (64 for SD at 512 px, stride 8) from a 1x1 head. Small images
+    (the shapes world: 64 px, R = 16) need a finer grid for keypoints to be localisable, hence
+    `out_size`: the fused map is bilinearly resized to it before the head. A 1x1 head commutes with
+    that resize, so its heatmap is a bilinear interpolation of an R x R one whose peaks sit on the
+    R grid; `head_channels` (default 0: the official 1x1 head) puts a 3x3 conv + ReLU of that width
+    at S first, so the head can place peaks between the R grid's points.
     """
 
     def __init__(self, spec: FeatureSpec, *, hidden: int = 256, num_joints: int = 17, out_size: int | None = None,
-                 dtype=None, rngs: nnx.Rngs):
+                 head_channels: int = 0, dtype=None, rngs: nnx.Rngs):
         self.stem = PixelStem(spec, hidden=hidden, grow=True, dtype=dtype, rngs=rngs)
         self.out_size = out_size
-        self.head = nnx.Conv(self.stem.out_channels, num_joints, (1, 1), dtype=dtype, rngs=rngs)
+        c = self.stem.out_channels
+        self.conv = (nnx.Conv(c, head_channels, (3, 3), padding=1, dtype=dtype, rngs=rngs)
+                     if head_channels else None)
+        self.head = nnx.Conv(head_channels or c, num_joints, (1, 1), dtype=dtype, rngs=rngs)
 
     def __call__(self, features) -> jax.Array:
         x, _ = self.stem(features)
         if self.out_size:
             x = resize(x, self.out_size)
+        if self.conv is not None:
+            x = jax.nn.relu(self.conv(x))
         return self.head(x).astype(jnp.float32)
 
 
