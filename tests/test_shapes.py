@@ -215,3 +215,21 @@ def test_depth_oracle_reads_object_depth_from_size_and_shows_what_a_cap_costs():
     assert m["uncapped"]["rel"] < 0.06 and m["uncapped"]["delta1"] == 1.0
     assert m["capped at 10"]["rel"] > m["uncapped"]["rel"] + 0.03  # background pixels beyond 10 m
     assert m[f"capped at {shapes.SCENE_MAX_DEPTH:g}"] == m["uncapped"]
+
+
+def test_depth_error_regions_split_the_rel():
+    from datasetdm_jax.data import shapes_depth_floor as floor
+
+    ids = np.zeros((1, 14, 14), np.int32)
+    ids[0, 3:11, 3:11] = 1                                  # an 8x8 object; the band is 2 px either side
+    r = floor.regions(ids)
+    assert r["object"].sum() == 16 and r["object"][0, 5:9, 5:9].all()
+    # the outer 1-px ring, plus the band's 4 far corners (its dilation is 4-connected)
+    assert r["background"].sum() == 14 * 14 - 12 * 12 + 4 and not r["background"][0, 2:12, 2:12].any()
+    assert (r["edge"] ^ r["object"] ^ r["background"]).all()
+    gt = np.where(ids > 0, 2.0, 10.0)
+    pred = gt.copy()
+    pred[r["edge"]] *= 1.5                                  # errors only on outlines
+    out = floor.rel_by_region(pred, gt, ids)
+    assert out["edge"]["rel"] == pytest.approx(0.5) and out["object"]["rel"] == 0 == out["background"]["rel"]
+    assert sum(v["of_total"] for v in out.values()) == pytest.approx(np.mean(np.abs(pred - gt) / gt))

@@ -3,9 +3,11 @@
 The oracle knows each object's true size (apparent size follows 1/depth, so the object's depth up
 to the +-10 % jitter the world draws) and guesses the background plane from the row alone (its
 near and far ends are drawn per scene and are not visible in the image). Capping its output at a
-depth head's ``max_depth`` shows what that range costs. Run:
+depth head's ``max_depth`` shows what that range costs. ``--proof DIR`` (a `datasetdm proof` depth
+row folder, e.g. runs/proof/depth) also splits the REL of its trained P-Decoder and scratch model by
+region: the band around object outlines, object interiors, background interiors. Run:
 
-    python -m datasetdm_jax.data.shapes_depth_floor [NUM_IMAGES] [CAP ...]
+    python -m datasetdm_jax.data.shapes_depth_floor [NUM_IMAGES] [CAP ...] [--proof DIR]
 """
 
 from __future__ import annotations
@@ -43,12 +45,67 @@ def depth_floor(num_images: int = 256, caps: Sequence[float] = (), split: str = 
     return out
 
 
+def regions(instance_map: np.ndarray) -> dict[str, np.ndarray]:
+    """Boolean masks (N,H,W): 'edge' = the 2 px on either side of a change of instance id
+    (outlines, where a coarse prediction blurs), 'object' and 'background' = the rest of each."""
+    from scipy import ndimage
+
+    edge = np.stack([ndimage.binary_dilation(ndimage.morphological_gradient(m, size=3) > 0) for m in instance_map])
+    return {"edge": edge, "object": (instance_map > 0) & ~edge, "background": (instance_map == 0) & ~edge}
+
+
+def rel_by_region(pred: np.ndarray, gt: np.ndarray, instance_map: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per region: its pixel share, its REL, and its share of the whole image's REL (the parts sum to it)."""
+    err = np.abs(pred - gt) / gt
+    return {name: {"share": float(m.mean()), "rel": float(err[m].mean()), "of_total": float(err[m].sum() / err.size)}
+            for name, m in regions(instance_map).items()}
+
+
+def _proof_predictions(row_dir: str, num_images: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """The test-split depth predictions of a proof row's P-Decoder and scratch model, with gt and ids."""
+    import json
+    from pathlib import Path
+
+    import jax
+    from flax import serialization
+
+    from datasetdm_jax import baselines, train
+    from datasetdm_jax.data import pipeline
+
+    trainer, params, _ = train.load_trained_decoder(str(Path(row_dir, "p_decoder")))
+    cfg = trainer.config
+    seed = int(cfg.eval.get("seed", cfg.data.seed))
+    preds, gts, ids = [], [], []
+    for pred, b in train.predict_split(trainer, params, "test", num_images, seed, int(cfg.eval.batch_size)):
+        preds.append(pred["depth"]), gts.append(np.asarray(b["depth"])), ids.append(np.asarray(b["instance_map"]))
+    width = int(json.loads(Path(row_dir, "scratch", "trained.json").read_text())["key"]["width"])
+    scratch = baselines.Scratch(cfg, width)
+    sp = serialization.from_state_dict(scratch.init_params, serialization.msgpack_restore(
+        Path(row_dir, "scratch", "params.msgpack").read_bytes()))
+    src = train.data_source(cfg, "test", num_images, seed)
+    sc = [jax.device_get(scratch.predict_fn(sp, np.asarray(b["image"], np.float32)))["depth"]
+          for b in pipeline.grain_dataset(src, int(cfg.eval.batch_size), None, drop_remainder=False)]
+    return {"P-Decoder": np.concatenate(preds), "scratch": np.concatenate(sc)}, np.concatenate(gts), np.concatenate(ids)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
+    proof = None
+    if "--proof" in args:
+        i = args.index("--proof")
+        proof, args = args[i + 1], args[:i] + args[i + 2:]
     num = int(args[0]) if args else 256
     caps = [float(a) for a in args[1:]] or [10.0]
     for name, m in depth_floor(num, caps).items():
         print(f"oracle, {name:>14}: REL {m['rel']:.3f}  RMSE {m['rmse']:.3f}  delta1 {100 * m['delta1']:.1f}%")
+    if proof:
+        models, gt, ids = _proof_predictions(proof, num)
+        source = shapes.make_split("test", num)
+        models = {"oracle": np.stack([oracle_depth(source[i]) for i in range(num)]), **models}
+        print("| model | region | pixel share | REL there | part of the total REL |\n|---|---|---|---|---|")
+        for model, pred in models.items():
+            for region, r in rel_by_region(pred, gt, ids).items():
+                print(f"| {model} | {region} | {r['share']:.3f} | {r['rel']:.3f} | {r['of_total']:.4f} |")
 
 
 if __name__ == "__main__":
