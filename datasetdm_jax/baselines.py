@@ -27,7 +27,8 @@ from datasetdm_jax.decoders import feature_spec, tasks
 from datasetdm_jax.features import Features
 from datasetdm_jax.models.group_norm import GroupNorm
 
-__all__ = ["ConvBackbone", "ScratchModel", "Scratch", "scratch_params", "match_width", "train_scratch", "evaluate",
+__all__ = ["ConvBackbone", "ScratchModel", "Scratch", "scratch_params", "match_width", "train_scratch", "load_params",
+           "predict_split", "evaluate",
            "train_and_evaluate", "main_baseline"]
 RESULTS_FILE = "baseline.json"
 
@@ -155,18 +156,34 @@ def train_scratch(config: ml_collections.ConfigDict, *, steps: int | None = None
                              "train_cpu_s": time.process_time() - c0}
 
 
-def evaluate(scratch: Scratch, params: Any, split: str | None = None, num: int | None = None,
-             seed: int | None = None, per_class: bool = False) -> dict[str, Any]:
-    """The task's metrics on ``num`` images of ``split`` (defaults: ``config.eval``), as ``train.evaluate``."""
+def load_params(scratch: Scratch, path: str | os.PathLike) -> Any:
+    """Parameters saved by ``flax.serialization.msgpack_serialize`` (as `datasetdm proof` saves them)."""
+    from flax import serialization
+
+    with open(path, "rb") as f:
+        return serialization.from_state_dict(scratch.init_params, serialization.msgpack_restore(f.read()))
+
+
+def predict_split(scratch: Scratch, params: Any, split: str | None = None, num: int | None = None,
+                  seed: int | None = None):
+    """Yields (the model's labels, the source batch) over ``num`` images of ``split`` (defaults:
+    ``config.eval``), in order, as ``train.predict_split``."""
     from datasetdm_jax import train
     from datasetdm_jax.data import pipeline
 
     config, ecfg = scratch.config, scratch.config.eval
     src = train.data_source(config, str(split or ecfg.split), int(num or ecfg.num_images),
                             int(ecfg.get("seed", config.data.seed) if seed is None else seed))
-    ev = tasks.Evaluator(scratch.spec)
     for b in pipeline.grain_dataset(src, int(ecfg.batch_size), None, drop_remainder=False):
-        ev.update(jax.device_get(scratch.predict_fn(params, np.asarray(b["image"], np.float32))), b)
+        yield jax.device_get(scratch.predict_fn(params, np.asarray(b["image"], np.float32))), b
+
+
+def evaluate(scratch: Scratch, params: Any, split: str | None = None, num: int | None = None,
+             seed: int | None = None, per_class: bool = False) -> dict[str, Any]:
+    """The task's metrics on ``num`` images of ``split`` (defaults: ``config.eval``), as ``train.evaluate``."""
+    ev = tasks.Evaluator(scratch.spec)
+    for pred, b in predict_split(scratch, params, split, num, seed):
+        ev.update(pred, b)
     return ev.compute(per_class=per_class)
 
 

@@ -182,8 +182,7 @@ def _scratch(cfg: ml_collections.ConfigDict, row: str, scfg: ml_collections.Conf
     params_file = folder / "params.msgpack"
     if trained is not None and params_file.is_file():
         scratch = baselines.Scratch(cfg, width)
-        params = serialization.from_state_dict(scratch.init_params, serialization.msgpack_restore(
-            params_file.read_bytes()))
+        params = baselines.load_params(scratch, params_file)
         timing = trained
     else:
         scratch, params, timing = baselines.train_scratch(cfg, width=width, progress=progress)

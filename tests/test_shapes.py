@@ -230,6 +230,6 @@ def test_depth_error_regions_split_the_rel():
     gt = np.where(ids > 0, 2.0, 10.0)
     pred = gt.copy()
     pred[r["edge"]] *= 1.5                                  # errors only on outlines
-    out = floor.rel_by_region(pred, gt, ids)
+    out = floor.rel_by_region(pred, gt, r)
     assert out["edge"]["rel"] == pytest.approx(0.5) and out["object"]["rel"] == 0 == out["background"]["rel"]
     assert sum(v["of_total"] for v in out.values()) == pytest.approx(np.mean(np.abs(pred - gt) / gt))

@@ -54,11 +54,12 @@ def regions(instance_map: np.ndarray) -> dict[str, np.ndarray]:
     return {"edge": edge, "object": (instance_map > 0) & ~edge, "background": (instance_map == 0) & ~edge}
 
 
-def rel_by_region(pred: np.ndarray, gt: np.ndarray, instance_map: np.ndarray) -> dict[str, dict[str, float]]:
-    """Per region: its pixel share, its REL, and its share of the whole image's REL (the parts sum to it)."""
+def rel_by_region(pred: np.ndarray, gt: np.ndarray, masks: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Per region of ``masks`` (`regions`): its pixel share, its REL, and its share of the whole
+    image's REL (the parts sum to it)."""
     err = np.abs(pred - gt) / gt
     return {name: {"share": float(m.mean()), "rel": float(err[m].mean()), "of_total": float(err[m].sum() / err.size)}
-            for name, m in regions(instance_map).items()}
+            for name, m in masks.items()}
 
 
 def _proof_predictions(row_dir: str, num_images: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
@@ -66,11 +67,7 @@ def _proof_predictions(row_dir: str, num_images: int) -> tuple[dict[str, np.ndar
     import json
     from pathlib import Path
 
-    import jax
-    from flax import serialization
-
     from datasetdm_jax import baselines, train
-    from datasetdm_jax.data import pipeline
 
     trainer, params, _ = train.load_trained_decoder(str(Path(row_dir, "p_decoder")))
     cfg = trainer.config
@@ -80,11 +77,8 @@ def _proof_predictions(row_dir: str, num_images: int) -> tuple[dict[str, np.ndar
         preds.append(pred["depth"]), gts.append(np.asarray(b["depth"])), ids.append(np.asarray(b["instance_map"]))
     width = int(json.loads(Path(row_dir, "scratch", "trained.json").read_text())["key"]["width"])
     scratch = baselines.Scratch(cfg, width)
-    sp = serialization.from_state_dict(scratch.init_params, serialization.msgpack_restore(
-        Path(row_dir, "scratch", "params.msgpack").read_bytes()))
-    src = train.data_source(cfg, "test", num_images, seed)
-    sc = [jax.device_get(scratch.predict_fn(sp, np.asarray(b["image"], np.float32)))["depth"]
-          for b in pipeline.grain_dataset(src, int(cfg.eval.batch_size), None, drop_remainder=False)]
+    sp = baselines.load_params(scratch, Path(row_dir, "scratch", "params.msgpack"))
+    sc = [pred["depth"] for pred, _ in baselines.predict_split(scratch, sp, "test", num_images, seed)]
     return {"P-Decoder": np.concatenate(preds), "scratch": np.concatenate(sc)}, np.concatenate(gts), np.concatenate(ids)
 
 
@@ -102,9 +96,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         models, gt, ids = _proof_predictions(proof, num)
         source = shapes.make_split("test", num)
         models = {"oracle": np.stack([oracle_depth(source[i]) for i in range(num)]), **models}
+        masks = regions(ids)
         print("| model | region | pixel share | REL there | part of the total REL |\n|---|---|---|---|---|")
         for model, pred in models.items():
-            for region, r in rel_by_region(pred, gt, ids).items():
+            for region, r in rel_by_region(pred, gt, masks).items():
                 print(f"| {model} | {region} | {r['share']:.3f} | {r['rel']:.3f} | {r['of_total']:.4f} |")
 
 
