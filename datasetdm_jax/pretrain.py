@@ -57,6 +57,7 @@ from datasetdm_jax import curves, devices, pretrained, schedulers
 from datasetdm_jax import tokenizer as tk
 from datasetdm_jax.config_utils import load_config
 from datasetdm_jax.data import pipeline, shapes
+from datasetdm_jax.models import deepen
 from datasetdm_jax.models.clip_text import CLIPTextModel
 from datasetdm_jax.models.unet import UNet2DConditionModel
 from datasetdm_jax.models.vae import AutoencoderKL
@@ -215,15 +216,22 @@ def _init_weights(config: ml_collections.ConfigDict, name: str, cfg: Mapping[str
     """``name``'s fp32 weights from the ``config.init_from`` folder, in the tree of ``params``.
 
     The folder's config.json must agree with ``cfg`` on every key ``cfg`` sets, so the exported
-    folder describes the weights it holds."""
+    folder describes the weights it holds. One exception: a UNet may be configured deeper (larger
+    ``layers_per_block``) than the folder's; it is then grown without changing its function
+    (``models.deepen``), so a plateaued model continues with more capacity."""
     pipe = _init_pipeline(os.path.abspath(config.init_from))
     theirs = pipe.configs[name]
+    growable = {"layers_per_block"} if name == "unet" and cfg.get("layers_per_block", 0) > theirs.get("layers_per_block", 0) else set()
     diff = sorted(k for k, v in cfg.items()
-                  if not k.startswith("_") and k != "scaling_factor" and k in theirs and _plain(theirs[k]) != v)
+                  if not k.startswith("_") and k != "scaling_factor" and k not in growable
+                  and k in theirs and _plain(theirs[k]) != v)
     if diff:
         raise ValueError(f"init_from: {config.init_from}/{name}/config.json differs from the config on "
                          + ", ".join(f"{k} ({theirs[k]!r} there, {cfg[k]!r} here)" for k in diff))
     loaded = nnx.to_pure_dict(nnx.state(pipe.module(name), nnx.Param))
+    if growable:
+        loaded = deepen.deepen_unet_params(jax.tree.map(np.asarray, loaded), jax.tree.map(np.asarray, params),
+                                           int(theirs["layers_per_block"]), int(cfg["layers_per_block"]))
     if jax.tree.structure(loaded) != jax.tree.structure(params):
         raise ValueError(f"init_from: {config.init_from}/{name} does not have the configured parameter tree")
     return jax.tree.map(lambda x: np.asarray(x, np.float32), loaded)

@@ -173,6 +173,21 @@ def test_warm_start_from_an_exported_folder(tiny_run, tmp_path):
         pretrain._diffusion_stage(bad, str(tmp_path / "bad"))
 
 
+def test_warm_start_into_a_deeper_unet(tiny_run, tmp_path):
+    """init_from with a larger unet.layers_per_block grows the folder's UNet without changing its
+    function: the held-out eps-MSE (same batch, timesteps and noise) is the folder's."""
+    _, workdir = tiny_run
+    folder = os.path.join(workdir, "model")
+    same, deeper = (pretrain._diffusion_stage(load_config(TINY, [f"init_from={folder}", f"unet.layers_per_block={n}"]),
+                                              str(tmp_path / f"l{n}")) for n in (1, 2))
+    count = lambda t: sum(x.size for x in jax.tree.leaves(t))  # noqa: E731
+    assert count(deeper.params["unet"]) > count(same.params["unet"])
+    want, got = same.eval_fn(same.params, same.frozen), deeper.eval_fn(deeper.params, deeper.frozen)
+    assert want and set(got) == set(want)
+    for k in want:
+        np.testing.assert_allclose(float(got[k]), float(want[k]), rtol=1e-4, atol=1e-6, err_msg=k)
+
+
 def _vae_weights(folder):
     from datasetdm_jax import pretrained
 

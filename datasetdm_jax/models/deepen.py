@@ -1,0 +1,90 @@
+"""Function-preserving deepening of a trained UNet2DConditionModel (``layers_per_block`` L -> L').
+
+A trained shapes-world UNet that has stopped improving can continue with more capacity instead of
+restarting from scratch (the Net2DeeperNet idea): every added layer starts as the identity, so the
+deeper model computes exactly what the trained one did and training resumes from its quality.
+
+Why it is exact, block by block (diffusers' layout, which ours mirrors):
+- A down block's layers ``L..L'-1`` are new. A ResnetBlock2D with equal in/out channels adds
+  ``conv2(...)`` to its input, so a zero ``conv2`` makes it the identity; a Transformer2DModel adds
+  ``proj_out(...)`` to its input, so a zero ``proj_out`` does the same. Their skip outputs then all
+  equal layer ``L-1``'s.
+- An up block pops ``L'+1`` skips in reverse. Trained layer 0 stays first (its skip, down layer
+  ``L'-1``, equals the old down layer ``L-1``). Then come ``L'-L`` new pass-through layers: each
+  resnet's 1x1 shortcut selects the hidden half of ``concat(hidden, skip)`` and its ``conv2`` is zero,
+  so it ignores the (duplicate) skip it pops. Trained layers ``1..L`` follow and pop exactly the skips
+  they were trained on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["deepen_unet_params"]
+
+Tree = dict[Any, Any]
+
+
+def _zeroed(layer: Tree, key: str) -> Tree:
+    out = dict(layer)
+    out[key] = {k: np.zeros_like(v) for k, v in layer[key].items()}
+    return out
+
+
+def _pass_through_resnet(layer: Tree) -> Tree:
+    """A fresh up-block resnet that returns the hidden half of its ``concat(hidden, skip)`` input."""
+    out = _zeroed(layer, "conv2")
+    kernel = np.asarray(layer["conv_shortcut"]["kernel"])  # (1, 1, hidden + skip, hidden)
+    hidden = kernel.shape[-1]
+    select = np.zeros_like(kernel)
+    select[0, 0, :hidden, :] = np.eye(hidden, dtype=kernel.dtype)
+    out["conv_shortcut"] = {"kernel": select, "bias": np.zeros_like(layer["conv_shortcut"]["bias"])}
+    return out
+
+
+def _down_block(old: Tree, fresh: Tree, old_layers: int) -> Tree:
+    block = dict(old)
+    block["resnets"] = {i: old["resnets"][i] if i < old_layers else _zeroed(fresh["resnets"][i], "conv2")
+                        for i in fresh["resnets"]}
+    if "attentions" in fresh:
+        block["attentions"] = {i: old["attentions"][i] if i < old_layers
+                               else _zeroed(fresh["attentions"][i], "proj_out")
+                               for i in fresh["attentions"]}
+    return block
+
+
+def _up_block(old: Tree, fresh: Tree, old_layers: int, new_layers: int) -> Tree:
+    added = new_layers - old_layers
+
+    def source(i: int) -> int | None:  # which trained layer sits at new index i (None: a new one)
+        if i == 0:
+            return 0
+        return None if i <= added else i - added
+
+    block = dict(old)
+    block["resnets"] = {i: old["resnets"][source(i)] if source(i) is not None
+                        else _pass_through_resnet(fresh["resnets"][i]) for i in fresh["resnets"]}
+    if "attentions" in fresh:
+        block["attentions"] = {i: old["attentions"][source(i)] if source(i) is not None
+                               else _zeroed(fresh["attentions"][i], "proj_out")
+                               for i in fresh["attentions"]}
+    return block
+
+
+def deepen_unet_params(old: Tree, fresh: Tree, old_layers: int, new_layers: int) -> Tree:
+    """``old`` (a UNet's params with ``layers_per_block=old_layers``) grown to the tree of ``fresh``
+    (a freshly initialised UNet with ``new_layers``), computing the same function.
+
+    New layers keep ``fresh``'s random weights except for the parts zeroed (or made a selection)
+    above, so they can learn: a zero ``conv2`` still passes gradient to itself, then to ``conv1``.
+    Trees are ``nnx.to_pure_dict`` params with integer keys for block and layer lists."""
+    if new_layers < old_layers:
+        raise ValueError(f"deepen_unet_params: cannot go from {old_layers} to {new_layers} layers per block")
+    new = dict(old)
+    new["down_blocks"] = {b: _down_block(old["down_blocks"][b], fresh["down_blocks"][b], old_layers)
+                          for b in fresh["down_blocks"]}
+    new["up_blocks"] = {b: _up_block(old["up_blocks"][b], fresh["up_blocks"][b], old_layers, new_layers)
+                        for b in fresh["up_blocks"]}
+    return new
