@@ -430,15 +430,20 @@ def _generation_view(spec: dict[str, Any]) -> dict[str, Any]:
     return {**spec, "config": config}
 
 
-def _check_spec(out: str, spec: dict[str, Any]) -> dict[str, Any]:
-    """Refuse to mix datasets: ``out`` must be empty/new or hold a spec that generates the same data.
-    Returns the spec of record (the stored one, on a resume), which the manifest repeats."""
+def _stored_spec(out: str) -> dict[str, Any] | None:
+    path = os.path.join(out, SPEC_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _check_spec(out: str, spec: dict[str, Any], stored: dict[str, Any] | None) -> dict[str, Any]:
+    """Refuse to mix datasets: ``out`` must be empty/new or hold a spec (``stored``) that generates
+    the same data. Returns the spec of record (the stored one, on a resume), which the manifest repeats."""
     from datasetdm_jax.data import records
 
-    path = os.path.join(out, SPEC_FILE)
-    if os.path.isfile(path):
-        with open(path) as f:
-            stored = json.load(f)
+    if stored is not None:
         old, new = _generation_view(stored), _generation_view(spec)
         if _canonical(old) != _canonical(new):
             raise ValueError(f"{out} holds a dataset made with a different setting ({_first_difference(old, new)}); "
@@ -448,7 +453,7 @@ def _check_spec(out: str, spec: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"{out} is not empty and has no {SPEC_FILE}: not a dataset of `datasetdm generate`; "
                          "choose a new --out")
     os.makedirs(out, exist_ok=True)
-    records.atomic_write(path, json.dumps(spec, indent=1, sort_keys=True))
+    records.atomic_write(os.path.join(out, SPEC_FILE), json.dumps(spec, indent=1, sort_keys=True))
     return spec
 
 
@@ -508,12 +513,12 @@ def generate_dataset(config, num_images: int, out: str, *, config_path: str | No
     spec = {"format": FORMAT, "config": json.loads(config.to_json()), "num_images": num_images,
             "model": _model_fingerprint(str(config.pipeline)), "prompts": source.describe()}
     labeler = labeler or (make_labeler(config, pipe=pipe, config_path=config_path) if todo else None)
+    stored = _stored_spec(out)
     if labeler is not None:
         spec["labeler"] = labeler.describe()
-    elif os.path.isfile(os.path.join(out, SPEC_FILE)):  # nothing left to do here: keep the stored labeller
-        with open(os.path.join(out, SPEC_FILE)) as f:
-            spec["labeler"] = json.load(f).get("labeler")
-    spec = _check_spec(out, spec)
+    elif stored is not None:  # nothing left to do here: keep the stored labeller
+        spec["labeler"] = stored.get("labeler")
+    spec = _check_spec(out, spec, stored)
 
     def count(s):
         return min(shard_size, num_images - s * shard_size)
