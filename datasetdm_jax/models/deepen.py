@@ -44,32 +44,14 @@ def _pass_through_resnet(layer: Tree) -> Tree:
     return out
 
 
-def _down_block(old: Tree, fresh: Tree, old_layers: int) -> Tree:
+def _block(old: Tree, fresh: Tree, source, new_resnet) -> Tree:
+    """A block of ``fresh``'s depth: trained layer ``source(i)`` at index i, or (None) a new layer
+    made from ``fresh``'s (resnet by ``new_resnet``, attention with a zero ``proj_out``)."""
     block = dict(old)
-    block["resnets"] = {i: old["resnets"][i] if i < old_layers else _zeroed(fresh["resnets"][i], "conv2")
-                        for i in fresh["resnets"]}
-    if "attentions" in fresh:
-        block["attentions"] = {i: old["attentions"][i] if i < old_layers
-                               else _zeroed(fresh["attentions"][i], "proj_out")
-                               for i in fresh["attentions"]}
-    return block
-
-
-def _up_block(old: Tree, fresh: Tree, old_layers: int, new_layers: int) -> Tree:
-    added = new_layers - old_layers
-
-    def source(i: int) -> int | None:  # which trained layer sits at new index i (None: a new one)
-        if i == 0:
-            return 0
-        return None if i <= added else i - added
-
-    block = dict(old)
-    block["resnets"] = {i: old["resnets"][source(i)] if source(i) is not None
-                        else _pass_through_resnet(fresh["resnets"][i]) for i in fresh["resnets"]}
-    if "attentions" in fresh:
-        block["attentions"] = {i: old["attentions"][source(i)] if source(i) is not None
-                               else _zeroed(fresh["attentions"][i], "proj_out")
-                               for i in fresh["attentions"]}
+    for kind, make in (("resnets", new_resnet), ("attentions", lambda layer: _zeroed(layer, "proj_out"))):
+        if kind in fresh:
+            block[kind] = {i: make(fresh[kind][i]) if source(i) is None else old[kind][source(i)]
+                           for i in fresh[kind]}
     return block
 
 
@@ -83,8 +65,12 @@ def deepen_unet_params(old: Tree, fresh: Tree, old_layers: int, new_layers: int)
     if new_layers < old_layers:
         raise ValueError(f"deepen_unet_params: cannot go from {old_layers} to {new_layers} layers per block")
     new = dict(old)
-    new["down_blocks"] = {b: _down_block(old["down_blocks"][b], fresh["down_blocks"][b], old_layers)
-                          for b in fresh["down_blocks"]}
-    new["up_blocks"] = {b: _up_block(old["up_blocks"][b], fresh["up_blocks"][b], old_layers, new_layers)
+    added = new_layers - old_layers
+    # Down: trained layers first, identities after. Up: trained layer 0, the pass-throughs, the rest.
+    down = lambda i: i if i < old_layers else None  # noqa: E731
+    up = lambda i: 0 if i == 0 else (None if i <= added else i - added)  # noqa: E731
+    new["down_blocks"] = {b: _block(old["down_blocks"][b], fresh["down_blocks"][b], down,
+                                    lambda layer: _zeroed(layer, "conv2")) for b in fresh["down_blocks"]}
+    new["up_blocks"] = {b: _block(old["up_blocks"][b], fresh["up_blocks"][b], up, _pass_through_resnet)
                         for b in fresh["up_blocks"]}
     return new
