@@ -200,6 +200,15 @@ def get_config(arg=None):
     # with the true caption and with "" (the gap shows how much the caption is used).
     c.diffusion.eval_every = 500
     c.diffusion.eval_timesteps = (50, 250, 500, 750, 950)
+    # The real yardstick as a curve: every `fidelity_every` steps (0 = off), sample
+    # `fidelity_prompts` one-object prompts (and a quarter as many two-object ones) from the EMA
+    # weights and score them with a judge file (`datasetdm fidelity ... --judge train` writes one):
+    # eval/class_fidelity, eval/colour_fidelity, eval/multi_object_presence. ~40 s for 64 prompts here.
+    c.diffusion.fidelity_every = 0
+    c.diffusion.fidelity_judge = ""
+    c.diffusion.fidelity_prompts = 64
+    c.diffusion.fidelity_steps = 25
+    c.diffusion.fidelity_guidance = 3.0
     c.diffusion.checkpoint_every_s = 600.0
 
     if arg == "tiny":

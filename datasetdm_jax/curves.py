@@ -2,7 +2,8 @@
 
 Why a picture: the held-out eps-MSE and the caption gain (unconditional minus conditional eps-MSE,
 the share of denoising the caption explains) are the cheap fidelity proxies tracked during training;
-their trend says whether more steps are worth it before any sampling is done.
+their trend says whether more steps are worth it before any sampling is done. With
+``diffusion.fidelity_every`` the judged class and colour fidelity of samples are plotted too.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ PANELS: tuple[tuple[str, str, str], ...] = (
     ("diffusion", "loss", "diffusion loss (Min-SNR weighted)"),
     ("diffusion", "eval/mse", "held-out eps-MSE (EMA)"),
     ("diffusion", "eval/caption_gain", "caption gain (uncond - cond eps-MSE)"),
+    ("diffusion", "eval/class_fidelity", "class fidelity (judge, one-object prompts)"),
+    ("diffusion", "eval/colour_fidelity", "colour fidelity (judge, one-object prompts)"),
     ("diffusion", "lr", "learning rate"),
 )
 

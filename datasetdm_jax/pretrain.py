@@ -13,7 +13,9 @@ orbax checkpoint folder ``workdir/<stage>/``:
    (latent, caption) with eps-prediction, Min-SNR-gamma weighting, AdamW with warmup + cosine, grad
    clipping, an EMA of the weights and caption dropout for classifier-free guidance. Tracks the EMA
    model's eps-MSE on a fixed held-out batch at fixed timesteps and noise, with the true caption
-   and with the empty one: an honest, cheap proxy (a judge-classifier fidelity is separate work).
+   and with the empty one: an honest, cheap proxy. With ``diffusion.fidelity_every`` and a judge
+   file it also samples prompts from the EMA weights and logs the judged class and colour
+   fidelity (``judge.fidelity``), the yardstick itself, as a curve.
 
 Then the EMA weights are exported as a diffusers-format folder (``export``).
 
@@ -144,6 +146,7 @@ class _Tokens:
     """Closed-vocabulary tokenizer with a caption cache (captions repeat a lot)."""
 
     def __init__(self, folder: str, max_length: int):
+        self.folder = folder
         self.max_length = int(max_length)
         self.tokenizer = tk.load_tokenizer(folder)
         self._cache: dict[str, np.ndarray] = {}
@@ -291,6 +294,8 @@ class _Stage:
     # numpy batch from the data pipeline -> dict of numpy arrays to shard over 'data'.
     host_batch: Callable[[dict], dict]
     meta: dict
+    # Host-side (params) -> metrics dict every ``cfg.fidelity_every`` steps: judged samples.
+    sample_eval: Callable[[Any], dict] | None = None
 
 
 def _append_metrics(workdir: str, record: dict) -> None:
@@ -432,6 +437,16 @@ def _train_stage(st: _Stage, config: ml_collections.ConfigDict, workdir: str,
     eval_every = int(cfg.eval_every)
     bar = tqdm(total=total, initial=start, desc=st.name, dynamic_ncols=True, smoothing=0.05)
 
+    sample_every = max(1, int(cfg.get("fidelity_every", 0)))
+
+    def log_eval(step: int, ev: dict):
+        nonlocal t_log
+        rec = {"stage": st.name, "step": step, **{f"eval/{k}": float(v) for k, v in ev.items()}}
+        _append_metrics(workdir, rec)
+        bar.write(f"{st.name} step {step}: " + ", ".join(
+            f"{k}={v:.4g}" for k, v in rec.items() if k.startswith("eval/")))
+        t_log = time.time()  # evaluation time is not training throughput
+
     def flush(step: int):
         """Fetch pending metrics, stop on a non-finite loss, write the averaged record."""
         nonlocal t_log, n_log, pending
@@ -467,12 +482,10 @@ def _train_stage(st: _Stage, config: ml_collections.ConfigDict, workdir: str,
                     flush(done)
                 if eval_fn is not None and eval_every > 0 and (done % eval_every == 0 or done == total):
                     flush(done)
-                    ev = jax.device_get(eval_fn(state.get("ema", state["params"]), frozen))
-                    rec = {"stage": st.name, "step": done, **{f"eval/{k}": float(v) for k, v in ev.items()}}
-                    _append_metrics(workdir, rec)
-                    bar.write(f"{st.name} step {done}: " + ", ".join(
-                        f"{k}={v:.4g}" for k, v in rec.items() if k.startswith("eval/")))
-                    t_log = time.time()  # evaluation time is not training throughput
+                    log_eval(done, jax.device_get(eval_fn(state.get("ema", state["params"]), frozen)))
+                if st.sample_eval is not None and (done % sample_every == 0 or done == total):
+                    flush(done)
+                    log_eval(done, st.sample_eval(jax.device_get(state.get("ema", state["params"]))))
                 out_of_time = deadline is not None and time.time() >= deadline
                 if budget is not None:
                     budget[0] -= 1
@@ -730,8 +743,36 @@ def _diffusion_stage(config: ml_collections.ConfigDict, workdir: str) -> _Stage:
     def host_batch(b):
         return {"image": np.asarray(b["image"], np.float32), "input_ids": tokens(b["caption"])}
 
+    sample_eval = None
+    if int(dcfg.fidelity_every) > 0:
+        vae_cfg = {**{k: v for k, v in vae_info.items() if k != "_source"}, "scaling_factor": scale}
+        parts = {"vae": (vg, vp, vr, vae_cfg), "unet": (ug, up, ur, unet_cfg),
+                 "text_encoder": (tg, tp, tr, text_cfg)}
+        sample_eval = _fidelity_eval(config, tokens, parts)
     return _Stage("diffusion", dcfg, {"unet": up, "text_encoder": tp}, vp, loss_fn, eval_fn,
-                  host_batch, meta)
+                  host_batch, meta, sample_eval)
+
+
+def _fidelity_eval(config: ml_collections.ConfigDict, tokens: "_Tokens", parts: dict) -> Callable[[Any], dict]:
+    """(EMA params) -> judged fidelity of samples from them: the issue's real yardstick (does the
+    model draw the prompted class and colour, `judge.fidelity`) as a training curve, next to the
+    eps-MSE proxy. One pipeline whose jitted sampler is reused; each call swaps in the weights."""
+    from datasetdm_jax import judge as judge_lib
+
+    dcfg = config.diffusion
+    judge = judge_lib.load_judge(str(dcfg.fidelity_judge))
+    pipe = _assemble_pipeline(config, tokens, parts, jnp.float32)
+
+    def run(weights) -> dict:
+        for name in ("unet", "text_encoder"):
+            graph, _, rest, _ = parts[name]
+            pipe.params[name] = nnx.split(nnx.merge(graph, weights[name], rest))[1]
+        r = judge_lib.fidelity(pipe, judge, num_prompts=int(dcfg.fidelity_prompts), steps=int(dcfg.fidelity_steps),
+                               guidance=float(dcfg.fidelity_guidance), scheduler="pndm", seed=0)
+        return {"class_fidelity": r["single"]["class"], "colour_fidelity": r["single"]["colour"],
+                "multi_object_presence": r["multi"]["classes"]}
+
+    return run
 
 
 # ----------------------------------------------------------------------------------------------
@@ -747,6 +788,23 @@ def _init_step(folder: str) -> int | None:
         return json.load(f).get("diffusion_step")
 
 
+def _assemble_pipeline(config: ml_collections.ConfigDict, tokens: "_Tokens", parts: dict, dtype) -> pretrained.Pipeline:
+    """A `pretrained.Pipeline` of trained parts, name -> (graph, params, rest, config dict), with
+    floating weights in ``dtype``: what ``export`` writes and what the fidelity curve samples from."""
+    graphdefs, params, model_configs = {}, {}, {}
+    for name, (graph, p, rest, cfg) in parts.items():
+        p = jax.tree.map(lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, p)
+        model = nnx.merge(graph, p, rest)
+        graphdefs[name], params[name] = nnx.split(model)
+        mc = getattr(model, "config", None)  # re-parsed: the VAE's scaling_factor is new
+        model_configs[name] = type(mc).from_dict(cfg) if hasattr(mc, "from_dict") else cfg
+    return pretrained.Pipeline(
+        tokenizer=tokens.tokenizer, graphdefs=graphdefs, params=params, model_configs=model_configs,
+        configs={name: cfg for name, (_, _, _, cfg) in parts.items()},
+        scheduler_config=_plain(config.scheduler.to_dict()), dtype=dtype, tokenizer_path=tokens.folder,
+        model_index={"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1"})
+
+
 def export(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None = None) -> str:
     """Write the diffusers-format folder via ``pretrained.save_pipeline``: EMA weights of the latest
     diffusion checkpoint, the VAE with its measured ``scaling_factor``, the closed-vocabulary
@@ -754,8 +812,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None 
     folder (default ``<workdir>/model``)."""
     out_dir = out_dir or config.export_dir or os.path.join(workdir, "model")
     seed = int(config.seed)
-    tok_folder = _ensure_tokenizer(workdir, config)
-    tokens = _Tokens(tok_folder, config.tokenizer.max_length)
+    tokens = _Tokens(_ensure_tokenizer(workdir, config), config.tokenizer.max_length)
     vg, vp, vr, vae_cfg = _export_vae(config, workdir)
     text_cfg = _text_encoder_dict(config, tokens.tokenizer)
     unet_cfg = _plain(config.unet.to_dict())
@@ -775,18 +832,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None 
     vae_cfg["scaling_factor"] = meta["scaling_factor"]
     parts = {"vae": (vg, vp, vr, vae_cfg), "unet": (ug, weights["unet"], ur, unet_cfg),
              "text_encoder": (tg, weights["text_encoder"], tr, text_cfg)}
-    graphdefs, params, model_configs = {}, {}, {}
-    for name, (graph, p, rest, cfg) in parts.items():
-        p = jax.tree.map(lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, p)
-        model = nnx.merge(graph, p, rest)
-        graphdefs[name], params[name] = nnx.split(model)
-        mc = getattr(model, "config", None)  # re-parsed: the VAE's scaling_factor is new
-        model_configs[name] = type(mc).from_dict(cfg) if hasattr(mc, "from_dict") else cfg
-    pipe = pretrained.Pipeline(
-        tokenizer=tokens.tokenizer, graphdefs=graphdefs, params=params, model_configs=model_configs,
-        configs={"vae": vae_cfg, "unet": unet_cfg, "text_encoder": text_cfg},
-        scheduler_config=_plain(config.scheduler.to_dict()), dtype=dtype, tokenizer_path=tok_folder,
-        model_index={"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1"})
+    pipe = _assemble_pipeline(config, tokens, parts, dtype)
     path = pretrained.save_pipeline(pipe, out_dir, overwrite=True)
     with open(os.path.join(path, "training.json"), "w") as f:
         json.dump({"diffusion_step": meta.get("init_step", 0) + meta["step"], "weights": "EMA", "dtype": str(dtype),
@@ -802,6 +848,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> bool:
     """Run (or resume) every stage in ``config.stages``, then export. Returns True when all stages
     are complete, False when stopped early by ``config.max_seconds``, ``config.max_steps`` or
     SIGTERM (rerun the same command to go on)."""
+    if int(config.diffusion.fidelity_every) > 0 and not os.path.isfile(str(config.diffusion.fidelity_judge)):
+        raise ValueError(f"diffusion.fidelity_every > 0 needs diffusion.fidelity_judge, a judge file (got "
+                         f"{str(config.diffusion.fidelity_judge)!r}; `datasetdm fidelity --model DIR --judge train "
+                         "--out OUT` writes OUT/judge.msgpack)")
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json(indent=2))

@@ -188,6 +188,43 @@ def test_warm_start_into_a_deeper_unet(tiny_run, tmp_path):
         np.testing.assert_allclose(float(got[k]), float(want[k]), rtol=1e-4, atol=1e-6, err_msg=k)
 
 
+def test_fidelity_curve_judges_samples_of_the_ema_weights(tiny_run, tmp_path, monkeypatch):
+    """diffusion.fidelity_every: every step here, the judge scores samples of the current EMA
+    weights; the last step's images and scores are those of the folder the run exports."""
+    import jax.numpy as jnp
+
+    from datasetdm_jax import judge as J
+    from datasetdm_jax import pretrained
+
+    _, workdir = tiny_run
+    judge_file = str(tmp_path / "judge.msgpack")
+    J.save_judge(nnx.split(J.JudgeNet(16, 8, rngs=nnx.Rngs(3))), judge_file)
+    judged = []
+    predict = J.predict
+    monkeypatch.setattr(J, "predict", lambda judge, images, **kw: judged.append(np.asarray(images)) or
+                        predict(judge, images, **kw))
+    settings = ["diffusion.fidelity_prompts=8", "diffusion.fidelity_steps=2", "diffusion.fidelity_guidance=3.0"]
+    c = load_config(TINY, [f"init_from={os.path.join(workdir, 'model')}", "stages=('diffusion',)", "diffusion.steps=2",
+                           "diffusion.eval_every=0", "diffusion.fidelity_every=1",
+                           f"diffusion.fidelity_judge={judge_file}", "export_dtype=float32", *settings])
+    out = str(tmp_path / "run")
+    assert pretrain.run(c, out) is True
+    recs = [r for r in _metrics(out) if "eval/class_fidelity" in r]
+    assert [r["step"] for r in recs] == [1, 2]
+    logged = judged[-2:]  # the last eval's one- and two-object samples
+    judged.clear()
+    report = J.fidelity(pretrained.load_pipeline(os.path.join(out, "model"), jnp.float32), J.load_judge(judge_file),
+                        num_prompts=8, steps=2, guidance=3.0, scheduler="pndm", seed=0)
+    assert len(judged) == 2 and logged[0].shape == judged[0].shape == (8, 16, 16, 3)
+    for a, b in zip(logged, judged):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert recs[-1]["eval/class_fidelity"] == report["single"]["class"]
+    assert recs[-1]["eval/colour_fidelity"] == report["single"]["colour"]
+    assert recs[-1]["eval/multi_object_presence"] == report["multi"]["classes"]
+    with pytest.raises(ValueError, match="fidelity_judge"):
+        pretrain.run(load_config(TINY, ["diffusion.fidelity_every=1"]), str(tmp_path / "nojudge"))
+
+
 def _vae_weights(folder):
     from datasetdm_jax import pretrained
 
