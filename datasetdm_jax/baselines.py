@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -165,9 +165,10 @@ def load_params(scratch: Scratch, path: str | os.PathLike) -> Any:
 
 
 def predict_split(scratch: Scratch, params: Any, split: str | None = None, num: int | None = None,
-                  seed: int | None = None):
+                  seed: int | None = None, transform: Callable[[np.ndarray], np.ndarray] | None = None):
     """Yields (the model's labels, the source batch) over ``num`` images of ``split`` (defaults:
-    ``config.eval``), in order, as ``train.predict_split``."""
+    ``config.eval``), in order, as ``train.predict_split``. ``transform`` maps each batch of
+    images (in [-1, 1]) before the model sees them (e.g. a VAE round trip)."""
     from datasetdm_jax import train
     from datasetdm_jax.data import pipeline
 
@@ -175,7 +176,8 @@ def predict_split(scratch: Scratch, params: Any, split: str | None = None, num: 
     src = train.data_source(config, str(split or ecfg.split), int(num or ecfg.num_images),
                             int(ecfg.get("seed", config.data.seed) if seed is None else seed))
     for b in pipeline.grain_dataset(src, int(ecfg.batch_size), None, drop_remainder=False):
-        yield jax.device_get(scratch.predict_fn(params, np.asarray(b["image"], np.float32))), b
+        images = np.asarray(b["image"], np.float32)
+        yield jax.device_get(scratch.predict_fn(params, transform(images) if transform else images)), b
 
 
 def evaluate(scratch: Scratch, params: Any, split: str | None = None, num: int | None = None,

@@ -23,3 +23,18 @@ def test_baseline_trains_and_scores(task, tmp_path):
     assert np.isfinite(res[key]) and 0.0 <= res[key] <= 1.0, res
     assert res["params"] > 0 and res["steps"] == 2
     assert json.load(open(tmp_path / baselines.RESULTS_FILE)) == res
+
+
+def test_predict_split_transform_changes_what_the_model_sees():
+    """`transform` maps the images before the model (the depth diagnosis feeds it VAE round trips)."""
+    config = load_config(os.path.join(CONFIGS, "shapes_depth.py") + ":tiny")
+    scratch = baselines.Scratch(config, 4)
+    params = scratch.init_params
+    seen = []
+    plain = [p["depth"] for p, _ in baselines.predict_split(scratch, params, "test", 4, 0)]
+    flat = [p["depth"] for p, _ in baselines.predict_split(
+        scratch, params, "test", 4, 0, transform=lambda x: seen.append(x) or np.zeros_like(x))]
+    assert len(seen) == len(flat) and seen[0].min() < 0 < seen[0].max()  # real images in [-1, 1]
+    want = np.asarray(scratch.predict_fn(params, np.zeros_like(seen[0]))["depth"])
+    np.testing.assert_allclose(flat[0], want, rtol=1e-6)
+    assert not np.allclose(plain[0], flat[0])

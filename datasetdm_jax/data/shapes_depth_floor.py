@@ -5,7 +5,9 @@ to the +-10 % jitter the world draws) and guesses the background plane from the 
 near and far ends are drawn per scene and are not visible in the image). Capping its output at a
 depth head's ``max_depth`` shows what that range costs. ``--proof DIR`` (a `datasetdm proof` depth
 row folder, e.g. runs/proof/depth) also splits the REL of its trained P-Decoder and scratch model by
-region: the band around object outlines, object interiors, background interiors. Run:
+region: the band around object outlines, object interiors, background interiors; and the scratch
+model once more on the test images after a round trip through the SD's VAE (posterior mean,
+decoded): the detail the P-Decoder's latent-derived features can carry at most. Run:
 
     python -m datasetdm_jax.data.shapes_depth_floor [NUM_IMAGES] [CAP ...] [--proof DIR]
 """
@@ -79,7 +81,12 @@ def _proof_predictions(row_dir: str, num_images: int) -> tuple[dict[str, np.ndar
     scratch = baselines.Scratch(cfg, width)
     sp = baselines.load_params(scratch, Path(row_dir, "scratch", "params.msgpack"))
     sc = [pred["depth"] for pred, _ in baselines.predict_split(scratch, sp, "test", num_images, seed)]
-    return {"P-Decoder": np.concatenate(preds), "scratch": np.concatenate(sc)}, np.concatenate(gts), np.concatenate(ids)
+    pipe = trainer.pipe  # its VAE methods are jitted; encode keeps the posterior mean
+    round_trip = lambda x: np.clip(np.asarray(pipe.vae_decode(pipe.vae_encode(x))), -1.0, 1.0)  # noqa: E731
+    rt = [pred["depth"] for pred, _ in baselines.predict_split(scratch, sp, "test", num_images, seed,
+                                                               transform=round_trip)]
+    return ({"P-Decoder": np.concatenate(preds), "scratch": np.concatenate(sc),
+             "scratch, VAE round trip": np.concatenate(rt)}, np.concatenate(gts), np.concatenate(ids))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
