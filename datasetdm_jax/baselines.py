@@ -97,11 +97,24 @@ def match_width(config: ml_collections.ConfigDict, target: int, widths: Sequence
     return min(widths, key=lambda w: abs(np.log(scratch_params(config, int(w)) / max(int(target), 1))))
 
 
+def input_transform(config: ml_collections.ConfigDict) -> Callable[[np.ndarray], np.ndarray] | None:
+    """``baseline.vae_round_trip``: every image (in [-1, 1]) goes through the frozen SD's VAE
+    (posterior mean, decoded) before the scratch model sees it, in training and in evaluation.
+    A control: a scratch model that sees only what the latent keeps, as the P-Decoder does."""
+    if not (config.get("baseline") or {}).get("vae_round_trip", False):
+        return None
+    from datasetdm_jax.train import load_frozen_pipeline
+
+    pipe = load_frozen_pipeline(str(config.pipeline))
+    return lambda x: np.clip(np.asarray(pipe.vae_decode(pipe.vae_encode(x)), np.float32), -1.0, 1.0)
+
+
 class Scratch:
-    """A ScratchModel for a train config, with its jitted train step and prediction."""
+    """A ScratchModel for a train config, with its jitted train step, prediction and input transform."""
 
     def __init__(self, config: ml_collections.ConfigDict, width: int):
         self.config, self.width = config, int(width)
+        self.transform = input_transform(config)
         self.spec = spec = tasks.spec_from_config(config)
         model = ScratchModel(spec, config.decoder.to_dict(), self.width, rngs=nnx.Rngs(int(config.seed)))
         graph, params, rest = nnx.split(model, nnx.Param, ...)
@@ -146,6 +159,8 @@ def train_scratch(config: ml_collections.ConfigDict, *, steps: int | None = None
     c0 = time.process_time()
     for step in tqdm(range(steps), desc=f"baseline {scratch.spec.task}", disable=not progress, dynamic_ncols=True):
         batch = _host_batch(scratch.spec.task, next(it), seed, step, flip)
+        if scratch.transform is not None:
+            batch["image"] = scratch.transform(batch["image"])
         params, opt, loss = scratch.step_fn(params, opt, batch, step)
         if not np.isfinite(float(loss)):
             raise train.TrainingDiverged(f"baseline: loss is {float(loss)} at step {step + 1}")
@@ -168,13 +183,14 @@ def predict_split(scratch: Scratch, params: Any, split: str | None = None, num: 
                   seed: int | None = None, transform: Callable[[np.ndarray], np.ndarray] | None = None):
     """Yields (the model's labels, the source batch) over ``num`` images of ``split`` (defaults:
     ``config.eval``), in order, as ``train.predict_split``. ``transform`` maps each batch of
-    images (in [-1, 1]) before the model sees them (e.g. a VAE round trip)."""
+    images (in [-1, 1]) before the model sees them (default: the model's own, `input_transform`)."""
     from datasetdm_jax import train
     from datasetdm_jax.data import pipeline
 
     config, ecfg = scratch.config, scratch.config.eval
     src = train.data_source(config, str(split or ecfg.split), int(num or ecfg.num_images),
                             int(ecfg.get("seed", config.data.seed) if seed is None else seed))
+    transform = transform or scratch.transform
     for b in pipeline.grain_dataset(src, int(ecfg.batch_size), None, drop_remainder=False):
         images = np.asarray(b["image"], np.float32)
         yield jax.device_get(scratch.predict_fn(params, transform(images) if transform else images)), b
@@ -197,7 +213,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, *, steps: int | None =
     when ``workdir`` is given.
     """
     scratch, params, _ = train_scratch(config, steps=steps, width=width, progress=progress)
-    res = {"task": scratch.spec.task, "model": f"scratch conv backbone (width {scratch.width}) + the same head",
+    seen = ", images through the SD's VAE first" if scratch.transform is not None else ""
+    res = {"task": scratch.spec.task, "model": f"scratch conv backbone (width {scratch.width}) + the same head{seen}",
            "steps": int(steps or config.steps), "params": scratch.num_params, **evaluate(scratch, params)}
     if workdir:
         os.makedirs(workdir, exist_ok=True)

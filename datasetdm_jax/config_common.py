@@ -55,7 +55,9 @@ def shapes_pdecoder(task: str, **training: Any) -> ConfigDict:
     # A val metric (e.g. 'AP'; 'rel' and 'rmse' are minimised): the decoder of its best score is the one
     # tested and loaded (early stopping); '' = the last step's.
     c.select_metric = ""
-    c.baseline = ConfigDict(dict(width=32))  # `datasetdm baseline`: the scratch backbone's base width
+    # `datasetdm baseline`: the scratch backbone's base width; vae_round_trip: a control that shows
+    # the scratch model only what the SD's latent keeps of each image (baselines.input_transform).
+    c.baseline = ConfigDict(dict(width=32, vae_round_trip=False))
     c.checkpoint_every_s = 300.0
     c.keep_checkpoints = 2
     c.data = ConfigDict(dict(split="train_labelled", num_images=100, seed=0, image_size=64, flip=True))

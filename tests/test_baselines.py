@@ -38,3 +38,20 @@ def test_predict_split_transform_changes_what_the_model_sees():
     want = np.asarray(scratch.predict_fn(params, np.zeros_like(seen[0]))["depth"])
     np.testing.assert_allclose(flat[0], want, rtol=1e-6)
     assert not np.allclose(plain[0], flat[0])
+
+
+def test_vae_round_trip_control_sees_what_the_latent_keeps():
+    """`baseline.vae_round_trip`: training and scoring images go through the frozen SD's VAE."""
+    from datasetdm_jax.train import load_frozen_pipeline
+
+    path = os.path.join(CONFIGS, "shapes_depth.py") + ":tiny"
+    assert baselines.Scratch(load_config(path), 4).transform is None
+    config = load_config(path, ["baseline.vae_round_trip=True"])
+    scratch = baselines.Scratch(config, 4)
+    x = np.random.default_rng(0).uniform(-1, 1, (2, config.data.image_size, config.data.image_size, 3)).astype(np.float32)
+    pipe = load_frozen_pipeline(str(config.pipeline))
+    np.testing.assert_allclose(scratch.transform(x), np.clip(np.asarray(pipe.vae_decode(pipe.vae_encode(x))), -1, 1),
+                               atol=1e-6)
+    assert np.abs(scratch.transform(x) - x).mean() > 0.05  # noise does not survive the 4x latent
+    res = baselines.train_and_evaluate(config, steps=2, width=4, progress=False)
+    assert "VAE" in res["model"] and np.isfinite(res["rel"]) and res["steps"] == 2
