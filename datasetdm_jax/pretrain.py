@@ -745,8 +745,7 @@ def _diffusion_stage(config: ml_collections.ConfigDict, workdir: str) -> _Stage:
 
     sample_eval = None
     if int(dcfg.fidelity_every) > 0:
-        vae_cfg = {**{k: v for k, v in vae_info.items() if k != "_source"}, "scaling_factor": scale}
-        parts = {"vae": (vg, vp, vr, vae_cfg), "unet": (ug, up, ur, unet_cfg),
+        parts = {"vae": (vg, vp, vr, _vae_config(vae_info, scale)), "unet": (ug, up, ur, unet_cfg),
                  "text_encoder": (tg, tp, tr, text_cfg)}
         sample_eval = _fidelity_eval(config, tokens, parts)
     return _Stage("diffusion", dcfg, {"unet": up, "text_encoder": tp}, vp, loss_fn, eval_fn,
@@ -788,6 +787,12 @@ def _init_step(folder: str) -> int | None:
         return json.load(f).get("diffusion_step")
 
 
+def _vae_config(info: dict, scaling_factor: float) -> dict:
+    """The VAE's config.json as shipped: ``_frozen_vae``'s info without its ``_source`` tag, with
+    the latent scale measured for (or carried into) the diffusion stage."""
+    return {**{k: v for k, v in info.items() if k != "_source"}, "scaling_factor": float(scaling_factor)}
+
+
 def _assemble_pipeline(config: ml_collections.ConfigDict, tokens: "_Tokens", parts: dict, dtype) -> pretrained.Pipeline:
     """A `pretrained.Pipeline` of trained parts, name -> (graph, params, rest, config dict), with
     floating weights in ``dtype``: what ``export`` writes and what the fidelity curve samples from."""
@@ -813,7 +818,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None 
     out_dir = out_dir or config.export_dir or os.path.join(workdir, "model")
     seed = int(config.seed)
     tokens = _Tokens(_ensure_tokenizer(workdir, config), config.tokenizer.max_length)
-    vg, vp, vr, vae_cfg = _export_vae(config, workdir)
+    vg, vp, vr, vae_info = _export_vae(config, workdir)
     text_cfg = _text_encoder_dict(config, tokens.tokenizer)
     unet_cfg = _plain(config.unet.to_dict())
     ug, up, ur = _split(_build("unet", unet_cfg, seed + 1))
@@ -828,9 +833,8 @@ def export(config: ml_collections.ConfigDict, workdir: str, out_dir: str | None 
         meta = {"step": _init_step(config.init_from),
                 "scaling_factor": float(source.configs["vae"]["scaling_factor"])}
     dtype = jnp.dtype(config.export_dtype)
-    vae_cfg = {k: v for k, v in vae_cfg.items() if k != "_source"}
-    vae_cfg["scaling_factor"] = meta["scaling_factor"]
-    parts = {"vae": (vg, vp, vr, vae_cfg), "unet": (ug, weights["unet"], ur, unet_cfg),
+    parts = {"vae": (vg, vp, vr, _vae_config(vae_info, meta["scaling_factor"])),
+             "unet": (ug, weights["unet"], ur, unet_cfg),
              "text_encoder": (tg, weights["text_encoder"], tr, text_cfg)}
     pipe = _assemble_pipeline(config, tokens, parts, dtype)
     path = pretrained.save_pipeline(pipe, out_dir, overwrite=True)

@@ -81,10 +81,8 @@ def _proof_predictions(row_dir: str, num_images: int) -> tuple[dict[str, np.ndar
     scratch = baselines.Scratch(cfg, width)
     sp = baselines.load_params(scratch, Path(row_dir, "scratch", "params.msgpack"))
     sc = [pred["depth"] for pred, _ in baselines.predict_split(scratch, sp, "test", num_images, seed)]
-    pipe = trainer.pipe  # its VAE methods are jitted; encode keeps the posterior mean
-    round_trip = lambda x: np.clip(np.asarray(pipe.vae_decode(pipe.vae_encode(x))), -1.0, 1.0)  # noqa: E731
-    rt = [pred["depth"] for pred, _ in baselines.predict_split(scratch, sp, "test", num_images, seed,
-                                                               transform=round_trip)]
+    rt = [pred["depth"] for pred, _ in baselines.predict_split(
+        scratch, sp, "test", num_images, seed, transform=baselines.vae_round_trip(trainer.pipe))]
     return ({"P-Decoder": np.concatenate(preds), "scratch": np.concatenate(sc),
              "scratch, VAE round trip": np.concatenate(rt)}, np.concatenate(gts), np.concatenate(ids))
 
