@@ -33,7 +33,7 @@ def _vae(block_out_channels, norm_num_groups, sample_size):
 
 
 def _unet(block_out_channels, down_block_types, up_block_types, norm_num_groups, heads,
-                    cross_attention_dim, sample_size):
+                    cross_attention_dim, sample_size, layers_per_block):
     """diffusers UNet2DConditionModel config.json (SD 1.x layout, smaller widths)."""
     return dict(
         _class_name="UNet2DConditionModel",
@@ -50,7 +50,7 @@ def _unet(block_out_channels, down_block_types, up_block_types, norm_num_groups,
         freq_shift=0,
         in_channels=4,
         out_channels=4,
-        layers_per_block=1,
+        layers_per_block=layers_per_block,
         mid_block_scale_factor=1,
         norm_eps=1e-5,
         norm_num_groups=norm_num_groups,
@@ -100,7 +100,8 @@ SD1_SCHEDULER = dict(
 
 
 def get_config(arg=None):
-    """Default: 64 px, VAE (16, 32, 64) -> 16x16x4, UNet (32, 64, 128), 24-token captions. ``arg='tiny'``: 16 px."""
+    """Default: 64 px, VAE (16, 32, 64) -> 16x16x4, UNet (32, 64, 128) x 2 layers per block,
+    24-token captions. ``arg='tiny'``: 16 px."""
     c = ml_collections.ConfigDict()
     c.seed = 0                    # model init, noise, timesteps, caption dropout (folded with step)
     c.stages = ("vae", "vae_decoder", "diffusion")  # run in order; each resumes from workdir/<stage>/
@@ -173,7 +174,8 @@ def get_config(arg=None):
     c.unet = _unet((32, 64, 128),
                    ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                    ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                   norm_num_groups=32, heads=4, cross_attention_dim=192, sample_size=16)
+                   norm_num_groups=32, heads=4, cross_attention_dim=192, sample_size=16,
+                   layers_per_block=2)
     c.text_encoder = _text_encoder(hidden_size=192, layers=4, heads=4, max_length=24)
     c.scheduler = dict(SD1_SCHEDULER)
 
@@ -183,7 +185,9 @@ def get_config(arg=None):
     # with steps=11000 (lr 8.4e-4), to 10,000 with steps=10000 and to 14,000 with steps=14000
     # (after the vae_decoder stage); ~1.2 steps/s here (40 img/s), 46 + 95 + 55 min; then three
     # warm-started legs (init_from the shipped folder, lr 5e-4): +3,000 (17,000), +4,000 (21,000)
-    # and +4,500 (25,500, the shipped model; README). A single 14,000-step run is the plain recipe.
+    # and +4,500 (25,500), all with unet.layers_per_block=1; then the UNet was grown to 2 layers
+    # per block (models/deepen.py) and trained +5,000 (30,500, the shipped model; README). A single
+    # 14,000-step run is the plain recipe.
     c.diffusion.steps = 14000
     c.diffusion.batch_size = 32   # pilots: batch 64 gave no img/s gain on 2 CPU cores; more steps win
     c.diffusion.lr = 1e-3
@@ -229,7 +233,8 @@ def get_config(arg=None):
         c.vae_decoder.eval_every = 2
         c.unet = _unet((16, 32), ("CrossAttnDownBlock2D", "DownBlock2D"),
                        ("UpBlock2D", "CrossAttnUpBlock2D"),
-                       norm_num_groups=4, heads=2, cross_attention_dim=32, sample_size=8)
+                       norm_num_groups=4, heads=2, cross_attention_dim=32, sample_size=8,
+                       layers_per_block=1)
         c.text_encoder = _text_encoder(hidden_size=32, layers=2, heads=2, max_length=77)
         c.diffusion.steps = 6
         c.diffusion.batch_size = 4
