@@ -44,7 +44,7 @@ import shutil
 import signal
 import threading
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -214,6 +214,14 @@ def _init_pipeline(folder: str) -> pretrained.Pipeline:
     return pretrained.load_pipeline(folder, jnp.float32)
 
 
+def config_conflicts(cfg: Mapping[str, Any], theirs: Mapping[str, Any], ignore: Collection[str] = ()) -> list[str]:
+    """Keys that ``cfg`` sets and a folder's config.json ``theirs`` holds with another value (private
+    ``_`` keys and the VAE's export-time ``scaling_factor`` aside): what stops a warm start."""
+    return sorted(k for k, v in cfg.items()
+                  if not k.startswith("_") and k != "scaling_factor" and k not in ignore
+                  and k in theirs and _plain(theirs[k]) != v)
+
+
 def _init_weights(config: ml_collections.ConfigDict, name: str, cfg: Mapping[str, Any],
                   params: dict) -> dict:
     """``name``'s fp32 weights from the ``config.init_from`` folder, in the tree of ``params``.
@@ -225,9 +233,7 @@ def _init_weights(config: ml_collections.ConfigDict, name: str, cfg: Mapping[str
     pipe = _init_pipeline(os.path.abspath(config.init_from))
     theirs = pipe.configs[name]
     growable = {"layers_per_block"} if name == "unet" and cfg.get("layers_per_block", 0) > theirs.get("layers_per_block", 0) else set()
-    diff = sorted(k for k, v in cfg.items()
-                  if not k.startswith("_") and k != "scaling_factor" and k not in growable
-                  and k in theirs and _plain(theirs[k]) != v)
+    diff = config_conflicts(cfg, theirs, growable)
     if diff:
         raise ValueError(f"init_from: {config.init_from}/{name}/config.json differs from the config on "
                          + ", ".join(f"{k} ({theirs[k]!r} there, {cfg[k]!r} here)" for k in diff))

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from datasetdm_jax import assets, generate, pretrained
+from datasetdm_jax import assets, generate, pretrain, pretrained
+from datasetdm_jax.config_utils import load_config
 from tiny_sd import nchw, rel_err
 
 PROMPTS = ["a red circle on a plain background", "a blue person and a green square on a dark striped background"]
 STEPS = 3
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +30,15 @@ def test_shipped_model_is_small_and_safetensors_only(model_dir):
     assert sum(os.path.getsize(f) for f in files) < 25 * 2**20
     index = json.load(open(os.path.join(model_dir, "model_index.json")))
     assert index["_class_name"] == "StableDiffusionPipeline"
+
+
+def test_shapes_sd_config_describes_the_shipped_model(model_dir):
+    """So that `datasetdm pretrain init_from=<shipped folder>` continues training without overrides."""
+    config = load_config(os.path.join(ROOT, "configs", "shapes_sd.py"))
+    for name, cfg in (("unet", config.unet), ("vae", config.vae.model)):
+        theirs = json.load(open(os.path.join(model_dir, name, "config.json")))
+        assert pretrain.config_conflicts(pretrain._plain(cfg.to_dict()), theirs) == [], name
+    assert pretrain.config_conflicts({"layers_per_block": 1}, {"layers_per_block": 2}) == ["layers_per_block"]
 
 
 def test_our_loader_and_diffusers_sample_the_same_images(model_dir):
