@@ -219,7 +219,7 @@ def config_conflicts(cfg: Mapping[str, Any], theirs: Mapping[str, Any], ignore: 
     ``_`` keys and the VAE's export-time ``scaling_factor`` aside): what stops a warm start."""
     return sorted(k for k, v in cfg.items()
                   if not k.startswith("_") and k != "scaling_factor" and k not in ignore
-                  and k in theirs and _plain(theirs[k]) != v)
+                  and k in theirs and _plain(theirs[k]) != _plain(v))
 
 
 def _init_weights(config: ml_collections.ConfigDict, name: str, cfg: Mapping[str, Any],

@@ -37,7 +37,7 @@ def test_shapes_sd_config_describes_the_shipped_model(model_dir):
     config = load_config(os.path.join(ROOT, "configs", "shapes_sd.py"))
     for name, cfg in (("unet", config.unet), ("vae", config.vae.model)):
         theirs = json.load(open(os.path.join(model_dir, name, "config.json")))
-        assert pretrain.config_conflicts(pretrain._plain(cfg.to_dict()), theirs) == [], name
+        assert pretrain.config_conflicts(cfg.to_dict(), theirs) == [], name
     assert pretrain.config_conflicts({"layers_per_block": 1}, {"layers_per_block": 2}) == ["layers_per_block"]
 
 
