@@ -24,6 +24,14 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 COLAB = os.path.join(ROOT, "colab")
 CACHE = os.path.join(ROOT, ".jax_cache")
 TINY_DECODER = {"hidden": 32, "num_queries": 21, "num_layers": 2, "heads": 4, "ffn": 64}
+# The shipped model and every stage of the small demo, at the fewest steps and images that still
+# exercise each cell (the notebook's own OVERRIDES parameter; the small demo as it is took 4.3 min).
+_FEW = "('data.num_images=16', 'val.num_images=8')"
+QUICKSTART_OVERRIDES = [
+    "decoders.semantic.steps=8", "decoders.depth.steps=8", "decoders.semantic.eval_images=8",
+    "decoders.depth.eval_images=8", f"decoders.semantic.overrides={_FEW}", f"decoders.depth.overrides={_FEW}",
+    "generate.num_images=16", "generate.steps=4", "generate.shard_size=16",
+    "downstream.semantic_steps=8", "downstream.depth_steps=8", "downstream.test_images=16"]
 
 
 @pytest.fixture(autouse=True)
@@ -94,7 +102,7 @@ def test_stable_diffusion_tpu_notebook(tmp_path):
 def test_quickstart_notebook(tmp_path):
     _downloads_guarded("quickstart.ipynb")
     workdir = tmp_path / "demo_small"
-    nb = _execute("quickstart.ipynb", dict(WORKDIR=str(workdir)), timeout=900)
+    nb = _execute("quickstart.ipynb", dict(WORKDIR=str(workdir), OVERRIDES=QUICKSTART_OVERRIDES), timeout=900)
     report = json.loads((workdir / "report.json").read_text())
     down = report["downstream"]
     assert {"real", "synthetic", "real+synthetic"} <= set(down["rows"])  # rows (a)-(c), and any more
@@ -102,7 +110,7 @@ def test_quickstart_notebook(tmp_path):
         for row in ("real", "synthetic", "real+synthetic"):
             for split in down["test_splits"]:
                 assert down[task][row][split][metric] >= 0
-    small = load_config(os.path.join(ROOT, "configs", "shapes_demo.py:small"))
+    small = load_config(os.path.join(ROOT, "configs", "shapes_demo.py:small"), QUICKSTART_OVERRIDES)
     assert report["generated"]["images"] == small.generate.num_images and report["claims"]
     text = "".join(_outputs(nb, "text"))
     assert compare.format_table(down) in text  # the printed table

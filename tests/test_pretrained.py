@@ -43,8 +43,9 @@ def test_encode_prompt_matches_transformers(pipe, torch_pipe):
     emb = pipe.encode_prompt(PROMPTS)
     assert emb.shape == (2, 77, 32) and emb.dtype == jnp.float32
     assert rel_err(emb, ref) < 1e-4
+    traces = pipe._jits["encode"]._cache_size()  # the session's pipe may hold other shapes' traces
     pipe.encode_prompt(PROMPTS[::-1])  # same shapes: no retrace
-    assert pipe._jits["encode"]._cache_size() == 1
+    assert pipe._jits["encode"]._cache_size() == traces
 
     skip1 = dataclasses.replace(pipe, clip_skip=1)
     te = torch_pipe.text_encoder
@@ -78,12 +79,14 @@ def test_unet_matches_diffusers(pipe, torch_pipe):
     rng = np.random.default_rng(1)
     latents = rng.standard_normal((2, tiny_sd.LATENT_SIZE, tiny_sd.LATENT_SIZE, 4)).astype(np.float32)
     emb = rng.standard_normal((2, 77, 32)).astype(np.float32)
+    traces = []  # the session's pipe may already hold traces of other shapes: count the growth
     for t in (500, np.array([10, 900])):
         with torch.no_grad():
             ref = nhwc(torch_pipe.unet(nchw(latents), torch.as_tensor(t), torch.from_numpy(emb)).sample)
         eps = pipe.unet_apply(latents, t, emb)
         assert rel_err(eps, ref) < 1e-4
-    assert pipe._jits["unet"]._cache_size() == 1  # scalar and (B,) t share one trace
+        traces.append(pipe._jits["unet"]._cache_size())
+    assert traces[1] == traces[0]  # scalar and (B,) t share one trace
 
     eps_c, feats = pipe.unet_apply(latents, 500, emb, capture="datasetdm")
     np.testing.assert_allclose(eps_c, pipe.unet_apply(latents, 500, emb), rtol=1e-5, atol=1e-6)
