@@ -18,9 +18,12 @@ def _diffusers_images(torch_pipe, scheduler, steps, guidance, latents):
            "dpmpp_2m": diffusers.DPMSolverMultistepScheduler}[scheduler]
     # SD 1.5's scheduler_config.json says clip_sample=false; the tiny PNDM config omits the key, and
     # diffusers' DDIM would then fall back to its own default (True), which SD never uses.
-    torch_pipe.scheduler = cls.from_config(torch_pipe.scheduler.config, clip_sample=False)
+    # A new pipeline object over the same modules: the session-shared torch_pipe keeps its scheduler
+    # (other tests, in whatever order xdist runs them, sample it with the folder's PNDM).
+    pipe = type(torch_pipe)(**{**torch_pipe.components,
+                               "scheduler": cls.from_config(torch_pipe.scheduler.config, clip_sample=False)})
     with torch.no_grad():
-        out = torch_pipe(PROMPTS, num_inference_steps=steps, guidance_scale=guidance, latents=nchw(latents),
+        out = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=guidance, latents=nchw(latents),
                          output_type="np")
     return out.images
 
