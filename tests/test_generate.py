@@ -24,7 +24,7 @@ def _diffusers_images(torch_pipe, scheduler, steps, guidance, latents):
                                "scheduler": cls.from_config(torch_pipe.scheduler.config, clip_sample=False)})
     with torch.no_grad():
         out = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=guidance, latents=nchw(latents),
-                         output_type="np")
+                   output_type="np")
     return out.images
 
 
