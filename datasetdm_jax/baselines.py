@@ -97,12 +97,6 @@ def match_width(config: ml_collections.ConfigDict, target: int, widths: Sequence
     return min(widths, key=lambda w: abs(np.log(scratch_params(config, int(w)) / max(int(target), 1))))
 
 
-def vae_round_trip(pipe) -> Callable[[np.ndarray], np.ndarray]:
-    """Images (in [-1, 1]) -> the same through ``pipe``'s VAE (posterior mean, decoded), clipped:
-    what the SD latent keeps of them."""
-    return lambda x: np.clip(np.asarray(pipe.vae_decode(pipe.vae_encode(x)), np.float32), -1.0, 1.0)
-
-
 def input_transform(config: ml_collections.ConfigDict) -> Callable[[np.ndarray], np.ndarray] | None:
     """``baseline.vae_round_trip``: every image (in [-1, 1]) goes through the frozen SD's VAE
     (posterior mean, decoded) before the scratch model sees it, in training and in evaluation.
@@ -111,7 +105,7 @@ def input_transform(config: ml_collections.ConfigDict) -> Callable[[np.ndarray],
         return None
     from datasetdm_jax.train import load_frozen_pipeline
 
-    return vae_round_trip(load_frozen_pipeline(str(config.pipeline)))
+    return load_frozen_pipeline(str(config.pipeline)).vae_round_trip
 
 
 class Scratch:

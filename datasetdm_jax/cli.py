@@ -33,7 +33,7 @@ def _cmd_fidelity(args: argparse.Namespace) -> None:
     from datasetdm_jax import judge
 
     judge.main_fidelity(args.model, args.judge, args.out, args.num_prompts, args.steps, args.guidance,
-                        args.scheduler, args.seed, args.batch, args.judge_steps)
+                        args.scheduler, args.seed, args.batch, args.judge_steps, args.judge_round_trips)
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -192,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default="pndm", choices=["ddim", "pndm", "dpmpp_2m"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--judge_steps", type=int, default=550, help="training steps when the judge is trained here")
+    p.add_argument("--judge_steps", type=int, default=1000, help="training steps when the judge is trained here")
+    p.add_argument("--judge_round_trips", action=argparse.BooleanOptionalAction, default=True,
+                   help="train the judge on real scenes and their round trips through the model's VAE")
     p.set_defaults(fn=_cmd_fidelity)
 
     p = sub.add_parser("downstream", help="train downstream models on real / generated / mixed data, evaluate on real test")

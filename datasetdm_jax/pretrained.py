@@ -318,6 +318,11 @@ class Pipeline:
         fn = self._jit("vae_decode", lambda state, z: nnx.merge(gd, state).decode(z / scale + shift))
         return fn(self.params["vae"], jnp.asarray(latents, self.dtype))
 
+    def vae_round_trip(self, images: Any) -> np.ndarray:
+        """NHWC images in [-1, 1] -> the same through the VAE (posterior mean, decoded), clipped to
+        [-1, 1]: what the latent keeps of them."""
+        return np.clip(np.asarray(self.vae_decode(self.vae_encode(images)), np.float32), -1.0, 1.0)
+
     # -- UNet ----------------------------------------------------------------------------------
     def unet_apply(self, latents: Any, t: Any, emb: Any, capture: str | None = None):
         """Noise prediction for NHWC `latents` at timesteps `t` (scalar or (B,)).

@@ -82,7 +82,7 @@ def _proof_predictions(row_dir: str, num_images: int) -> tuple[dict[str, np.ndar
     sp = baselines.load_params(scratch, Path(row_dir, "scratch", "params.msgpack"))
     sc = [pred["depth"] for pred, _ in baselines.predict_split(scratch, sp, "test", num_images, seed)]
     rt = [pred["depth"] for pred, _ in baselines.predict_split(
-        scratch, sp, "test", num_images, seed, transform=baselines.vae_round_trip(trainer.pipe))]
+        scratch, sp, "test", num_images, seed, transform=trainer.pipe.vae_round_trip)]
     return ({"P-Decoder": np.concatenate(preds), "scratch": np.concatenate(sc),
              "scratch, VAE round trip": np.concatenate(rt)}, np.concatenate(gts), np.concatenate(ids))
 
