@@ -33,7 +33,8 @@ def _cmd_fidelity(args: argparse.Namespace) -> None:
     from datasetdm_jax import judge
 
     judge.main_fidelity(args.model, args.judge, args.out, args.num_prompts, args.steps, args.guidance,
-                        args.scheduler, args.seed, args.batch, args.judge_steps, args.judge_round_trips)
+                        args.scheduler, args.seed, args.batch, args.judge_steps, args.judge_round_trips,
+                        args.judge_seed)
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -195,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge_steps", type=int, default=1000, help="training steps when the judge is trained here")
     p.add_argument("--judge_round_trips", action=argparse.BooleanOptionalAction, default=True,
                    help="train the judge on real scenes and their round trips through the model's VAE")
+    p.add_argument("--judge_seed", type=int, default=None, help="seed of the judge trained here (default: --seed)")
     p.set_defaults(fn=_cmd_fidelity)
 
     p = sub.add_parser("downstream", help="train downstream models on real / generated / mixed data, evaluate on real test")

@@ -408,11 +408,13 @@ def fidelity(pipe, judge: Judge, num_prompts: int = 200, steps: int = 25, guidan
 
 def main_fidelity(model: str, judge_path: str, out: str, num_prompts: int = 200, steps: int = 25,
                   guidance: float = 7.5, scheduler: str = "pndm", seed: int = 0, batch: int = 16,
-                  judge_steps: int = 1000, judge_round_trips: bool = True) -> dict[str, Any]:
+                  judge_steps: int = 1000, judge_round_trips: bool = True,
+                  judge_seed: int | None = None) -> dict[str, Any]:
     """`datasetdm fidelity`: load or train (and cache) a judge, check it, judge the model, print tables.
 
     A judge trained here sees real scenes and, with ``judge_round_trips``, their round trips through
-    ``model``'s VAE (`train_judge`), so it is meant for models that share that VAE.
+    ``model``'s VAE (`train_judge`), so it is meant for models that share that VAE. ``judge_seed``
+    (default ``seed``) seeds its training and scenes apart from the prompts and noise.
     """
     import jax.numpy as jnp
 
@@ -427,7 +429,8 @@ def main_fidelity(model: str, judge_path: str, out: str, num_prompts: int = 200,
         judge = load_judge(cached)
     else:
         round_trip = (lambda images: vae_round_trips(pipe, images)) if judge_round_trips else None
-        judge = train_judge(num_steps=judge_steps, batch=64, seed=seed, image_size=64, num_scenes=3000,
+        judge = train_judge(num_steps=judge_steps, batch=64, seed=seed if judge_seed is None else judge_seed,
+                            image_size=64, num_scenes=3000,
                             lr=3e-3, log_every=200, round_trip=round_trip)
         save_judge(judge, cached)
     acc = judge_accuracy(judge, n=1000, seed=seed)
