@@ -430,8 +430,7 @@ def main_fidelity(model: str, judge_path: str, out: str, num_prompts: int = 200,
     else:
         round_trip = (lambda images: vae_round_trips(pipe, images)) if judge_round_trips else None
         judge = train_judge(num_steps=judge_steps, batch=64, seed=seed if judge_seed is None else judge_seed,
-                            image_size=64, num_scenes=3000,
-                            lr=3e-3, log_every=200, round_trip=round_trip)
+                            image_size=64, num_scenes=3000, lr=3e-3, log_every=200, round_trip=round_trip)
         save_judge(judge, cached)
     acc = judge_accuracy(judge, n=1000, seed=seed)
     report = fidelity(pipe, judge, num_prompts, steps, guidance, scheduler, seed, batch, out_dir=out_dir)
