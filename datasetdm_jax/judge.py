@@ -132,7 +132,7 @@ def train_judge(num_steps: int = 3000, batch: int = 64, seed: int = 0, image_siz
     multi = render_batch(pool, seed, _TRAIN_MULTI, image_size, multi=True)
     if round_trip is not None:
         single, multi = _with_round_trips(single, round_trip), _with_round_trips(multi, round_trip)
-        pool *= 2
+        pool = len(single["class"])
 
     model = JudgeNet(image_size, width, rngs=nnx.Rngs(seed))
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(200, max(1, num_steps // 10)), max(num_steps, 2))
