@@ -1,4 +1,4 @@
-"""PyTorch state dicts <-> NNX parameters, by naming convention (see CONVENTIONS.md).
+"""PyTorch state dicts <-> NNX parameters, by naming convention (see docs/conventions.md).
 
 Our modules name their attributes exactly like the PyTorch modules they mirror, so one pair of
 numpy-only functions serves the UNet, the VAE and the CLIP text encoder: no per-model key tables,

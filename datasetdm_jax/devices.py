@@ -1,7 +1,7 @@
 """Which devices a job runs on: the host's cores as XLA devices on CPU, and data meshes that fit a batch.
 
 Why: XLA's CPU backend runs one device's convolutions on about one core, so a 2-core laptop
-samples ~1.9x faster as two host devices running data-parallel halves of each batch (BENCHMARKS.md).
+samples ~1.9x faster as two host devices running data-parallel halves of each batch (docs/benchmarks.md).
 Accelerators are untouched: the setting only shapes the CPU backend.
 """
 

@@ -1,4 +1,4 @@
-"""Markdown tables for a bench report (the same text goes into BENCHMARKS.md)."""
+"""Markdown tables for a bench report (the same text goes into docs/benchmarks.md)."""
 
 from __future__ import annotations
 

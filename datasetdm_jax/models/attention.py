@@ -65,7 +65,7 @@ def resolve_impl(impl: Kernel | None = None) -> str:
 
 def _heads_first(x: jax.Array) -> jax.Array:
     """(B, L, H, D) -> (B, H, L, D): batched matmuls with leading batch dims. XLA's CPU backend ran
-    the head-interleaved einsum 5x slower at the shapes model's 16x16 self-attention (BENCHMARKS.md)."""
+    the head-interleaved einsum 5x slower at the shapes model's 16x16 self-attention (docs/benchmarks.md)."""
     return jnp.transpose(x, (0, 2, 1, 3))
 
 

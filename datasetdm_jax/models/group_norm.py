@@ -2,7 +2,7 @@
 
 Why not `nnx.GroupNorm`: its reduction over a (B, positions, groups, group size) view ran about 2x
 slower on XLA's CPU backend than per-channel sums over positions followed by a sum within each
-group (the shapes UNet forward: -10%; BENCHMARKS.md). Parameter names (`scale`, `bias`) are
+group (the shapes UNet forward: -10%; docs/benchmarks.md). Parameter names (`scale`, `bias`) are
 flax's, so checkpoints and the diffusers name mapping (`weight` -> `scale`) are unchanged.
 """
 
