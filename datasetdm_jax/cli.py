@@ -76,14 +76,14 @@ def _cmd_baseline(args: argparse.Namespace) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    from datasetdm_jax import generate
+    from datasetdm_jax import dataset_writer
 
     if args.coordinator or args.distributed:
         import jax
         kw = dict(coordinator_address=args.coordinator, num_processes=args.num_processes,
                   process_id=args.process_id) if args.coordinator else {}
         jax.distributed.initialize(**kw)
-    generate.main_generate(args.config, args.num_images, args.out, args.overrides)
+    dataset_writer.main_generate(args.config, args.num_images, args.out, args.overrides)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:

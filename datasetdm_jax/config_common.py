@@ -81,6 +81,8 @@ def shapes_generate(prompts: dict[str, Any] | None = None, **labels: Any) -> Con
         steps=25, guidance=7.5, scheduler="pndm", negative_prompt="", batch_size=16, seed=0,
         labeler="decoder", shard_size=256, image_format="png",
         feature_pass="renoise",      # the decoders read features at their training timestep (400)
+        # labels follow the prompt (datasetdm_jax/labelers/grounding.py); "none": argmax over all classes
+        grounding="prompt", grounding_threshold=0.0,
     )
     return ConfigDict({**g, **labels})
 
@@ -136,7 +138,8 @@ def sd14_generate(guidance: float = 5.0, prompts: dict[str, Any] | None = None, 
     """Generation as in the official code (§2.1, §5): PNDM (PLMS), 50 steps, CFG ``guidance``;
     ``prompts`` and ``more`` add the `datasetdm generate` settings where the config has them."""
     head = {} if prompts is None else dict(prompts=ConfigDict(prompts))
-    return ConfigDict(dict(**head, scheduler="pndm", steps=50, guidance=guidance, **more))
+    return ConfigDict(dict(**head, scheduler="pndm", steps=50, guidance=guidance, grounding="prompt",
+                           grounding_threshold=0.0, **more))
 
 
 # --- Downstream comparisons (configs/downstream_<dataset>.py) ------------------------------------

@@ -5,13 +5,15 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import torch
 from flax import nnx
 
 from datasetdm_jax import generate, schedulers
-from datasetdm_jax.labelers import LABELERS, AttentionLabelConfig, attention, class_prompts, get_labeler, refine
+from datasetdm_jax.labelers import LABELERS, attention, class_prompts, make_labeler, refine
+from datasetdm_jax.labelers.attention import AttentionLabelConfig
 from datasetdm_jax.labelers.resize import resize_bicubic
 from datasetdm_jax.models.unet_blocks import AttentionCapture
 from tiny_sd import LATENT_SIZE, rel_err
@@ -227,9 +229,9 @@ def test_labels_and_images(sharp_pipe, labelled):
 
 
 def test_labeller_registry_and_config_errors(pipe):
-    assert get_labeler("attention") is LABELERS["attention"] is attention.label_batch
-    with pytest.raises(ValueError, match="unknown labeler"):
-        get_labeler("crf")
+    assert set(LABELERS) >= {"attention", "decoder", "decoder+attention"}
+    with pytest.raises(ValueError, match="unknown generate.labeler 'crf'"):
+        make_labeler(ml_collections.ConfigDict(dict(generate=dict(labeler="crf"))))
     with pytest.raises(ValueError, match="unknown key 'tua'"):
         AttentionLabelConfig.from_dict({"tua": 2})
     with pytest.raises(ValueError, match="uncertainty_threshold"):

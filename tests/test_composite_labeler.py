@@ -4,7 +4,8 @@ DecoderLabeler's on the same seeds) and the attention labeller's map of the very
 import numpy as np
 import pytest
 
-from datasetdm_jax import generate, prompts, train
+from datasetdm_jax import dataset_writer, prompts, train
+from datasetdm_jax.labelers.decoder import DecoderLabeler
 from datasetdm_jax.config_utils import load_config
 from datasetdm_jax.data import records, shapes
 from datasetdm_jax.labelers import composite
@@ -22,7 +23,7 @@ def setup(pipe, tiny_dir, tmp_path_factory):
     config = load_config(TINY, [f"pipeline={tiny_dir}", f"workdir={root / 'wd'}"])
     save_random_decoder(config, train.Trainer(config, pipe=pipe))
     ps = prompts.from_config(config.generate.prompts).batch(INDICES)
-    plain = generate.DecoderLabeler(config, pipe=pipe)(ps, INDICES, 0)
+    plain = DecoderLabeler(config, pipe=pipe)(ps, INDICES, 0)
     both = composite.DecoderAttentionLabeler(config, pipe=pipe, attention_config=ATTENTION)
     return root, config, ps, plain, both, both(ps, INDICES, 0)
 
@@ -45,7 +46,7 @@ def test_attention_labels_of_the_same_images(setup):
         assert set(np.unique(att).tolist()) <= allowed
     # both label sets are written to each record; the attention map round-trips exactly
     out = setup[0] / "records"
-    manifest = generate.generate_dataset(setup[1], 5, str(out), labeler=setup[4], progress=False)
+    manifest = dataset_writer.generate_dataset(setup[1], 5, str(out), labeler=setup[4], progress=False)
     assert manifest["labeler"]["name"] == "decoder+attention" and manifest["labeler"]["attention"]["cross_res"] == 8
     exs = list(records.read_tfrecords(str(out)))
     for k, i in enumerate(INDICES):

@@ -18,7 +18,7 @@ import numpy as np
 from tiny_sd import save_random_decoder
 import pytest
 
-from datasetdm_jax import export, generate, pretrained, prompts, smoke, train
+from datasetdm_jax import dataset_writer, export, generate, labelers, pretrained, prompts, smoke, train
 from datasetdm_jax.config_utils import load_config
 from datasetdm_jax.data import records, records_tfds, shapes
 
@@ -35,12 +35,12 @@ def setup(tmp_path_factory):
     overrides = [f"pipeline={model}", f"workdir={root / 'wd'}"]
     config = load_config(TINY, overrides)
     with pytest.raises(FileNotFoundError, match="datasetdm train --config"):
-        generate.generate_dataset(config, NUM, str(root / "never"), progress=False)
+        dataset_writer.generate_dataset(config, NUM, str(root / "never"), progress=False)
     trainer = train.Trainer(config)
     save_random_decoder(config, trainer)
-    labeler = generate.make_labeler(config)
+    labeler = labelers.make_labeler(config)
     ref = root / "ref"
-    manifest = generate.generate_dataset(config, NUM, str(ref), labeler=labeler, progress=False)
+    manifest = dataset_writer.generate_dataset(config, NUM, str(ref), labeler=labeler, progress=False)
     return root, overrides, config, labeler, ref, manifest
 
 
@@ -57,11 +57,12 @@ def _cli(root, args, extra_env=None):
 def test_records_manifest_and_preview(setup):
     root, _, config, _, ref, manifest = setup
     names = sorted(os.listdir(ref))
-    assert names == sorted([records.MANIFEST, generate.SPEC_FILE, "preview.png", "dataset_info.json", "features.json"] + [
+    assert names == sorted([records.MANIFEST, dataset_writer.SPEC_FILE, "preview.png", "dataset_info.json", "features.json"] + [
         f"data-0000{s}-of-00003{ext}" for s in range(3) for ext in (".tfrecord", ".array_record", ".json")])
     assert manifest["counts"]["images"] == NUM and manifest["num_shards"] == 3
     assert [s["num_records"] for s in manifest["shards"]] == [3, 3, 2]
     assert manifest["prompts"]["kind"] == "shapes" and manifest["labeler"]["name"] == "decoder"
+    assert manifest["labeler"]["grounding"] == "prompt" and manifest["labeler"]["grounding_threshold"] == 0.0
     assert sum(manifest["counts"]["images_with_class"].values()) >= NUM
     for s in manifest["shards"]:
         for f in s["files"].values():
@@ -93,21 +94,21 @@ def config_pipe(setup):
 def test_rerun_is_a_no_op_and_other_configs_are_refused(setup):
     root, overrides, config, labeler, ref, manifest = setup
     before = _files(ref)
-    again = generate.generate_dataset(config, NUM, str(ref), labeler=labeler, progress=False)
+    again = dataset_writer.generate_dataset(config, NUM, str(ref), labeler=labeler, progress=False)
     assert again == manifest and _files(ref) == before
     other = load_config(TINY, overrides + ["generate.guidance=3.0"])
     with pytest.raises(ValueError, match=r"different setting \(config.generate.guidance"):
-        generate.generate_dataset(other, NUM, str(ref), labeler=labeler, progress=False)
+        dataset_writer.generate_dataset(other, NUM, str(ref), labeler=labeler, progress=False)
     # a training-only setting cannot change the labels (the decoder's weights are pinned): resumes
-    assert generate.generate_dataset(load_config(TINY, overrides + ["lr=0.5", "baseline.width=3"]), NUM, str(ref),
+    assert dataset_writer.generate_dataset(load_config(TINY, overrides + ["lr=0.5", "baseline.width=3"]), NUM, str(ref),
                                      labeler=labeler, progress=False) == manifest
     with pytest.raises(ValueError, match=r"different setting \(num_images"):
-        generate.generate_dataset(config, NUM + 1, str(ref), labeler=labeler, progress=False)
+        dataset_writer.generate_dataset(config, NUM + 1, str(ref), labeler=labeler, progress=False)
     stray = root / "stray"
     stray.mkdir()
     (stray / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="not empty"):
-        generate.generate_dataset(config, NUM, str(stray), labeler=labeler, progress=False)
+        dataset_writer.generate_dataset(config, NUM, str(stray), labeler=labeler, progress=False)
     assert _files(ref) == before
 
 
@@ -185,7 +186,7 @@ def test_attention_labeler_through_generate(setup):
     # The tiny UNet attends at feature heights 16 (level 0) and 8 (mid block) for a 32 px image.
     config.generate.labeler_config = ml_collections.ConfigDict(dict(self_res=16, cross_res=8))
     out = root / "attn"
-    manifest = generate.generate_dataset(config, 3, str(out), progress=False)
+    manifest = dataset_writer.generate_dataset(config, 3, str(out), progress=False)
     assert manifest["labeler"]["name"] == "attention" and manifest["counts"]["images"] == 3
     exs = list(records.read_tfrecords(str(out)))
     assert [e["index"] for e in exs] == [0, 1, 2]

@@ -14,7 +14,8 @@ import numpy as np
 from tiny_sd import save_random_decoder
 import pytest
 
-from datasetdm_jax import export, generate, pretrained, prompts, smoke, train
+from datasetdm_jax import dataset_writer, export, pretrained, prompts, smoke, train
+from datasetdm_jax.labelers.decoder import DecoderLabeler
 from datasetdm_jax.config_utils import load_config
 from datasetdm_jax.data import records, shapes
 
@@ -65,7 +66,7 @@ def _check_keypoints(e, max_persons=1):
 def test_instance_config_through_cli_body(setup):
     root, over, configs, _ = setup
     out = root / "inst"
-    generate.main_generate(INSTANCE, NUM, str(out), over["instance"])
+    dataset_writer.main_generate(INSTANCE, NUM, str(out), over["instance"])
     manifest = records.read_manifest(str(out))
     assert manifest["counts"]["images"] == NUM and manifest["labeler"]["task"] == "instance"
     exs = list(records.read_tfrecords(str(out)))
@@ -86,7 +87,7 @@ def test_instance_config_through_cli_body(setup):
 def test_pose_config_through_cli_body(setup):
     root, over, _, _ = setup
     out = root / "pose"
-    generate.main_generate(POSE, NUM, str(out), over["pose"])
+    dataset_writer.main_generate(POSE, NUM, str(out), over["pose"])
     exs = list(records.read_tfrecords(str(out)))
     assert len(exs) == NUM
     for e in exs:
@@ -100,10 +101,10 @@ def test_pose_and_instance_in_one_pass_and_coco_export(setup):
     from pycocotools.coco import COCO
 
     root, _, configs, pipe = setup
-    labeler = generate.DecoderLabeler(configs["pose"], pipe=pipe, also=[configs["instance"]])
+    labeler = DecoderLabeler(configs["pose"], pipe=pipe, also=[configs["instance"]])
     assert [p["task"] for p in [labeler.describe()] + labeler.describe()["also"]] == ["pose", "instance"]
     out = root / "both"
-    manifest = generate.generate_dataset(configs["pose"], NUM, str(out), labeler=labeler, progress=False)
+    manifest = dataset_writer.generate_dataset(configs["pose"], NUM, str(out), labeler=labeler, progress=False)
     assert manifest["labeler"]["also"][0]["task"] == "instance"
     exs = list(records.read_tfrecords(str(out)))
     person = shapes.CLASS_TO_ID["person"]
@@ -146,20 +147,20 @@ def test_decoders_read_their_own_feature_pass(setup):
     decoder's labels equal those of a labeller running it alone."""
     root, over, configs, pipe = setup
     inst_last = load_config(INSTANCE, over["instance"] + ["generate.feature_pass=last_step"])
-    both = generate.DecoderLabeler(configs["pose"], pipe=pipe, also=[inst_last])
+    both = DecoderLabeler(configs["pose"], pipe=pipe, also=[inst_last])
     t = int(configs["pose"].timestep)
     assert both.feature_passes == (t, None)
     desc = both.describe()
     assert (desc["feature_pass"], desc["also"][0]["feature_pass"]) == (f"renoise t={t}", "last_step")
     ps = prompts.from_config(configs["pose"].generate.prompts).batch(np.arange(2))
     res = both(ps, np.arange(2), 0)
-    inst_alone = generate.DecoderLabeler(inst_last, pipe=pipe)(ps, np.arange(2), 0)
+    inst_alone = DecoderLabeler(inst_last, pipe=pipe)(ps, np.arange(2), 0)
     np.testing.assert_array_equal(res.images, inst_alone.images)
     for a, b in zip(res.labels, inst_alone.labels):
         for k in ("instance_masks", "instance_labels", "instance_scores"):
             np.testing.assert_array_equal(a[k], b[k])
     pose_last = load_config(POSE, over["pose"] + ["generate.feature_pass=last_step"])
-    all_last = generate.DecoderLabeler(pose_last, pipe=pipe, also=[inst_last])
+    all_last = DecoderLabeler(pose_last, pipe=pipe, also=[inst_last])
     assert all_last.feature_passes == (None,)
     ref = all_last(ps, np.arange(2), 0)
     for a, b in zip(res.labels, ref.labels):      # same instances, pose read from another pass
@@ -184,11 +185,11 @@ def test_vae_decoder_levels_in_training_and_generation(setup):
                            jax.device_get(trainer.apply(trainer.init_params, blank)))
     assert set(out) >= {"keypoints"}
     save_random_decoder(cfg, trainer)
-    labeller = generate.DecoderLabeler(cfg, pipe=pipe)
+    labeller = DecoderLabeler(cfg, pipe=pipe)
     assert labeller.vae_features == (32,)
     ps = prompts.from_config(cfg.generate.prompts).batch(np.arange(2))
     res = labeller(ps, np.arange(2), 0)
-    plain = generate.DecoderLabeler(configs["instance"], pipe=pipe)(ps, np.arange(2), 0)
+    plain = DecoderLabeler(configs["instance"], pipe=pipe)(ps, np.arange(2), 0)
     np.testing.assert_array_equal(res.images, plain.images)   # the extra maps leave the images alone
     for e in res.labels:
         kp = e["keypoints"]

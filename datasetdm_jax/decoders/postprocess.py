@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from datasetdm_jax.decoders.inference import _resize_masks
+from datasetdm_jax.decoders.inference import resize_masks
 from datasetdm_jax.decoders.pose import decode_heatmaps
 
 __all__ = ["DEFAULTS", "label_settings", "instance_labels", "pose_labels", "pose_per_person", "instance_quality",
@@ -56,15 +56,21 @@ def label_settings(config) -> dict[str, Any]:
 
 
 def instance_labels(logits: jax.Array, masks: jax.Array, *, out_size: int, score_threshold: float = 0.4,
-                    max_instances: int = 20, min_area: int = 0) -> dict[str, jax.Array]:
+                    max_instances: int = 20, min_area: int = 0,
+                    allowed: jax.Array | None = None) -> dict[str, jax.Array]:
     """(B,Q,K+1) class logits, (B,Q,h,w) mask logits -> N = min(max_instances, Q) slots per image.
 
     Returns ``instance_masks`` (B,N,H,W) bool, ``instance_labels`` (B,N) int32 data class ids (head
     class + 1; 0 is background), ``instance_scores`` (B,N) float32 and ``instance_valid`` (B,N) bool
     (score >= ``score_threshold`` and at least max(1, ``min_area``) pixels at image size), ordered
-    valid first, then by score.
+    valid first, then by score. ``allowed`` (B, K+1) bool over data class ids (0 = background)
+    grounds the labels in the prompt (`labelers.grounding`): each query takes its best *allowed*
+    class, so an instance of a class the prompt does not name is relabelled, or dropped when its
+    allowed score falls below the threshold.
     """
     prob = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., :-1]            # (B, Q, K)
+    if allowed is not None:
+        prob = jnp.where(allowed[:, None, 1:], prob, 0.0)
     cls_score, cls = prob.max(-1), prob.argmax(-1).astype(jnp.int32)
     ml = masks.astype(jnp.float32)
     binary = ml > 0
@@ -73,7 +79,7 @@ def instance_labels(logits: jax.Array, masks: jax.Array, *, out_size: int, score
     n = min(int(max_instances), score.shape[1])
     top, query = jax.lax.top_k(score, n)
     picked = jnp.take_along_axis(ml, query[:, :, None, None], axis=1)
-    full = _resize_masks(picked, out_size) > 0                                        # (B, N, H, W)
+    full = resize_masks(picked, out_size) > 0                                        # (B, N, H, W)
     valid = (top >= score_threshold) & (full.sum((-2, -1)) >= max(1, int(min_area)))
     order = jnp.argsort(jnp.where(valid, top, top - 2.0), axis=1, descending=True)
     take = lambda a: jnp.take_along_axis(a, order.reshape(order.shape + (1,) * (a.ndim - 2)), axis=1)
@@ -177,14 +183,16 @@ def finisher(parts: Sequence[tuple[str, Any]], image_size: int) -> Callable[[dic
     return finish
 
 
-def task_labels(task: str, out: Any, image_size: int, settings: Mapping[str, Any]) -> dict[str, jax.Array]:
+def task_labels(task: str, out: Any, image_size: int, settings: Mapping[str, Any],
+                allowed: jax.Array | None = None) -> dict[str, jax.Array]:
     """Padded labels of an ``instance`` decoder output (jittable), with the task's annotation
-    confidence as ``instance_quality`` (B,) (``trim`` folds it into ``quality``). A ``pose`` output
-    is kept as ``pose_heatmaps`` for ``finisher``, which may pair it with instances."""
+    confidence as ``instance_quality`` (B,) (``trim`` folds it into ``quality``); ``allowed``: see
+    `instance_labels`. A ``pose`` output is kept as ``pose_heatmaps`` for ``finisher``, which may
+    pair it with instances."""
     if task == "instance":
         lab = instance_labels(out["logits"][-1], out["masks"][-1], out_size=image_size,
                               score_threshold=settings["score_threshold"], max_instances=settings["max_instances"],
-                              min_area=settings["min_area"])
+                              min_area=settings["min_area"], allowed=allowed)
         return {**lab, "instance_quality": instance_quality(lab)}
     if task == "pose":
         return {"pose_heatmaps": out.astype(jnp.float32)}

@@ -123,6 +123,7 @@ def format_table(result: Mapping[str, Any]) -> str:
         head += [f"REL {s}" for s in splits]
     names = {"real": "(a) real only", "synthetic": "(b) synthetic only", "real+synthetic": "(c) real + synth.",
              "attention": "(d) synth., attention labels", "real+attention": "(e) real + synth., attention",
+             "consensus": "(f) synth., consensus labels",
              **result.get("row_names", {})}
     lines = [head]
     for row in result["rows"]:

@@ -225,7 +225,7 @@ def label_batch(pipe, captions: Sequence[str], class_names: Sequence[Sequence[st
     if not len(captions) == len(class_names) == len(indices):
         raise ValueError(f"label_batch: {len(captions)} captions, {len(class_names)} class-name lists and "
                          f"{len(indices)} indices must match")
-    latent_hw = generate._latent_hw(pipe, height, width)
+    latent_hw = generate.latent_size(pipe, height, width)
     self_hw, cross_hw = feature_grids(pipe, latent_hw, cfg)
     prompts = [class_prompts.append_class_names(c, n) if cfg.append_class_names else c
                for c, n in zip(captions, class_names)]

@@ -1,6 +1,6 @@
 """P-Decoder and attention labels for the same images from one sampler pass.
 
-`DecoderAttentionLabeler` is `generate.DecoderLabeler` (features captured, trained P-Decoder(s)
+`DecoderAttentionLabeler` is `decoder.DecoderLabeler` (features captured, trained P-Decoder(s)
 label them) whose jitted sampler also carries the attention labeller's fp32 running sums
 (`attention.accumulate`) through every step and refines them after the loop. Each record then
 holds the P-Decoder's ``segmentation`` (and ``depth``) and the training-free ``attention_label``
@@ -16,12 +16,23 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
 from datasetdm_jax import generate
 from datasetdm_jax.labelers import attention, class_prompts
+from datasetdm_jax.labelers.decoder import DecoderLabeler
 
 ATTENTION_KEY = "attention_label"
+IGNORE = 255
 
-__all__ = ["ATTENTION_KEY", "DecoderAttentionLabeler", "build_sampler_fn"]
+__all__ = ["ATTENTION_KEY", "DecoderAttentionLabeler", "build_sampler_fn", "consensus_labels"]
+
+
+def consensus_labels(decoder: np.ndarray, attention: np.ndarray) -> np.ndarray:
+    """Both labellers agreeing: the shared class where the P-Decoder's and the attention labeller's
+    maps of the same image agree, 255 (ignored downstream) where they differ or either is unsure."""
+    decoder, attention = np.asarray(decoder), np.asarray(attention)
+    return np.where((decoder == attention) & (decoder != IGNORE), decoder, IGNORE).astype(np.uint8)
 
 
 def build_sampler_fn(pipe, *, steps: int, guidance: float, scheduler: str, latent_hw: tuple[int, int],
@@ -47,8 +58,8 @@ def build_sampler_fn(pipe, *, steps: int, guidance: float, scheduler: str, laten
     return run
 
 
-class DecoderAttentionLabeler(generate.DecoderLabeler):
-    """`generate.DecoderLabeler` plus the attention labeller's map of the same image (``attention_label``).
+class DecoderAttentionLabeler(DecoderLabeler):
+    """`decoder.DecoderLabeler` plus the attention labeller's map of the same image (``attention_label``).
 
     ``attention``: an `attention.AttentionLabelConfig` or dict (default ``config.generate.labeler_config``);
     ``class_names``: label value -> name (default the config's data source classes)."""
@@ -68,7 +79,7 @@ class DecoderAttentionLabeler(generate.DecoderLabeler):
         super().__init__(config, pipe, config_path, also=also)
 
     def _build_sampler(self, pipe, g, capture: str):
-        latent_hw = generate._latent_hw(pipe, self.size, self.size)
+        latent_hw = generate.latent_size(pipe, self.size, self.size)
         self_hw, cross_hw = attention.feature_grids(pipe, latent_hw, self.attention)
         a = self.attention
         return build_sampler_fn(pipe, steps=int(g.steps), guidance=float(g.guidance), scheduler=str(g.scheduler),

@@ -1,0 +1,247 @@
+"""Annotated datasets on disk: `datasetdm generate --config configs/<task>.py --num_images N --out DIR`.
+
+Global example i lives in shard i // shard_size; shard s is made by process s % process_count,
+in fixed batches of `batch_size` global indices (the last one padded), so what an example
+becomes depends on its index only: reruns, resumed runs and runs on other process counts write
+the same bytes. A shard is complete once its summary NAME.json exists (written after the data
+files, each by temp file + fsync + rename); the manifest is written last, by process 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from datasetdm_jax import labelers
+
+__all__ = ["SPEC_FILE", "FORMAT", "TRAINING_ONLY_KEYS", "generate_dataset", "main_generate"]
+
+SPEC_FILE = "spec.json"
+FORMAT = "datasetdm-jax/generated-v1"
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if _canonical(a.get(k)) != _canonical(b.get(k)):
+                return _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+    return f"{path or 'spec'}: {_canonical(a)[:60]} != {_canonical(b)[:60]}"
+
+
+def _model_fingerprint(path: str) -> dict[str, Any]:
+    """The model folder and a hash of its JSON configs (weights are too big to hash on every run)."""
+    if not path:  # "" = the shipped shapes-world model, as in `train.load_frozen_pipeline`
+        from datasetdm_jax.assets import SHAPES_SD
+        path = SHAPES_SD
+    h = hashlib.sha256()
+    for root, dirs, files in sorted(os.walk(path)):
+        dirs.sort()
+        for f in sorted(files):
+            if f.endswith(".json"):
+                h.update(f.encode() + open(os.path.join(root, f), "rb").read())
+    return {"path": os.path.abspath(path), "configs_sha256": h.hexdigest()}
+
+
+# Config keys that only steer the decoder's training. The labeller's description pins the trained
+# decoder itself (its parameters' sha256), so these cannot change a generated label; comparing them
+# made a dataset refuse to resume after an unrelated training setting (say `baseline.width`) was added.
+TRAINING_ONLY_KEYS = frozenset({
+    "baseline", "batch_size", "cache_features", "checkpoint_every_s", "deep_supervision", "eval", "eval_every",
+    "keep_checkpoints", "log_every", "lr", "max_steps", "name", "num_points", "seed", "select_metric", "steps",
+    "val"})
+
+
+def _generation_view(spec: dict[str, Any]) -> dict[str, Any]:
+    """What of a dataset spec decides its content: the spec without the training-only config keys."""
+    config = {k: v for k, v in spec.get("config", {}).items() if k not in TRAINING_ONLY_KEYS}
+    return {**spec, "config": config}
+
+
+def _stored_spec(out: str) -> dict[str, Any] | None:
+    path = os.path.join(out, SPEC_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _check_spec(out: str, spec: dict[str, Any], stored: dict[str, Any] | None) -> dict[str, Any]:
+    """Refuse to mix datasets: ``out`` must be empty/new or hold a spec (``stored``) that generates
+    the same data. Returns the spec of record (the stored one, on a resume), which the manifest repeats."""
+    from datasetdm_jax.data import records
+
+    if stored is not None:
+        old, new = _generation_view(stored), _generation_view(spec)
+        if _canonical(old) != _canonical(new):
+            raise ValueError(f"{out} holds a dataset made with a different setting ({_first_difference(old, new)}); "
+                             "choose a new --out, or rerun the command that made it to resume")
+        return stored
+    if os.path.isdir(out) and [n for n in os.listdir(out) if not n.startswith(".")]:
+        raise ValueError(f"{out} is not empty and has no {SPEC_FILE}: not a dataset of `datasetdm generate`; "
+                         "choose a new --out")
+    os.makedirs(out, exist_ok=True)
+    records.atomic_write(os.path.join(out, SPEC_FILE), json.dumps(spec, indent=1, sort_keys=True))
+    return spec
+
+
+def _shard_stats(labels: list[dict[str, Any]], num_classes: int | None) -> dict[str, Any]:
+    stats: dict[str, Any] = {}
+    key = next((k for k in ("segmentation", "instance_labels") if labels and k in labels[0]), None)
+    if num_classes and key:  # semantic maps, else instance classes
+        present = np.zeros(num_classes, np.int64)
+        for lab in labels:
+            present += np.bincount(np.asarray(lab[key]).reshape(-1).clip(0, num_classes - 1),
+                                   minlength=num_classes) > 0
+        stats["images_with_class"] = present.tolist()
+    q = [float(lab["quality"]) for lab in labels if lab.get("quality") is not None]
+    if q:
+        stats["quality_sum"] = float(np.sum(np.asarray(q, np.float64)))
+    return stats
+
+
+def _gather_summaries(mine: list[dict[str, Any]], run_key: str) -> list[dict[str, Any]] | None:
+    """Process 0 gets every process's shard summaries (through jax.distributed's key-value store,
+    so per-host local disks work); other processes get None."""
+    if jax.process_count() == 1:
+        return mine
+    from jax._src import distributed  # the coordinator's key-value store; no public API yet
+
+    client = distributed.global_state.client
+    client.key_value_set(f"{run_key}/{jax.process_index()}", json.dumps(mine))
+    if jax.process_index() != 0:
+        return None
+    out = []
+    for p in range(jax.process_count()):
+        out += json.loads(client.blocking_key_value_get(f"{run_key}/{p}", 3_600_000))
+    return out
+
+
+def generate_dataset(config, num_images: int, out: str, *, config_path: str | None = None, pipe=None,
+                     labeler=None, progress: bool = True) -> dict[str, Any] | None:
+    """Generate (or resume) ``num_images`` annotated examples into ``out``; returns the manifest
+    (None on processes other than 0). See the section comment above for the layout."""
+    from tqdm.auto import tqdm
+
+    from datasetdm_jax import prompts as prompts_lib
+    from datasetdm_jax.data import records, sources
+
+    g = config.generate
+    num_images = int(num_images)
+    if num_images < 1:
+        raise ValueError(f"--num_images must be >= 1, got {num_images}")
+    class_names = tuple(sources.class_names(config.data))  # the decoder's label values, e.g. VOC's 21
+    source = prompts_lib.from_config(g.prompts, known_classes=class_names)
+    shard_size, seed, fmt = int(g.shard_size), int(g.seed), str(g.image_format)
+    num_shards = -(-num_images // shard_size)
+    pid, nproc = jax.process_index(), jax.process_count()
+    mine = [s for s in range(num_shards) if s % nproc == pid]
+    names = [records.shard_name(s, num_shards) for s in range(num_shards)]
+    todo = [s for s in mine if not os.path.isfile(os.path.join(out, names[s] + ".json"))]
+    spec = {"format": FORMAT, "config": json.loads(config.to_json()), "num_images": num_images,
+            "model": _model_fingerprint(str(config.pipeline)), "prompts": source.describe()}
+    labeler = labeler or (labelers.make_labeler(config, pipe=pipe, config_path=config_path) if todo else None)
+    stored = _stored_spec(out)
+    if labeler is not None:
+        spec["labeler"] = labeler.describe()
+    elif stored is not None:  # nothing left to do here: keep the stored labeller
+        spec["labeler"] = stored.get("labeler")
+    spec = _check_spec(out, spec, stored)
+
+    def count(s):
+        return min(shard_size, num_images - s * shard_size)
+
+    total = sum(count(s) for s in mine)
+    done_before = total - sum(count(s) for s in todo)
+    bar = tqdm(total=total, initial=done_before, unit="img", desc=f"generate [{pid + 1}/{nproc}]",
+               dynamic_ncols=True, disable=not progress)
+    t0, made = time.time(), 0
+    bs = int(g.batch_size)
+
+    def encode(recs: list[dict]) -> list[bytes]:
+        return [records.to_example(r, fmt, class_names=class_names) for r in recs]
+
+    # Image/label encoding of batch k runs in this thread while the device works on batch k + 1;
+    # results are collected in submission order, so the shards do not depend on timing.
+    encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="datasetdm-encode")
+    try:
+        for s in todo:
+            for stale in os.listdir(out):
+                if stale.startswith(names[s]) and ".tmp-" in stale:
+                    os.remove(os.path.join(out, stale))
+            encoded, all_labels = [], []
+            lo, hi = s * shard_size, s * shard_size + count(s)
+            for b0 in range(lo, hi, bs):
+                idx = np.arange(b0, min(b0 + bs, hi))
+                ps = source.batch(idx)
+                res = labeler(ps, idx, seed)
+                used = res.prompts or [p.text for p in ps]
+                encoded.append(encoder.submit(encode, [
+                    {"image": res.images[k], "prompt": used[k], "classes": list(ps[k].classes),
+                     "index": int(i), "seed": seed, **res.labels[k]} for k, i in enumerate(idx)]))
+                all_labels += res.labels
+                bar.update(len(idx))
+                made += len(idx)
+            examples = [e for f in encoded for e in f.result()]
+            records.write_shard(out, names[s], examples, extra={"stats": _shard_stats(all_labels, len(class_names))})
+    finally:
+        encoder.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+    elapsed = time.time() - t0
+    summaries = []
+    for s in mine:
+        with open(os.path.join(out, names[s] + ".json")) as f:
+            summaries.append(json.load(f))
+    summaries = _gather_summaries(summaries, "datasetdm_generate/" + hashlib.sha256(
+        _canonical(spec).encode()).hexdigest()[:16])
+    if summaries is None:
+        print(f"generate: process {pid} wrote {len(todo)} shard(s), {made} images in {elapsed:.1f} s")
+        return None
+    summaries.sort(key=lambda x: x["name"])
+    manifest = _manifest(spec, summaries, num_images, shard_size, class_names)
+    from datasetdm_jax import export
+    export.write_preview(out, [os.path.join(out, x["files"]["tfrecord"]["file"]) for x in summaries[:1]],
+                         os.path.join(out, "preview.png"))
+    from datasetdm_jax.data import records_tfds
+    records_tfds.write_metadata(out, summaries)  # tfds.builder_from_directory(out) reads the shards in place
+    records.atomic_write(os.path.join(out, records.MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
+    rate = made / elapsed if elapsed > 0 and made else 0.0
+    print(f"generate: {num_images} images in {num_shards} shard(s) at {out} "
+          f"(this process: {made} made now in {elapsed:.1f} s, {rate:.2f} img/s; {done_before} already there)")
+    return manifest
+
+
+def _manifest(spec: Mapping[str, Any], summaries: list[dict[str, Any]], num_images: int,
+              shard_size: int, class_names: Sequence[str]) -> dict[str, Any]:
+    counts: dict[str, Any] = {"images": sum(x["num_records"] for x in summaries)}
+    if counts["images"] != num_images:
+        raise RuntimeError(f"manifest: {counts['images']} records in shards, expected {num_images}")
+    with_class = [x["stats"].get("images_with_class") for x in summaries]
+    if all(w is not None for w in with_class) and with_class:
+        tot = np.sum(np.asarray(with_class), 0)
+        counts["images_with_class"] = {class_names[k]: int(v) for k, v in enumerate(tot)}
+    q = [x["stats"].get("quality_sum") for x in summaries]
+    if all(v is not None for v in q) and q:
+        counts["mean_quality"] = float(np.sum(q) / num_images)
+    return {**spec, "counts": counts, "shard_size": shard_size, "num_shards": len(summaries),
+            "shards": [{k: v for k, v in x.items() if k != "stats"} for x in summaries]}
+
+
+def main_generate(config_path: str, num_images: int, out: str, overrides: Sequence[str] | None = None) -> None:
+    """CLI body of ``datasetdm generate --config FILE.py[:arg] --num_images N --out DIR [key=value ...]``."""
+    from datasetdm_jax.config_utils import load_config
+
+    config = load_config(config_path, overrides)
+    if "generate" not in config:
+        raise ValueError(f"{config_path} has no `generate` section")
+    generate_dataset(config, num_images, out, config_path=config_path.split(":")[0])
