@@ -1,8 +1,8 @@
 """P-Decoder for COCO 2017 instance segmentation, class-aware (the official code is
-class-agnostic, §8.2), otherwise the paper's setting.
+class-agnostic: every instance labelled 1), otherwise the paper's setting.
 
 Run: ``datasetdm train --config configs/coco_instance.py data.root=/path/to/coco`` (rerun to
-resume). Numbers cite ../shared/reference/datasetdm_official_code.md. Shared settings:
+resume). Values marked "official" are those of the official DatasetDM code. Shared settings:
 datasetdm_jax/config_common.py.
 """
 
@@ -17,18 +17,18 @@ def get_config(arg=None):
         "instance", "coco_instance",
         steps=140000,                # 350 epochs of 400 images at batch 1
         num_classes=81,              # background + 80 COCO categories (contiguous ids 1..80)
-        deep_supervision=False,      # §3.1
-        top_k=20,                    # §5: top-20 instances kept per image
-        num_points=12544,            # §4
+        deep_supervision=False,      # official: no auxiliary losses
+        top_k=20,                    # official: top-20 instances kept per image
+        num_points=12544,            # official: point samples for matching and mask losses
         eval_every=10000,
-        # §4 table: 5 images per class with an instance > 10000 px -> 400 (README weights); instances
+        # Official few-shot selection: 5 images per class with an instance > 10000 px -> 400; instances
         # < 500 px dropped; 512x512. At most max_objects GT instances per image (largest first).
         data=dict(source="coco_instance", root="data/coco", split="train2017", image_size=512, resize="crop",
                   num_images=400, per_class=5, min_area=10000.0, min_instance_area=500.0, max_objects=20, flip=True,
                   seed=0),
         eval_split="val2017", eval_images=5000,
     )
-    # §3.1: hidden 256, 10 layers, 8 heads, FFN 2048, 100 queries.
+    # Official decoder: hidden 256, 10 layers, 8 heads, FFN 2048, 100 queries.
     c.decoder = ml_collections.ConfigDict(dict(hidden=256, num_queries=100, num_layers=10, heads=8, ffn=2048))
     c.generate = common.sd14_generate(guidance=5.0)
     return c

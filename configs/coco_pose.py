@@ -1,7 +1,7 @@
 """P-Decoder for COCO 2017 human pose (17 keypoint heatmaps), the paper's setting.
 
 Run: ``datasetdm train --config configs/coco_pose.py data.root=/path/to/coco`` (rerun to resume).
-Numbers cite ../shared/reference/datasetdm_official_code.md. Shared settings:
+Values marked "official" are those of the official DatasetDM code. Shared settings:
 datasetdm_jax/config_common.py.
 """
 
@@ -16,15 +16,17 @@ def get_config(arg=None):
         "pose", "coco_pose",
         steps=320000,                # 400 epochs of 801 images at batch 1
         num_points=0,                # unused by pose
-        pose_sigma=2.0,              # §4: Gaussian targets, sigma 2 on the 64x64 heatmaps (JointsMSELoss)
+        pose_sigma=2.0,              # official: Gaussian targets, sigma 2 on the 64x64 heatmaps (JointsMSELoss)
         eval_every=20000,
-        # §4 table: all annotated persons in the first 801 train images; prompt "a photo of a person".
+        # Official few-shot selection: all annotated persons in the first 801 train images; prompt
+        # "a photo of a person".
         # Whole images resized to 512x512 (the official top-down per-person crop is not done here).
-        # §4: flip (left/right joints swapped).
+        # Official augmentation: flip (left/right joints swapped).
         data=dict(source="coco_pose", root="data/coco", split="train2017", image_size=512, resize="crop",
                   num_images=801, max_objects=20, flip=True, seed=0),
         eval_split="val2017", eval_images=5000,
     )
-    c.decoder = ml_collections.ConfigDict(dict(hidden=256, num_joints=17))  # §3.4: 17 heatmaps at 64x64 for 512 px
+    # Official: 17 heatmaps at 64x64 for 512 px.
+    c.decoder = ml_collections.ConfigDict(dict(hidden=256, num_joints=17))
     c.generate = common.sd14_generate(guidance=5.0)
     return c

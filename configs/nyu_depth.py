@@ -2,7 +2,7 @@
 
 Run: ``datasetdm train --config configs/nyu_depth.py data.root=/path/to/nyu`` where the folder
 holds nyu_depth_v2_labeled.mat + splits.mat, or the extracted train/ and test/ folders (see
-datasetdm_jax/data/nyu.py). Numbers cite ../shared/reference/datasetdm_official_code.md. Shared
+datasetdm_jax/data/nyu.py). Values marked "official" are those of the official DatasetDM code. Shared
 settings: datasetdm_jax/config_common.py.
 """
 
@@ -18,13 +18,14 @@ def get_config(arg=None):
         steps=100000,                # 400 epochs of 250 images at batch 1
         num_points=0,                # unused by depth
         eval_every=10000,
-        # §4 table: 250 random train frames (official list Selected_File/NYU/250.txt; here a seeded
-        # random subset of the 795); 512x512; depth in metres ([-1, 1] images, not [0, 1], §8.5).
+        # Official few-shot selection: 250 random train frames (official list Selected_File/NYU/250.txt;
+        # here a seeded random subset of the 795); 512x512; depth in metres ([-1, 1] images; official:
+        # [0, 1] images, 8-bit depth).
         data=dict(source="nyu", root="data/nyu", split="train", image_size=512, resize="crop", num_images=250,
                   max_objects=1, flip=True, seed=0),
         eval_split="test", eval_images=654,
     )
-    # §3.3: sigmoid x max depth 10 m; the official head is 1024-channel 3x3 convs at 512x512.
+    # Official: sigmoid x max depth 10 m; the official head is 1024-channel 3x3 convs at 512x512.
     c.decoder = ml_collections.ConfigDict(dict(hidden=256, max_depth=10.0, head_channels=1024))
     c.generate = common.sd14_generate(guidance=5.0)
     return c

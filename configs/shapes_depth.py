@@ -1,4 +1,4 @@
-"""P-Decoder training for depth on the shapes world (reference §4: SILog loss).
+"""P-Decoder training for depth on the shapes world (the official code's SILog loss).
 
 Run: ``datasetdm train --config configs/shapes_depth.py`` (rerun to resume). The frozen model is
 the shipped shapes-world SD (made by ``datasetdm pretrain --config configs/shapes_sd.py``);
@@ -26,9 +26,9 @@ def get_config(arg=None):
     # train, 1e-3 scores like 1e-4 (test REL 0.137 / 0.136 at 2,000 steps, timestep 0).
     c.lr = 1e-4
     # The official head runs two 3x3 convs at full resolution; a 32-channel head keeps it cheap.
-    # Its output is sigmoid x max_depth, so max_depth must exceed the farthest background (14): the
-    # NYU value 10 kept before session 15 capped most background pixels (an oracle capped at 10
-    # scores REL 0.095, uncapped 0.034; both the P-Decoder and the scratch model sat at 0.131).
+    # Its output is sigmoid x max_depth, so max_depth must exceed the farthest background (14): NYU's
+    # 10 caps most background pixels (an oracle capped at 10 scores REL 0.095, uncapped 0.034; with
+    # the cap both the P-Decoder and the scratch model sat at 0.131; docs/experiments/p_decoder_vs_scratch.md).
     max_depth = shapes.SCENE_MAX_DEPTH + 2.0
     c.decoder = ml_collections.ConfigDict(dict(hidden=64, max_depth=max_depth, head_channels=32))
     # `datasetdm generate --config configs/shapes_depth.py --num_images N --out DIR`.

@@ -33,8 +33,8 @@ def get_config(arg=None):
     # 400: class-agnostic AP 20.6 vs the scratch CNN's 51.3). The frozen VAE decoder's 32 and 64 px maps
     # add the geometry (not in the paper; free in generation, where the decoder runs anyway): 3,000
     # steps, 25,500-step model, 256 test images: mask AP 30.1% (AP50 48.2, AP75 30.3, class-agnostic
-    # 34.4) against the scratch model's 21.6% (README). Mask features are then 160 px (2.5 x 64), as the
-    # scratch model's; ~1 step/s here instead of ~7.
+    # 34.4) against the scratch model's 21.6% (docs/experiments/p_decoder_vs_scratch.md). Mask
+    # features are then 160 px (2.5 x 64), as the scratch model's; ~1 step/s here instead of ~7.
     c.vae_features = (32, 64)
     # At most 3 objects per scene: 10 queries are plenty.
     c.decoder = ml_collections.ConfigDict(dict(hidden=64, num_queries=10, num_layers=6, heads=4, ffn=256))

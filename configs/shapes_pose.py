@@ -1,4 +1,5 @@
-"""P-Decoder training for 17-keypoint pose on the shapes world (reference §3.4, §4).
+"""P-Decoder training for 17-keypoint pose on the shapes world (the official pose decoder and
+loss, with the changes below).
 
 Heatmap head with Gaussian targets and JointsMSE weighted by visibility (all 17 joints kept,
 occluded ones too, unlike the official decoder that drops border joints). As in the official
@@ -40,7 +41,7 @@ def get_config(arg=None):
     # decoder scored 10.6% test AP against 11.7% for the last step's (256 test images).
     c.data.filter = "one_person"
     # A 3x3 conv (32 wide) at the 32 px heatmap before the 1x1 head: a bare 1x1 head after the resize
-    # only interpolates the 16 px map (session 17, seeds 42/1/2, 256 test images: mean AP 18.8 -> 21.5,
+    # only interpolates the 16 px map (25,500-step model, seeds 42/1/2, 256 test images: mean AP 18.8 -> 21.5,
     # AP50 58.5 -> 62.7; the scratch model with the same head: 21.4 -> 22.3, AP50 55.4 -> 58.7).
     c.decoder = ml_collections.ConfigDict(dict(hidden=64, out_size=32, head_channels=32))
     # `datasetdm generate --config configs/shapes_pose.py --num_images N --out DIR`: one-person prompts

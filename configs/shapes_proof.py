@@ -1,4 +1,5 @@
-"""`datasetdm proof`: P-Decoder vs a scratch model, all four tasks, on the shapes world (issue 4).
+"""`datasetdm proof`: P-Decoder vs a scratch model, all four tasks, on the shapes world
+(results: docs/experiments/p_decoder_vs_scratch.md).
 
 For each task (semantic, instance, depth, pose): the P-Decoder trained on 100 labelled real images
 through the frozen shapes-world SD, and a plain Flax conv model + the same head trained from scratch

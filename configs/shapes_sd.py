@@ -1,4 +1,4 @@
-"""A tiny Stable Diffusion trained from scratch on the shapes world (DESIGN.md section 5).
+"""A tiny Stable Diffusion trained from scratch on the shapes world (docs/experiments/shapes_sd.md).
 
 Run: ``datasetdm pretrain --config configs/shapes_sd.py --workdir runs/shapes_sd`` (rerun the same
 command to resume). Variants: ``configs/shapes_sd.py:tiny`` (seconds; tests and smoke runs).
@@ -113,7 +113,7 @@ def get_config(arg=None):
     c.keep_checkpoints = 2        # orbax max_to_keep per stage
     # Warm start from a diffusers folder (e.g. datasetdm_jax/assets/shapes_sd): its VAE and tokenizer
     # are used as they are (the vae stage is skipped) and its UNet + text encoder start the diffusion
-    # stage with a fresh optimiser; how training continues across sessions whose workdir is lost.
+    # stage with a fresh optimiser; how training continues when the workdir is lost.
     c.init_from = ""
 
     # --- data: the procedural shapes world, item i of a split is a pure function of (seed, i), so
@@ -180,14 +180,10 @@ def get_config(arg=None):
     c.scheduler = dict(SD1_SCHEDULER)
 
     c.diffusion = ml_collections.ConfigDict()
-    # The shipped model was trained in legs of one workdir (resumes with a larger diffusion.steps
-    # recompute the cosine: a warm restart): 3,200 steps (cosine over 3,200), then resumed to 4,232
-    # with steps=11000 (lr 8.4e-4), to 10,000 with steps=10000 and to 14,000 with steps=14000
-    # (after the vae_decoder stage); ~1.2 steps/s here (40 img/s), 46 + 95 + 55 min; then three
-    # warm-started legs (init_from the shipped folder, lr 5e-4): +3,000 (17,000), +4,000 (21,000)
-    # and +4,500 (25,500), all with unet.layers_per_block=1; then the UNet was grown to 2 layers
-    # per block (models/deepen.py) and trained +5,000 (30,500, the shipped model; README). A single
-    # 14,000-step run is the plain recipe.
+    # A single 14,000-step run is the plain recipe (a resume with a larger diffusion.steps recomputes
+    # the cosine: a warm restart). The shipped model went further in warm-started legs (init_from,
+    # lr 5e-4) to 25,500 steps with one layer per block, then 5,000 more with the UNet grown to two
+    # (models/deepen.py): 30,500 in all; the legs and their commands are in docs/experiments/shapes_sd.md.
     c.diffusion.steps = 14000
     c.diffusion.batch_size = 32   # pilots: batch 64 gave no img/s gain on 2 CPU cores; more steps win
     c.diffusion.lr = 1e-3

@@ -1,4 +1,5 @@
-"""P-Decoder training for semantic segmentation on the shapes world (reference §4).
+"""P-Decoder training for semantic segmentation on the shapes world (the official recipe, with the
+changes below).
 
 Run: ``datasetdm train --config configs/shapes_semantic.py`` (rerun to resume). The frozen model is
 the shipped shapes-world SD (made by ``datasetdm pretrain --config configs/shapes_sd.py``);

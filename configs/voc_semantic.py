@@ -1,8 +1,8 @@
 """P-Decoder for PASCAL VOC 2012 semantic segmentation, the paper's setting.
 
 Run: ``datasetdm train --config configs/voc_semantic.py data.root=/path/to/VOCdevkit/VOC2012``
-(rerun to resume). Numbers cite ../shared/reference/datasetdm_official_code.md (section in each
-comment). The frozen model is SD 1.4 in diffusers format (safetensors), §1. Shared settings:
+(rerun to resume). Values marked "official" are those of the official DatasetDM code. The frozen
+model is SD 1.4 in diffusers format (safetensors), as in the official code. Shared settings:
 datasetdm_jax/config_common.py.
 """
 
@@ -16,24 +16,24 @@ def get_config(arg=None):
     common.check_variant(arg)
     c = common.sd14_pdecoder(
         "semantic", "voc_semantic",
-        # §4: StepLR x0.1 every 350 epochs, 5000 epochs nominal ("train until stopped"); 100 images
+        # Official: StepLR x0.1 every 350 epochs, 5000 epochs nominal ("train until stopped"); 100 images
         # at batch 1 -> 350 epochs = 35000 steps. train.py uses a constant lr for now.
         steps=40000,
         num_classes=21,              # background + 20 VOC classes (label values 0..20, 255 ignore)
-        deep_supervision=False,      # §3.1: no auxiliary losses in the official decoder
-        num_points=12544,            # §4: point samples for matching and mask losses
+        deep_supervision=False,      # official: no auxiliary losses
+        num_points=12544,            # official: point samples for matching and mask losses
         eval_every=5000,
-        # §4 table: 512x512 inputs; 5 images per class -> 100, single-class label maps whose class
-        # covers > 18000 px (list file Selected_File/VOC/100.txt); prompt "a photo of a {class}".
+        # Official few-shot selection: 512x512 inputs; 5 images per class -> 100, single-class label
+        # maps whose class covers > 18000 px (list file Selected_File/VOC/100.txt); prompt "a photo of a {class}".
         data=dict(source="voc", root="data/VOCdevkit/VOC2012", split="train_aug", image_size=512, resize="crop",
                   num_images=100, per_class=5, min_pixels=18000, max_objects=1, flip=True, seed=0),
         eval_split="val", eval_images=1449,
     )
-    # §3.1-3.2: Mask2Former-style head, hidden 256, 10 layers, 8 heads, FFN 2048, 20 queries (VOC).
+    # Official decoder: Mask2Former-style head, hidden 256, 10 layers, 8 heads, FFN 2048, 20 queries (VOC).
     # 21 queries: the official code uses 20, but our semantic targets have one slot per class (21 with
     # background) and Hungarian matching needs a query for each.
     c.decoder = ml_collections.ConfigDict(dict(hidden=256, num_queries=21, num_layers=10, heads=8, ffn=2048))
-    # §2.1, §5: CFG 7 for VOC. `datasetdm generate --config configs/voc_semantic.py --num_images N
+    # Official generation: CFG 7 for VOC. `datasetdm generate --config configs/voc_semantic.py --num_images N
     # --out DIR` labels with the decoder trained in `workdir`.
     c.generate = common.sd14_generate(
         guidance=7.0,

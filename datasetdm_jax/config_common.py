@@ -2,7 +2,7 @@
 
 Each config file builds its base here and sets only what is its own, so a default shared by the
 four shapes tasks, the five paper-scale P-Decoders or the downstream comparisons is written once.
-Numbers marked § cite ../shared/reference/datasetdm_official_code.md.
+Values marked "official" are those of the official DatasetDM code (github.com/showlab/DatasetDM).
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ def shapes_pdecoder(task: str, **training: Any) -> ConfigDict:
     c.capture = "datasetdm"          # features preset: 'datasetdm' or 'lean'
     c.vae_features = ()              # VAE-decoder map resolutions added above the latent's (features.vae_maps)
     # Features of the latent noised to timestep 400, not the official 0 (DDPM set_timesteps(50) ->
-    # timesteps[-1], reference §2.1): semantic test mIoU 0.411 against 0.362 at 0 (3,000 steps, deep
-    # supervision); generation reads them with `generate.feature_pass=renoise`.
+    # timesteps[-1]): semantic test mIoU 0.411 against 0.362 at 0 (3,000 steps, deep supervision,
+    # 14,000-step model; docs/experiments/decoder_recipes.md); generation reads them with
+    # `generate.feature_pass=renoise`.
     c.timestep = 400
     c.cache_features = True          # SD pass once per (image, mirror) into a feature bank (train.py)
     c.seed = 42
@@ -102,22 +103,22 @@ def shapes_tiny(c: ConfigDict) -> ConfigDict:
 
 def sd14_pdecoder(task: str, name: str, *, steps: int, eval_every: int, data: dict[str, Any], eval_split: str,
                   eval_images: int, **training: Any) -> ConfigDict:
-    """The official recipe (§1-§4) for ``task`` on a real dataset; ``training`` holds the task's own
+    """The official recipe for ``task`` on a real dataset; ``training`` holds the task's own
     fields (set after ``max_steps``, in the given order), ``data`` the training-set selection, and
     ``eval_split``/``eval_images`` the split scored at the end (100 of its images every
     ``eval_every`` steps). The caller adds ``decoder`` and ``generate``."""
     c = ConfigDict()
     c.task = task
     c.name = name
-    c.pipeline = "models/stable-diffusion-v1-4"  # §1: CompVis/stable-diffusion-v1-4
+    c.pipeline = "models/stable-diffusion-v1-4"  # official: CompVis/stable-diffusion-v1-4
     c.workdir = f"runs/{name}"
-    c.capture = "datasetdm"          # §2.2-2.3: 28 UNet maps + cond cross-attention of all 16 layers
+    c.capture = "datasetdm"          # official: 28 UNet maps + cond cross-attention of all 16 layers
     c.vae_features = ()              # not in the paper: VAE-decoder maps, e.g. (128,) (features.vae_maps)
-    c.timestep = 0                   # §2.1: DDPM set_timesteps(50) -> timesteps[-1] = 0
+    c.timestep = 0                   # official: DDPM set_timesteps(50) -> timesteps[-1] = 0
     c.cache_features = False         # 200 rows of 512 px SD features take GBs of device memory
-    c.seed = 42                      # §4: seed_everything(42)
-    c.batch_size = 1                 # §4: batch 1 (ours works at any batch size)
-    # §4: Adam, no weight decay; StepLR x0.1 every 350 epochs (400 for NYU and pose), not yet in
+    c.seed = 42                      # official: seed_everything(42)
+    c.batch_size = 1                 # official: batch 1 (ours works at any batch size)
+    # Official: Adam, no weight decay; StepLR x0.1 every 350 epochs (400 for NYU and pose), not yet in
     # train.py (constant lr).
     c.lr = 1e-4
     c.steps = steps
@@ -135,7 +136,7 @@ def sd14_pdecoder(task: str, name: str, *, steps: int, eval_every: int, data: di
 
 
 def sd14_generate(guidance: float = 5.0, prompts: dict[str, Any] | None = None, **more: Any) -> ConfigDict:
-    """Generation as in the official code (§2.1, §5): PNDM (PLMS), 50 steps, CFG ``guidance``;
+    """Generation as in the official code: PNDM (PLMS), 50 steps, CFG ``guidance``;
     ``prompts`` and ``more`` add the `datasetdm generate` settings where the config has them."""
     head = {} if prompts is None else dict(prompts=ConfigDict(prompts))
     return ConfigDict(dict(**head, scheduler="pndm", steps=50, guidance=guidance, grounding="prompt",

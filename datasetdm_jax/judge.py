@@ -1,6 +1,6 @@
 """A shapes-world judge: a small CNN that names the class and colour of the object in an image.
 
-It is the yardstick for the generator (issue 3): trained on real rendered scenes only, it checks
+It is the yardstick for the generator: trained on real rendered scenes only, it checks
 that images sampled from "a red circle on ..." prompts really show a red circle. Two single-label
 heads (class, colour) are trained on one-object scenes; a multi-label presence head (a sigmoid per
 class and per colour) is trained on scenes of 1-3 objects so multi-object prompts can be checked.

@@ -1,4 +1,5 @@
-"""Train a small Stable Diffusion from scratch on the shapes world, resumably (DESIGN.md section 5).
+"""Train a small Stable Diffusion from scratch on the shapes world, resumably
+(the shipped model's legs: docs/experiments/shapes_sd.md).
 
 ``run(config, workdir)`` runs the stages named in ``config.stages`` in order, each in its own
 orbax checkpoint folder ``workdir/<stage>/``:
@@ -22,8 +23,8 @@ Then the EMA weights are exported as a diffusers-format folder (``export``).
 Warm start (``config.init_from``, a diffusers folder such as the shipped model): its VAE is used
 frozen (the ``vae`` stage is skipped; ``vae_decoder`` starts from its decoder), its tokenizer is
 copied, and its UNet and text encoder weights start the ``diffusion`` stage with a fresh optimiser
-and schedule. Checkpoints live in ``workdir`` (lost between sessions on ephemeral machines); the
-shipped folder is not, so this is how training continues across sessions.
+and schedule. Checkpoints live in ``workdir`` (lost with an ephemeral machine); the shipped
+folder is not, so this is how training continues on a new machine.
 
 Every stage can be stopped at any time and rerun with the same command: the step, params, EMA,
 optimiser state and the grain iterator position are checkpointed every ``checkpoint_every_s``
@@ -759,7 +760,7 @@ def _diffusion_stage(config: ml_collections.ConfigDict, workdir: str) -> _Stage:
 
 
 def _fidelity_eval(config: ml_collections.ConfigDict, tokens: "_Tokens", parts: dict) -> Callable[[Any], dict]:
-    """(EMA params) -> judged fidelity of samples from them: the issue's real yardstick (does the
+    """(EMA params) -> judged fidelity of samples from them: the real yardstick (does the
     model draw the prompted class and colour, `judge.fidelity`) as a training curve, next to the
     eps-MSE proxy. One pipeline whose jitted sampler is reused; each call swaps in the weights."""
     from datasetdm_jax import judge as judge_lib

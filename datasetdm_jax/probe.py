@@ -1,4 +1,4 @@
-"""The premise check of issue 3: do the frozen UNet's features carry the perception?
+"""The premise check: do the frozen UNet's features carry the perception?
 
 A 1x1-conv (per-pixel linear) head is trained on the captured UNet features of 100 labelled real
 shapes-world images and compared with a small U-Net trained from scratch on the same 100 images,

@@ -1,7 +1,8 @@
 """`datasetdm proof`: does the P-Decoder on frozen diffusion features beat a model trained from scratch?
 
-Issue 4's proof on the shapes world. For each task (semantic, instance, depth, pose) and on the
-same 100 labelled real images: the P-Decoder (``train.run``: frozen SD features -> decoder) and a
+The proof on the shapes world (results: docs/experiments/p_decoder_vs_scratch.md). For each task
+(semantic, instance, depth, pose) and on the same 100 labelled real images: the P-Decoder
+(``train.run``: frozen SD features -> decoder) and a
 scratch conv backbone + the same head (``baselines``: same loss, steps, batch, optimiser, flips),
 both scored by ``tasks.Evaluator`` on the same test and domain-shifted test images. One more row:
 the semantic P-Decoder without Mask2Former deep supervision (the shapes configs turn it on). Writes ``report.json`` and ``table.md``

@@ -1,4 +1,5 @@
-"""Train a P-Decoder on a frozen Stable Diffusion (reference §2.1 and §4): ``datasetdm train``.
+"""Train a P-Decoder on a frozen Stable Diffusion (the official recipe): ``datasetdm
+train``.
 
 One train step: real image -> VAE latent (posterior mean; the VAE is frozen) -> noised to the
 timestep ``config.timestep`` (default 0: the official code's ``timesteps[-1]`` of a 50-step DDPM

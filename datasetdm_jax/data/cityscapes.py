@@ -1,4 +1,4 @@
-"""Cityscapes semantic segmentation, 19 train ids (reference §4, §7).
+"""Cityscapes semantic segmentation, 19 train ids (the paper's few-shot setting).
 
 Layout (``root`` holds both packages, ``leftImg8bit_trainvaltest`` and ``gtFine_trainvaltest``)::
 
@@ -9,7 +9,7 @@ Layout (``root`` holds both packages, ``leftImg8bit_trainvaltest`` and ``gtFine_
 table; every other id becomes 255 (ignore). With ``label_kind='labelTrainIds'`` the
 ``*_gtFine_labelTrainIds.png`` files made by cityscapesscripts are read as they are (what the
 official DatasetDM code reads). Label maps are resized with nearest neighbour (the official code's
-bilinear resize corrupts boundaries, reference §8.4). Few-shot selection as the official script:
+bilinear resize corrupts boundaries). Few-shot selection as the official script:
 walk the sorted frames, take a frame for the first train id covering more than ``min_pixels``
 (10000) pixels that has fewer than ``per_class`` frames.
 """

@@ -1,4 +1,4 @@
-"""COCO 2017 instances and person keypoints, read with pycocotools (reference §4, §7).
+"""COCO 2017 instances and person keypoints, read with pycocotools (the paper's few-shot setting).
 
 Layout (``root`` = the COCO folder)::
 
@@ -7,13 +7,13 @@ Layout (``root`` = the COCO folder)::
     annotations/person_keypoints_<split>.json   # task 'pose'
 
 Classes are the file's categories in ascending id order, as contiguous ids 1..K (0 = background;
-K = 80 for COCO), so instances are class-aware (the official code makes every label 1, reference
-§8.2). Instance masks come from polygons or RLE (``annToMask``); an image's instances are painted
+K = 80 for COCO), so instances are class-aware (the official code makes every label
+1). Instance masks come from polygons or RLE (``annToMask``); an image's instances are painted
 largest first, so the instance map shows small objects in front; crowd regions are 255 (ignore)
 in the semantic map and are not instances. Keypoints are the 17 COCO joints with visibility
 (0 not labelled, 1 hidden, 2 visible), shifted by +0.5 into continuous pixel coordinates.
 
-Few-shot selection (reference §4 table): task 'instance' walks the categories in id order and
+Few-shot selection (the official rule): task 'instance' walks the categories in id order and
 takes, per category, the first ``per_class`` (5) images in file order that hold a non-crowd
 instance of it larger than ``min_area`` (10000) pixels and were not taken yet: 80 x 5 = 400. Task
 'pose' takes the first ``num_images`` (801) images in file order that hold a person with labelled

@@ -1,4 +1,4 @@
-"""NYU Depth v2, labelled subset: 1449 frames, 795 train / 654 test (reference §4, §7).
+"""NYU Depth v2, labelled subset: 1449 frames, 795 train / 654 test (the paper's few-shot setting).
 
 Two on-disk forms are accepted (``root`` is the folder, or the ``.mat`` file itself):
 
@@ -13,7 +13,7 @@ Two on-disk forms are accepted (``root`` is the folder, or the ``.mat`` file its
    ``train`` (795) or ``test`` (654). 0 = no depth.
 
 Depth is resized with nearest neighbour and kept in metres (the official code feeds [0, 1] images
-and saves 8-bit depth; here images go to [-1, 1] in the pipeline and depth stays float, §8.5).
+and saves 8-bit depth; here images go to [-1, 1] in the pipeline and depth stays float).
 The official few-shot set is 250 random train frames from a list not reproducible here; set
 ``num_images`` to take a seeded random subset of that size.
 """

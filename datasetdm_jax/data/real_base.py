@@ -211,7 +211,7 @@ def make_example(image: np.ndarray, caption: str, config: SourceConfig, *,
 
 def select_per_class(class_counts: Iterable[Mapping[int, int]], per_class: int, min_pixels: int,
                      max_total: int | None = None) -> list[int]:
-    """The official few-shot selection (reference §4 table): walk the items in order; an item is
+    """The official few-shot selection: walk the items in order; an item is
     taken for the first class (ascending id) that covers more than ``min_pixels`` and still has
     fewer than ``per_class`` items. Returns the taken item positions."""
     taken: dict[int, int] = {}

@@ -1,6 +1,6 @@
 """The shapes world: a procedural, seed-deterministic scene generator with exact ground truth.
 
-It is the offline proving ground for the whole method (DESIGN.md section 5): RGB images with a
+It is the offline proving ground for the whole method (docs/experiments/): RGB images with a
 caption and exact labels for all four perception tasks (semantic classes, instances, depth,
 keypoints). A large captioned corpus of the full distribution stands in for the web data Stable
 Diffusion was trained on; the 100 labelled images come from a narrower background slice; the test

@@ -1,4 +1,4 @@
-"""PASCAL VOC 2012 semantic segmentation with SegmentationClassAug (reference §4, §7).
+"""PASCAL VOC 2012 semantic segmentation with SegmentationClassAug (the paper's few-shot setting).
 
 Layout (``root`` = ``VOCdevkit/VOC2012``)::
 
@@ -7,9 +7,9 @@ Layout (``root`` = ``VOCdevkit/VOC2012``)::
     ImageSets/SegmentationAug/<split>.txt  or  ImageSets/Segmentation/<split>.txt  or  splits/<split>.txt
 
 A split file lists one id per line, or ``/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png``
-pairs (the DeepLab ``train_aug.txt`` form). The few-shot selection is the paper's rule (reference
-§4 table): walk the split in order; keep an image when its label map holds background plus exactly
-one class (no 255) covering more than ``min_pixels`` (18000) pixels, up to ``per_class`` (5)
+pairs (the DeepLab ``train_aug.txt`` form). The few-shot selection is the paper's rule: walk the
+split in order; keep an image when its label map holds background plus exactly one class (no 255)
+covering more than ``min_pixels`` (18000) pixels, up to ``per_class`` (5)
 images per class: 5 x 20 classes = 100 images.
 """
 
@@ -28,7 +28,7 @@ CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )
-# Words for prompts and open-vocabulary queries (the real class names, DESIGN.md §4).
+# Words for prompts and open-vocabulary queries (the real class names, not VOC's joined labels).
 PROMPT_NAMES: dict[str, str] = {"aeroplane": "aeroplane", "diningtable": "dining table",
                                 "pottedplant": "potted plant", "tvmonitor": "tv monitor"}
 

@@ -1,4 +1,4 @@
-"""Depth P-Decoder (reference §3.3): growing-width pixel stem -> conv head -> sigmoid * max_depth."""
+"""Depth P-Decoder (as the official one): growing-width pixel stem -> conv head -> sigmoid * max_depth."""
 
 from __future__ import annotations
 

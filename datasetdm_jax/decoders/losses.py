@@ -1,4 +1,4 @@
-"""P-Decoder losses (reference §4): Mask2Former set criterion, scale-invariant log depth, joints MSE.
+"""P-Decoder losses (the official code's): Mask2Former set criterion, scale-invariant log depth, joints MSE.
 
 Segmentation ground truth is padded to a fixed number of slots M per image so shapes are static:
 `gt_classes` (B, M) int, `gt_masks` (B, M, H, W) {0,1}, `gt_valid` (B, M) bool.

@@ -1,4 +1,5 @@
-"""Hungarian matching of predicted queries to padded ground-truth masks (reference §4).
+"""Hungarian matching of predicted queries to padded ground-truth masks (Mask2Former's, as the
+official code).
 
 Cost = 2 * (-p_class) + 5 * BCE + 5 * Dice, the mask terms on K uniformly random points shared by
 all masks of an image. The cost matrix is computed in JAX; the assignment itself is

@@ -1,6 +1,6 @@
 """Pixel stem shared by all P-Decoders: multi-scale fusion of UNet maps and cross-attention.
 
-Follows the official `_prepare_features` (reference §2.4) coarse to fine, NHWC, bilinear
+Follows the official `_prepare_features` coarse to fine, NHWC, bilinear
 (half-pixel, no antialias) resizes:
 
     proj_k = conv1x1(concat(maps[r_k], flatten(attention[r_k])))      (no bias)
@@ -12,7 +12,7 @@ run at the feature's native resolution: a bias-free 1x1 conv commutes with bilin
 this equals the official "upsample then project" while costing 4x fewer FLOPs at 17920 channels.
 
 Normalisation: the official SegBlock uses affine-free BatchNorm (with spectral-normalised convs) on
-batch-1 statistics, so train and eval differ (quirk §8.7). We use GroupNorm instead: batch-size
+batch-1 statistics, so train and eval differ. We use GroupNorm instead: batch-size
 independent, identical in train and eval, no running statistics to carry. Spectral norm is left out.
 """
 

@@ -1,4 +1,4 @@
-"""Pose P-Decoder (reference §3.4): growing-width stem -> 1x1 conv -> J heatmaps; targets; decoding."""
+"""Pose P-Decoder (as the official one): growing-width stem -> 1x1 conv -> J heatmaps; targets; decoding."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ padded to a fixed count with a validity flag per slot (``instance_valid``, ``per
 ``trim`` drops the padding of one example on the host, giving the keys ``records.to_example``
 takes. Settings come from a config's ``generate`` section (``label_settings``).
 
-Instances (reference §5, COCO instance): the official code scores (query, class) pairs as class
+Instances (COCO instance): the official code scores (query, class) pairs as class
 probability x mean in-mask sigmoid (mask = logit > 0), takes the top 100 and keeps at most 20 with
 score >= 0.4. Its decoder is class-agnostic (one class), so every query yields one instance; we keep
 that with class-aware heads by giving each query its best class, so one mask is never written
@@ -13,7 +13,7 @@ twice under two classes. The mask score is taken at the decoder's mask resolutio
 kept masks are resized to the image (the official code resizes all 100 first: same ranking, far
 more memory at 512 px).
 
-Pose (reference §5, pose): heatmap argmax per joint with the quarter-pixel shift. The heatmaps
+Pose: the official code takes the heatmap argmax per joint with the quarter-pixel shift. The heatmaps
 hold one map per joint, so on their own they give one person per image (the official
 single-person setting). When an instance decoder labels the same images (``also``), each kept
 person instance gets its own keypoints, decoded inside its box (``pose_per_person``, top-down

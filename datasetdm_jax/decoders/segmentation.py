@@ -1,4 +1,5 @@
-"""Mask2Former-style segmentation P-Decoder (reference §3.1, open-vocabulary queries §3.2).
+"""Mask2Former-style segmentation P-Decoder (the official decoder, with
+open-vocabulary queries).
 
 Pixel stem -> mask features (mask_size^2) + 3 memory levels; L layers of masked cross-attention
 (memory level i % 3) -> self-attention -> FFN, post-norm. Predictions (class logits, mask logits)
@@ -156,5 +157,5 @@ class SegmentationDecoder(nnx.Module):
 
 
 def segmentation_config_defaults() -> dict[str, Any]:
-    """Paper defaults (reference §3.1)."""
+    """The official decoder's sizes."""
     return dict(hidden=256, num_queries=100, num_layers=10, heads=8, ffn=2048, mask_size=None, text_dim=None)
