@@ -219,7 +219,7 @@ class Pipeline:
     `graphdefs[name]` / `params[name]` (name in text_encoder, vae, unet) are the `nnx.split`
     halves that generation and training jit over themselves; the modules `text_encoder`, `vae`
     and `unet` share the same arrays (treat them as read-only). `configs` are the original
-    config.json dicts (written back unchanged by `save_pipeline`).
+    config.json dicts (written back by `save_pipeline`, the text encoder's with its load dtype set to float32).
     """
 
     tokenizer: Any
@@ -397,8 +397,28 @@ def _write_json(path: Path, data: Mapping) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def _saved_config(name: str, config: Mapping) -> dict:
+    """The config.json written for component `name`: `config` as it is, except the text encoder's
+    load dtype.
+
+    With no dtype argument, transformers >= 5 builds the text encoder in the dtype its config.json
+    names (`dtype`, or the older `torch_dtype`), else in the dtype the weights are stored in, while
+    diffusers builds the UNet and VAE in float32: fp16/bf16 weights would then meet in one forward
+    pass and fail ("mat1 and mat2 must have the same dtype"). Naming float32 makes the plain
+    `StableDiffusionPipeline.from_pretrained(folder)` all-float32 whatever the stored dtype; an
+    explicit `dtype=` still overrides it for every component.
+    """
+    out = dict(config)
+    if name == "text_encoder":
+        out["dtype"] = out["torch_dtype"] = "float32"
+    return out
+
+
 def save_pipeline(pipe: Pipeline, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Writes `pipe` as a diffusers-format folder that `StableDiffusionPipeline.from_pretrained` loads.
+
+    The weights keep the pipeline's dtype (float32, bfloat16 or float16); the folder loads and samples
+    in diffusers/transformers with their default calls, no dtype argument (see `_saved_config`).
 
     The folder is assembled under a temporary name and renamed into place, so a crash never
     leaves a half-written model where a complete one is expected.
@@ -415,7 +435,7 @@ def save_pipeline(pipe: Pipeline, path: str | os.PathLike, *, overwrite: bool = 
         for name, (_, library) in _COMPONENTS.items():
             sub = tmp / name
             sub.mkdir()
-            _write_json(sub / "config.json", pipe.configs[name])
+            _write_json(sub / "config.json", _saved_config(name, pipe.configs[name]))
             weights = "model.safetensors" if library == "transformers" else "diffusion_pytorch_model.safetensors"
             save_file(convert.to_torch_state_dict(pipe.module(name)), str(sub / weights), metadata={"format": "pt"})
         tok_dir = tmp / "tokenizer"

@@ -129,6 +129,53 @@ def test_save_pipeline_loads_in_diffusers(pipe, torch_pipe, tmp_path):
     np.testing.assert_array_equal(again.encode_prompt(PROMPTS[:1]), pipe.encode_prompt(PROMPTS[:1]))
 
 
+SHIPPED = os.path.join(os.path.dirname(__file__), "..", "datasetdm_jax", "assets", "shapes_sd")
+
+
+def _diffusers_samples(folder, size, **load_kw):
+    """Loads `folder` in diffusers (no dtype argument unless given) and samples one tiny image."""
+    from diffusers import StableDiffusionPipeline
+
+    p = StableDiffusionPipeline.from_pretrained(str(folder), **load_kw)
+    p.set_progress_bar_config(disable=True)
+    dtypes = {name: getattr(p, name).dtype for name in ("unet", "vae", "text_encoder")}
+    with torch.no_grad():
+        images = p(["a red circle"], num_inference_steps=2, height=size, width=size, output_type="np").images
+    assert images.shape == (1, size, size, 3) and np.isfinite(images).all()
+    return dtypes, images
+
+
+def test_shipped_model_samples_in_diffusers_with_the_plain_call():
+    """`StableDiffusionPipeline.from_pretrained(<shipped folder>)`, no dtype: its fp16 weights load as
+    float32 in every component (transformers would otherwise keep the text encoder in fp16)."""
+    size = json.load(open(os.path.join(SHIPPED, "unet", "config.json")))["sample_size"] * 4
+    dtypes, images = _diffusers_samples(SHIPPED, size)
+    assert set(dtypes.values()) == {torch.float32}, dtypes
+    assert images.std() > 0.02  # a picture, not a flat field
+    dtypes, _ = _diffusers_samples(SHIPPED, size, dtype=torch.bfloat16)
+    assert set(dtypes.values()) == {torch.bfloat16}, dtypes
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_saved_half_precision_folder_samples_in_diffusers(tiny_dir, tmp_path, dtype):
+    """save_pipeline writes fp16/bf16 weights that load and sample with the plain call (all float32)
+    and with an explicit dtype (all in that dtype)."""
+    out = save_pipeline(load_pipeline(tiny_dir, dtype=jnp.dtype(dtype)), tmp_path / "saved")
+    from safetensors import safe_open
+
+    with safe_open(str(out / "text_encoder" / "model.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {getattr(torch, dtype)}  # stored as asked
+    text_cfg = json.loads((out / "text_encoder" / "config.json").read_text())
+    assert text_cfg["dtype"] == "float32"
+    dtypes, _ = _diffusers_samples(out, tiny_sd.IMAGE_SIZE)
+    assert set(dtypes.values()) == {torch.float32}, dtypes
+    dtypes, _ = _diffusers_samples(out, tiny_sd.IMAGE_SIZE, dtype=getattr(torch, dtype))
+    assert set(dtypes.values()) == {getattr(torch, dtype)}, dtypes
+    from transformers import CLIPTextModel
+
+    assert CLIPTextModel.from_pretrained(str(out / "text_encoder")).dtype == torch.float32
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors: one line, naming the file/key; nothing half-loads
 # ---------------------------------------------------------------------------------------------

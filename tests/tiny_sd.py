@@ -112,11 +112,11 @@ def build_tiny_sd(folder: str | os.PathLike, seed: int = 0) -> Path:
 
 
 def torch_pipeline(folder: str | os.PathLike):
-    """diffusers' StableDiffusionPipeline (fp32, CPU, no progress bar) for a saved folder."""
+    """diffusers' StableDiffusionPipeline (CPU, no progress bar) for a saved folder, loaded with the
+    plain call a user would type (no dtype: every component float32, whatever the stored dtype)."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(folder), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
