@@ -11,7 +11,7 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 ENV = "DATASETDM_HOST_DEVICES"
 
@@ -44,3 +44,9 @@ def data_mesh(batch_size: int, devices: int | None = None) -> Mesh:
     while int(batch_size) % n:
         n -= 1
     return Mesh(np.array(local[:n]), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def data_shardings(mesh: Mesh) -> tuple[NamedSharding, NamedSharding]:
+    """(replicated, split over ``data`` along the leading axis): the two placements of data-parallel
+    work (parameters everywhere, each device its slice of the batch)."""
+    return NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
