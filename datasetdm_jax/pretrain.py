@@ -54,7 +54,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from datasetdm_jax import curves, devices, pretrained, schedulers
 from datasetdm_jax import tokenizer as tk
@@ -383,7 +382,7 @@ def _train_stage(st: _Stage, config: ml_collections.ConfigDict, workdir: str,
     cfg = st.cfg
     total = int(cfg.steps)
     mesh = devices.data_mesh(int(cfg.batch_size))
-    repl, data_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    repl, data_sh = devices.data_shardings(mesh)
     tx, schedule = _optimizer(cfg, st.params)
     ema_decay = float(cfg.ema_decay)
     state = {"step": jnp.zeros((), jnp.int32), "params": st.params, "opt": tx.init(st.params)}

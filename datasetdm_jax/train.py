@@ -35,7 +35,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from datasetdm_jax import devices, pretrained, schedulers
 from datasetdm_jax.config_utils import load_config
@@ -195,7 +194,7 @@ class Trainer:
         self.tx = optax.adam(float(config.lr))
         self.base_key = jax.random.key(int(config.seed))
         self.mesh = devices.data_mesh(int(config.batch_size))  # local devices: one mesh per process
-        self.repl, self.data_sharding = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P("data"))
+        self.repl, self.data_sharding = devices.data_shardings(self.mesh)
         self.frozen = jax.device_put({k: self.pipe.params[k] for k in ("vae", "unet", "text_encoder")}, self.repl)
         # Two jits per step: the frozen SD's features, then the decoder's update. Split so the big
         # SD half is one compilation whatever the task (the persistent cache shares it between

@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 from datasetdm_jax import features, generate, schedulers
-from datasetdm_jax.devices import data_mesh
+from datasetdm_jax.devices import data_mesh, data_shardings
 from datasetdm_jax.pretrained import Pipeline
 
 PROMPT = "a red circle and a blue person on a light striped background"
@@ -53,7 +53,7 @@ def generation(pipe: Pipeline, batch: int, size: int, *, steps: int, scheduler: 
     """Full text-to-image generation of `batch` images (all steps in one jit)."""
     mesh = data_mesh(batch, devices)
     abstract = _is_abstract(pipe)
-    repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    repl, data = data_shardings(mesh)
     h, w, _ = latent_shape(pipe, size)
     fn = generate.build_sampler_fn(pipe, steps=steps, guidance=guidance, scheduler=scheduler, latent_hw=(h, w),
                                    capture=capture)
@@ -72,7 +72,7 @@ def loop_trips(pipe: Pipeline, steps: int, scheduler: str, capture: str | None) 
 
 def _inputs(pipe: Pipeline, batch: int, size: int, mesh: Mesh, abstract: bool):
     """CFG-batch inputs: x (batch images) and emb (2 * batch rows), batch-sharded."""
-    data = NamedSharding(mesh, P("data"))
+    _, data = data_shardings(mesh)
     shape = latent_shape(pipe, size)
     dim = int(pipe.configs["unet"]["cross_attention_dim"])
     rng = np.random.default_rng(0)
@@ -97,7 +97,7 @@ def unet_forward(pipe: Pipeline, batch: int, size: int, *, capture: str | None =
         eps, taps = nnx.merge(gd, params)(x2, t, emb, capture=True)
         return eps, features.extract(taps, capture, batch)
 
-    params = _put(pipe.params["unet"], NamedSharding(mesh, P()), abstract)
+    params = _put(pipe.params["unet"], data_shardings(mesh)[0], abstract)
     return Program(jax.jit(run), (params, x, emb), mesh.size)
 
 
@@ -119,6 +119,6 @@ def sampler_step(pipe: Pipeline, batch: int, size: int, *, steps: int, scheduler
         uncond, cond = jnp.split(nnx.merge(gd, params)(x2, t, emb), 2)
         return sampler.step(state, uncond + guidance * (cond - uncond), i, x)
 
-    params = _put(pipe.params["unet"], NamedSharding(mesh, P()), abstract)
+    params = _put(pipe.params["unet"], data_shardings(mesh)[0], abstract)
     i = jax.ShapeDtypeStruct((), jnp.int32) if abstract else jnp.int32(1)
     return Program(jax.jit(run), (params, x, emb, state, i), mesh.size)

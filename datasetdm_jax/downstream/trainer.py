@@ -20,7 +20,6 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from datasetdm_jax import devices
 from datasetdm_jax import metrics as mt
@@ -86,7 +85,7 @@ def _step_fn(graphdef, task: str, depth_loss: str, grad_clip: float, weight_deca
     if cache_key in _STEPS:
         return _STEPS[cache_key]
     key = LABEL_KEY[task]
-    repl, data_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    repl, data_sh = devices.data_shardings(mesh)
 
     def loss_fn(params, rest, batch):
         out = nnx.merge(graphdef, params, rest)(batch["image"])
@@ -152,7 +151,7 @@ def train(cfg: ml_collections.ConfigDict, batches: Iterator[Mapping[str, np.ndar
                         int(cfg.num_classes), int(cfg.seed))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     mesh = devices.data_mesh(int(cfg.batch_size))
-    repl, data_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    repl, data_sh = devices.data_shardings(mesh)
     grad_clip, weight_decay = float(cfg.grad_clip), float(cfg.weight_decay)
     opt = _optimizer(0.0, grad_clip, weight_decay, params).init(params)
     state = jax.device_put({"params": params, "opt": opt}, repl)
@@ -202,7 +201,7 @@ def predict(trained: Trained, images: np.ndarray, batch_size: int = 32) -> np.nd
     n = jax.local_device_count()
     bs = max(n, -(-int(batch_size) // n) * n)
     mesh = devices.data_mesh(bs)
-    data_sh = NamedSharding(mesh, P("data"))
+    _, data_sh = devices.data_shardings(mesh)
     task, graphdef = trained.task, trained.graphdef
     if (graphdef, task) not in _FORWARDS:
         def forward(params, rest, x):

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from datasetdm_jax import devices, generate
 from datasetdm_jax.decoders import inference, postprocess, tasks
@@ -64,7 +63,7 @@ class DecoderLabeler:
                                  "prompt must share the class list")
         # Its own mesh: the decoder trained at another batch size (the papers' 1) than it labels at.
         mesh = devices.data_mesh(self.batch_size)
-        self.repl, self.data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+        self.repl, self.data_sharding = devices.data_shardings(mesh)
         self.frozen = jax.device_put(tr.frozen, self.repl)
         self.params = jax.device_put([p for _, p, _, _ in decoders], self.repl)
         passes = [generate.feature_pass(c.generate, t.t) for t, _, _, c in decoders]
