@@ -50,7 +50,7 @@ def test_tfds_reads_generated_shards_like_grain(folder):
     raw = tfds.builder_from_directory(str(out)).as_data_source("train")
     assert len(raw) == 5
     assert raw[1]["image"]["encoded"].shape == (32, 32, 3)                 # decoded by tfds itself
-    assert raw[1]["segmentation"]["class"]["encoded"].shape == (32, 32, 1)
+    assert raw[1]["image"]["segmentation"]["class"]["encoded"].shape == (32, 32, 1)   # Model Garden key
     grain_ds, tfds_ds = records.grain_source(str(out)), records_tfds.tfds_source(str(out))
     assert len(tfds_ds) == 5
     for i in range(5):
@@ -77,17 +77,45 @@ def test_metadata_is_deterministic_and_cli_writes_it(folder):
 
 
 def test_tf_data_reads_tfrecords_needs_tensorflow(folder):
-    """Only check that needs TensorFlow (skipped where it is not installed): tf.data reads the TFRecords
-    with the documented VarLenFeature / FixedLenFeature spec."""
+    """TensorFlow's own reader (tensorflow-cpu is in requirements-ci.txt; skipped where it is not
+    installed): tf.data parses the TFRecords with the TF Model Garden segmentation keys and the
+    object-detection API's VarLenFeature lists."""
     tf = pytest.importorskip("tensorflow")
     out, shards = folder
     files = [str(out / s["files"]["tfrecord"]["file"]) for s in shards]
-    spec = {"image/encoded": tf.io.FixedLenFeature([], tf.string), "image/index": tf.io.FixedLenFeature([], tf.int64),
-            "segmentation/class/encoded": tf.io.FixedLenFeature([], tf.string),
-            "image/object/class/label": tf.io.VarLenFeature(tf.int64)}
+    spec = {  # as the Model Garden's segmentation decoder reads them
+        "image/encoded": tf.io.FixedLenFeature([], tf.string), "image/format": tf.io.FixedLenFeature([], tf.string),
+        "image/source_id": tf.io.FixedLenFeature([], tf.string), "image/height": tf.io.FixedLenFeature([], tf.int64),
+        "image/width": tf.io.FixedLenFeature([], tf.int64),
+        "image/segmentation/class/encoded": tf.io.FixedLenFeature([], tf.string),
+        "image/index": tf.io.FixedLenFeature([], tf.int64), "image/object/class/label": tf.io.VarLenFeature(tf.int64),
+        "depth/encoded": tf.io.FixedLenFeature([], tf.string), "depth/scale": tf.io.FixedLenFeature([], tf.float32)}
     ds = tf.data.TFRecordDataset(files).map(lambda s: tf.io.parse_single_example(s, spec))
     got = list(ds.as_numpy_iterator())
     assert [int(e["image/index"]) for e in got] == [0, 1, 2, 3, 4]
-    seg = tf.io.decode_png(got[2]["segmentation/class/encoded"]).numpy()[..., 0]
+    assert [e["image/source_id"] for e in got] == [b"0", b"1", b"2", b"3", b"4"]
+    assert got[2]["image/format"] == b"png" and (got[2]["image/height"], got[2]["image/width"]) == (32, 32)
+    image = tf.io.decode_image(got[2]["image/encoded"]).numpy()
+    np.testing.assert_array_equal(image, _rec(2)["image"])
+    seg = tf.io.decode_png(got[2]["image/segmentation/class/encoded"]).numpy()[..., 0]
     np.testing.assert_array_equal(seg, _rec(2)["segmentation"])
-    assert got[4]["image/object/class/label"].values.size == 0
+    depth = tf.io.decode_png(got[2]["depth/encoded"], dtype=tf.uint16).numpy()[..., 0] * got[2]["depth/scale"]
+    np.testing.assert_allclose(depth, _rec(2)["depth"], atol=1e-3)
+    labels = got[4]["image/object/class/label"]
+    assert getattr(labels, "values", labels).size == 0   # a VarLenFeature: empty list, right kind
+
+
+def test_readers_take_the_earlier_segmentation_keys(tmp_path):
+    """Folders written before the Model Garden key names (``segmentation/class/encoded``) still read,
+    through records.from_example and through tfds."""
+    rec = _rec(1)
+    keyed = records.parse_example(records.to_example(rec))
+    old = {("segmentation/class/encoded" if k == records.SEGMENTATION_KEY else
+            "segmentation/class/format" if k == "image/segmentation/class/format" else k): v
+           for k, v in keyed.items() if k != "image/source_id"}
+    data = records.serialize_example(old)
+    np.testing.assert_array_equal(records.from_example(data)["segmentation"], rec["segmentation"])
+    summary = records.write_shard(str(tmp_path), records.shard_name(0, 1), [data])
+    records.atomic_write(str(tmp_path / records.MANIFEST), json.dumps({"shards": [summary]}))
+    records_tfds.write_metadata(str(tmp_path))
+    np.testing.assert_array_equal(records_tfds.tfds_source(str(tmp_path))[0]["segmentation"], rec["segmentation"])

@@ -2,15 +2,16 @@
 
 Every example is one serialized ``tf.train.Example`` (the proto copy that tensorflow-datasets ships,
 wire-identical to TensorFlow's, serialized deterministically so reruns give the same bytes) with
-the standard keys of the TF object-detection API:
+the keys of the TF Model Garden's segmentation decoder and the TF object-detection API:
 
 =========================================  ================================================
 ``image/encoded``, ``image/format``        PNG (default) or JPEG bytes, ``b"png"`` / ``b"jpeg"``
 ``image/height``, ``image/width``          int64
+``image/source_id``                        the global example index as a decimal string
 ``image/prompt``, ``image/classes``        the prompt (UTF-8) and the class names it names
 ``image/index``, ``image/seed``            global example index and sampler seed (noise = fold_in(seed, index))
-``segmentation/class/encoded`` (+format)   8-bit PNG of class ids
-``segmentation/attention/encoded``         optional second label map (e.g. the attention labeller's beside a P-Decoder's)
+``image/segmentation/class/encoded``       8-bit PNG of class ids (+ ``.../format``, ``b"png"``)
+``image/segmentation/attention/encoded``   optional second label map (e.g. the attention labeller's beside a P-Decoder's)
 ``depth/encoded``, ``depth/scale``         16-bit PNG; metres = value * scale
 ``image/object/mask``                      one 0/1 PNG per instance, image size (N entries)
 ``image/object/class/label``, ``.../text``  int64 class ids (0 = background, never an instance), names
@@ -29,9 +30,14 @@ An image with no instance or no person keeps the keys with empty lists of the ri
 float), so ``tf.io.parse_example`` with ``VarLenFeature`` reads every record alike. Generated
 labels come from ``decoders/postprocess.py`` (score threshold, instance cap, joint threshold).
 
+Folders written before the segmentation keys took the Model Garden names hold them as
+``segmentation/class/encoded`` and ``segmentation/attention/encoded``; the readers here take both.
+
 A shard is written to a temporary name, fsynced and renamed, so a killed run leaves either a
 complete shard or none; TFRecord framing uses masked CRC32C (``google-crc32c``) as ``tf.data``
-expects. ``grain_source`` / ``read_tfrecords`` read a dataset back as numpy dicts.
+expects. Shards are written as TFRecord, ArrayRecord or both (``FORMATS``). ``grain_source``
+(ArrayRecord), ``read_tfrecords`` (TFRecord) and ``read_examples`` (whichever the folder has) read a
+dataset back as numpy dicts.
 """
 
 from __future__ import annotations
@@ -48,11 +54,16 @@ from PIL import Image
 
 __all__ = ["encode_png", "encode_jpeg", "decode_image", "to_example", "from_example", "serialize_example",
            "parse_example", "tfrecord_frame", "read_tfrecord", "write_shard", "atomic_write", "sha256_file",
-           "shard_name", "read_manifest", "grain_source", "read_tfrecords", "MANIFEST", "DEPTH_SCALE"]
+           "shard_name", "read_manifest", "grain_source", "read_tfrecords", "read_examples", "read_array_record", "shard_records", "check_formats",
+           "MANIFEST", "DEPTH_SCALE", "FORMATS", "SEGMENTATION_KEY", "ATTENTION_KEY"]
 
 MANIFEST = "manifest.json"
 DEPTH_SCALE = 1e-3   # metres per 16-bit depth unit: 0..65.5 m in millimetres
 TFRECORD, ARRAY_RECORD = ".tfrecord", ".array_record"
+FORMATS = {"tfrecord": TFRECORD, "array_record": ARRAY_RECORD}   # shard format -> file suffix
+SEGMENTATION_KEY = "image/segmentation/class/encoded"            # TF Model Garden's name
+ATTENTION_KEY = "image/segmentation/attention/encoded"
+_OLD_KEYS = {SEGMENTATION_KEY: "segmentation/class/encoded", ATTENTION_KEY: "segmentation/attention/encoded"}
 
 
 # -- image codecs ------------------------------------------------------------------------------
@@ -146,6 +157,7 @@ def to_example(rec: Mapping[str, Any], image_format: str = "png", class_names: S
     f: dict[str, Any] = {
         "image/encoded": encode_png(image) if fmt == "png" else encode_jpeg(image),
         "image/format": fmt, "image/height": h, "image/width": w,
+        "image/source_id": str(int(rec.get("index", 0))),
         "image/prompt": str(rec.get("prompt", "")), "image/classes": list(rec.get("classes", ())),
         "image/index": int(rec.get("index", 0)), "image/seed": int(rec.get("seed", 0)),
     }
@@ -153,10 +165,10 @@ def to_example(rec: Mapping[str, Any], image_format: str = "png", class_names: S
         seg = np.asarray(rec["segmentation"])
         if seg.min(initial=0) < 0 or seg.max(initial=0) > 255:
             raise ValueError("segmentation class ids must be in [0, 255]")
-        f["segmentation/class/encoded"] = encode_png(seg.astype(np.uint8))
-        f["segmentation/class/format"] = "png"
+        f[SEGMENTATION_KEY] = encode_png(seg.astype(np.uint8))
+        f["image/segmentation/class/format"] = "png"
     if rec.get("attention_label") is not None:  # labels of the same image by a second labeller (255 = ignore)
-        f["segmentation/attention/encoded"] = encode_png(np.asarray(rec["attention_label"]).astype(np.uint8))
+        f[ATTENTION_KEY] = encode_png(np.asarray(rec["attention_label"]).astype(np.uint8))
     if rec.get("depth") is not None:
         scale = float(rec.get("depth_scale", DEPTH_SCALE))
         d = np.clip(np.round(np.asarray(rec["depth"], np.float64) / scale), 0, 65535).astype(np.uint16)
@@ -202,15 +214,18 @@ def from_example(data: bytes) -> dict[str, Any]:
     ``instance_masks`` (N,H,W) bool / ``instance_labels`` / ``instance_scores``, ``keypoints``
     (P,17,3) in pixels, ``keypoint_scores`` (P,17) when stored, ...)."""
     f = parse_example(data)
+    for new, old in _OLD_KEYS.items():  # folders written before the Model Garden names
+        if old in f and new not in f:
+            f[new] = f.pop(old)
     image = decode_image(f["image/encoded"][0])
     h, w = image.shape[:2]
     out: dict[str, Any] = {"image": image, "prompt": f["image/prompt"][0].decode("utf-8"),
                            "classes": [c.decode("utf-8") for c in f.get("image/classes", [])],
                            "index": int(f["image/index"][0]), "seed": int(f["image/seed"][0])}
-    if "segmentation/class/encoded" in f:
-        out["segmentation"] = decode_image(f["segmentation/class/encoded"][0])
-    if "segmentation/attention/encoded" in f:
-        out["attention_label"] = decode_image(f["segmentation/attention/encoded"][0])
+    if SEGMENTATION_KEY in f:
+        out["segmentation"] = decode_image(f[SEGMENTATION_KEY][0])
+    if ATTENTION_KEY in f:
+        out["attention_label"] = decode_image(f[ATTENTION_KEY][0])
     if "depth/encoded" in f:
         out["depth"] = decode_image(f["depth/encoded"][0]).astype(np.float32) * np.float32(f["depth/scale"][0])
     if "image/object/mask" in f:
@@ -303,6 +318,15 @@ def shard_name(shard: int, num_shards: int) -> str:
     return f"data-{shard:05d}-of-{num_shards:05d}"
 
 
+def check_formats(formats: Sequence[str]) -> tuple[str, ...]:
+    """Shard formats, validated: a non-empty selection of ``FORMATS`` (one-line error), in given order."""
+    fmts = tuple(dict.fromkeys(str(f) for f in ((formats,) if isinstance(formats, str) else formats)))
+    bad = [f for f in fmts if f not in FORMATS]
+    if not fmts or bad:
+        raise ValueError(f"generate.formats must name one or more of {sorted(FORMATS)}, got {list(fmts)}")
+    return fmts
+
+
 def write_shard(folder: str, name: str, examples: Sequence[bytes], formats: Sequence[str] = ("tfrecord", "array_record"),
                 extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write one shard in each format atomically, then a ``NAME.json`` summary (the completion mark).
@@ -310,8 +334,8 @@ def write_shard(folder: str, name: str, examples: Sequence[bytes], formats: Sequ
     Returns the summary: name, number of records, per file its name and sha256, and ``extra``.
     """
     files = {}
-    for fmt in formats:
-        path = os.path.join(folder, name + {"tfrecord": TFRECORD, "array_record": ARRAY_RECORD}[fmt])
+    for fmt in check_formats(formats):
+        path = os.path.join(folder, name + FORMATS[fmt])
         tmp = _tmp(path)
         if fmt == "tfrecord":
             with open(tmp, "wb") as f:
@@ -344,13 +368,46 @@ def read_manifest(folder: str) -> dict[str, Any]:
 
 def _shard_paths(folder: str, fmt: str) -> list[str]:
     manifest = read_manifest(folder)
-    return [os.path.join(folder, s["files"][fmt]["file"]) for s in manifest["shards"]]
+    shards = manifest["shards"]
+    if any(fmt not in s["files"] for s in shards):
+        have = sorted({f for s in shards for f in s["files"]})
+        raise ValueError(f"{folder}: no {fmt} shards (generate.formats of this folder: {have})")
+    return [os.path.join(folder, s["files"][fmt]["file"]) for s in shards]
 
 
 def read_tfrecords(folder: str) -> Iterator[dict[str, Any]]:
     """Every example of a finished dataset in index order, decoded to numpy (no TensorFlow)."""
     for path in _shard_paths(folder, "tfrecord"):
         for data in read_tfrecord(path):
+            yield from_example(data)
+
+
+def read_array_record(path: str) -> Iterator[bytes]:
+    """Records of one ArrayRecord file, in order, read a block at a time (constant memory)."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    reader = ArrayRecordReader(path)
+    try:
+        n, step = reader.num_records(), 64
+        for lo in range(0, n, step):
+            yield from reader.read(list(range(lo, min(lo + step, n))))
+    finally:
+        reader.close()
+
+
+def shard_records(path: str) -> Iterator[bytes]:
+    """Serialized examples of one shard file, TFRecord or ArrayRecord (by its suffix)."""
+    return read_array_record(path) if path.endswith(ARRAY_RECORD) else read_tfrecord(path)
+
+
+def read_examples(folder: str) -> Iterator[dict[str, Any]]:
+    """Every example of a finished dataset in index order, decoded to numpy, one at a time, from its
+    TFRecord shards or, in a folder written with ``generate.formats=("array_record",)``, its ArrayRecord
+    shards."""
+    shards = read_manifest(folder)["shards"]
+    fmt = "tfrecord" if all("tfrecord" in s["files"] for s in shards) else "array_record"
+    for path in _shard_paths(folder, fmt):
+        for data in shard_records(path):
             yield from_example(data)
 
 

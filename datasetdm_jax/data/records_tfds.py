@@ -5,7 +5,9 @@ shards of a ``datasetdm generate`` folder (generation does it at the end), after
 ``tfds.builder_from_directory(DIR).as_data_source("train")`` reads the shards in place: no copy, no
 renaming (the split keeps our ``data-NNNNN-of-NNNNN.array_record`` names through a file-name
 template). tfds parses the stored ``tf.train.Example`` under the stored keys, so its FeaturesDict
-names those keys (nested on ``/``: ``ex["image"]["encoded"]``, ``ex["segmentation"]["class"]["encoded"]``);
+names those keys (nested on ``/``: ``ex["image"]["encoded"]``,
+``ex["image"]["segmentation"]["class"]["encoded"]``; folders written before the Model Garden key
+names have ``ex["segmentation"]["class"]["encoded"]``, and both are described and read);
 images and label PNGs come back decoded by tfds. The one exception is the 16-bit depth PNG, which
 tfds decodes only with OpenCV (not a dependency here), so it is declared as bytes. ``from_tfds``
 turns a tfds example into the dict ``records.grain_source`` gives (same keys, depth in metres), and
@@ -43,7 +45,10 @@ def _connectors() -> dict[str, Any]:
     table = {
         "image/encoded": F.Image(shape=(None, None, 3)), "image/format": F.Text(),
         "image/height": i64, "image/width": i64, "image/prompt": F.Text(), "image/classes": F.Sequence(F.Text()),
-        "image/index": i64, "image/seed": i64, "image/quality": f32,
+        "image/source_id": F.Text(), "image/index": i64, "image/seed": i64, "image/quality": f32,
+        "image/segmentation/class/encoded": gray, "image/segmentation/class/format": F.Text(),
+        "image/segmentation/attention/encoded": gray,
+        # the same labels in folders written before the Model Garden key names
         "segmentation/class/encoded": gray, "segmentation/class/format": F.Text(),
         "segmentation/attention/encoded": gray,
         "depth/encoded": F.Tensor(shape=(), dtype=np.object_), "depth/format": F.Text(), "depth/scale": f32,
@@ -85,8 +90,9 @@ def write_metadata(folder: str, shards: Sequence[Mapping[str, Any]] | None = Non
     shards = list(shards if shards is not None else records.read_manifest(folder)["shards"])
     if not shards or "array_record" not in shards[0]["files"]:
         raise ValueError(f"{folder}: no ArrayRecord shards to describe for tfds")
-    first = os.path.join(folder, shards[0]["files"]["tfrecord"]["file"])
-    keys = list(records.parse_example(next(records.read_tfrecord(first))))
+    fmt = "tfrecord" if "tfrecord" in shards[0]["files"] else "array_record"
+    first = os.path.join(folder, shards[0]["files"][fmt]["file"])
+    keys = list(records.parse_example(next(iter(records.shard_records(first)))))
     template = naming.ShardedFileTemplate(data_dir=folder, template=FILE_TEMPLATE, dataset_name=DATASET_NAME,
                                           split=SPLIT, filetype_suffix="array_record")
     split = tfds.core.SplitInfo(name=SPLIT, shard_lengths=[int(s["num_records"]) for s in shards],
@@ -109,7 +115,7 @@ def from_tfds(ex: Mapping[str, Any]) -> dict[str, Any]:
     text = lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v)
     out: dict[str, Any] = {"image": image, "prompt": text(im["prompt"]), "classes": [text(c) for c in im["classes"]],
                            "index": int(im["index"]), "seed": int(im["seed"])}
-    seg = ex.get("segmentation", {})
+    seg = im.get("segmentation") or ex.get("segmentation", {})   # Model Garden key names, or the earlier ones
     if "class" in seg:
         out["segmentation"] = _gray(seg["class"]["encoded"])
     if "attention" in seg:
