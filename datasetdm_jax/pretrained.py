@@ -9,6 +9,8 @@ init (`nnx.eval_shape`), fills them through the generic converter (`convert.py`)
 Pickled weights (`.bin`, `.ckpt`, `.pt`, `.pth`) are refused: unpickling can execute arbitrary
 code. Every failure is a one-line `PretrainedError` naming the file or key, raised before any
 model is returned, so nothing half-loads.
+
+Longer than 400 lines: reading and writing the folder format are one contract, kept side by side.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ __all__ = [
     "read_json",
     "read_weights",
     "check_dtype",
+    "model_classes",
 ]
 
 _ALLOWED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -150,7 +153,7 @@ def _component_config(folder: Path) -> dict:
 # Building models
 # ----------------------------------------------------------------------------------------------
 
-def _model_classes(name: str):
+def model_classes(name: str):
     """(Config class, Model class, rename, ignore) for a component; imported lazily."""
     if name == "text_encoder":
         from datasetdm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
@@ -184,7 +187,7 @@ def _is_abstract(x: Any) -> bool:
 def _build(name: str, folder: Path, dtype: jnp.dtype):
     """(config object, model) for one component, weights from `folder`, params in `dtype`."""
     raw = _component_config(folder)
-    config_cls, model_cls, rename, ignore = _model_classes(name)
+    config_cls, model_cls, rename, ignore = model_classes(name)
     try:
         config = config_cls.from_dict(raw)
     except (ValueError, TypeError, KeyError) as e:
@@ -503,7 +506,7 @@ def random_pipeline(configs: Mapping[str, dict], scheduler_config: dict, tokeniz
     dtype = check_dtype(dtype)
     graphdefs, params, model_configs = {}, {}, {}
     for i, name in enumerate(("text_encoder", "vae", "unet")):
-        config_cls, model_cls, _, _ = _model_classes(name)
+        config_cls, model_cls, _, _ = model_classes(name)
         model_configs[name] = config = config_cls.from_dict(configs[name])
         abstract = nnx.eval_shape(lambda: model_cls(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
         graphdefs[name], state = nnx.split(abstract)

@@ -33,15 +33,15 @@ def configs_file(name: str) -> str:
 
 
 def _shapes_configs(workdir: Path) -> tuple[dict, dict, str]:
-    from datasetdm_jax import pretrain
     from datasetdm_jax.config_utils import load_config
+    from datasetdm_jax.shapes_sd import data as sd_data
 
     config = load_config(configs_file("shapes_sd.py"))
-    tok_dir = pretrain._ensure_tokenizer(str(workdir), config)
+    tok_dir = sd_data.ensure_tokenizer(str(workdir), config)
     tok = pretrained.load_tokenizer(tok_dir)
-    configs = {"text_encoder": pretrain._text_encoder_dict(config, tok),
-               "vae": pretrain._plain(config.vae.model.to_dict()), "unet": pretrain._plain(config.unet.to_dict())}
-    return configs, pretrain._plain(config.scheduler.to_dict()), tok_dir
+    configs = {"text_encoder": sd_data.text_encoder_dict(config, tok),
+               "vae": sd_data.plain(config.vae.model.to_dict()), "unet": sd_data.plain(config.unet.to_dict())}
+    return configs, sd_data.plain(config.scheduler.to_dict()), tok_dir
 
 
 def _sd_configs(name: str, workdir: Path) -> tuple[dict, dict, str]:
@@ -102,7 +102,7 @@ def abstract_pipeline(name: str, workdir: str | os.PathLike, dtype: Any = jnp.bf
     configs, sched, tok_dir = model_configs(name, workdir)
     graphdefs, params, model_configs_ = {}, {}, {}
     for comp in ("text_encoder", "vae", "unet"):
-        config_cls, model_cls, _, _ = pretrained._model_classes(comp)
+        config_cls, model_cls, _, _ = pretrained.model_classes(comp)
         model_configs_[comp] = cfg = config_cls.from_dict(configs[comp])
         abstract = nnx.eval_shape(lambda: model_cls(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
         graphdefs[comp], params[comp] = nnx.split(abstract)
