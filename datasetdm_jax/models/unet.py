@@ -20,7 +20,7 @@ from flax import nnx
 
 from .attention import Kernel
 from .embeddings import TimestepEmbedding, timestep_embedding
-from .unet_blocks import (AttentionCapture, DownBlock2D, Taps, UNetMidBlock2DCrossAttn, UpBlock2D, _Common,
+from .unet_blocks import (AttentionCapture, BlockSettings, DownBlock2D, Taps, UNetMidBlock2DCrossAttn, UpBlock2D,
                           apply_norm, conv, group_norm)
 
 _DOWN_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
@@ -173,8 +173,8 @@ class UNet2DConditionModel(nnx.Module):
         self.conv_in = conv(cfg.in_channels, ch[0], cfg.conv_in_kernel, **kw)
         self.time_embedding = TimestepEmbedding(ch[0], temb, **kw)
 
-        def common(i: int) -> _Common:
-            return _Common(temb, cfg.norm_num_groups, cfg.norm_eps, cfg.transformer_layers_per_block[i],
+        def common(i: int) -> BlockSettings:
+            return BlockSettings(temb, cfg.norm_num_groups, cfg.norm_eps, cfg.transformer_layers_per_block[i],
                            cfg.num_attention_heads[i], cfg.cross_attention_dim[i],
                            cfg.use_linear_projection, cfg.upcast_attention)
 

@@ -239,7 +239,7 @@ class Transformer2DModel(nnx.Module):
         return h + x, probs
 
 
-class _Common(NamedTuple):
+class BlockSettings(NamedTuple):
     """Constructor arguments every UNet block shares."""
 
     temb_channels: int
@@ -252,7 +252,7 @@ class _Common(NamedTuple):
     upcast_attention: bool
 
 
-def _transformer(common: _Common, channels: int, kw) -> Transformer2DModel:
+def _transformer(common: BlockSettings, channels: int, kw) -> Transformer2DModel:
     return Transformer2DModel(
         common.heads, channels // common.heads, channels, num_layers=common.transformer_layers,
         cross_attention_dim=common.cross_attention_dim, norm_num_groups=common.groups,
@@ -269,7 +269,7 @@ def _record_attention(taps: Taps | None, name: str, probs: list) -> None:
 class DownBlock2D(nnx.Module):
     """`num_layers` resnets (+ transformers when `cross_attention`), then an optional stride-2 conv."""
 
-    def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, common: _Common,
+    def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, common: BlockSettings,
                  cross_attention: bool, add_downsample: bool, downsample_padding: int,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -311,7 +311,7 @@ class DownBlock2D(nnx.Module):
 class UNetMidBlock2DCrossAttn(nnx.Module):
     """resnet, then (transformer, resnet) pairs, at the lowest resolution."""
 
-    def __init__(self, channels: int, *, common: _Common, num_layers: int = 1, output_scale_factor: float = 1.0,
+    def __init__(self, channels: int, *, common: BlockSettings, num_layers: int = 1, output_scale_factor: float = 1.0,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.resnets = nnx.List([
@@ -337,7 +337,7 @@ class UpBlock2D(nnx.Module):
     """`num_layers` resnets on [x | skip] (+ transformers when `cross_attention`), then optional 2x upsampling."""
 
     def __init__(self, in_channels: int, out_channels: int, prev_output_channel: int, *, num_layers: int,
-                 common: _Common, cross_attention: bool, add_upsample: bool,
+                 common: BlockSettings, cross_attention: bool, add_upsample: bool,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         resnets = []
