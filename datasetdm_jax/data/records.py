@@ -38,6 +38,8 @@ complete shard or none; TFRecord framing uses masked CRC32C (``google-crc32c``) 
 expects. Shards are written as TFRecord, ArrayRecord or both (``FORMATS``). ``grain_source``
 (ArrayRecord), ``read_tfrecords`` (TFRecord) and ``read_examples`` (whichever the folder has) read a
 dataset back as numpy dicts.
+
+Longer than 400 lines: one on-disk format, its writer and its readers, kept side by side.
 """
 
 from __future__ import annotations
