@@ -125,7 +125,7 @@ class DecoderLabeler:
         uncond = np.broadcast_to(np.asarray(self.uncond, np.int32), cond.shape)
         named = [list(p.classes) for p in prompts]
         allowed = grounding.allowed_classes(named + named[-1:] * (b - n), self.class_names or ("background",),
-                                            self.grounding["grounding"])
+                                            self.grounding["grounding"], self.grounding.get("grounding_always", ()))
         # explicit placement: jit refuses sharded numpy inputs under jax.distributed
         cond, uncond, idx, allowed, extra = jax.device_put(
             (cond, uncond, np.asarray(pad, np.int32), allowed, extra), self.data_sharding)
