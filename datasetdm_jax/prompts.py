@@ -7,7 +7,8 @@ every process of a multi-host run and every rerun of a stopped one draws the sam
 ``kind``:
 
 - ``templates``: ``"a photo of a {subtype} {class}"`` over classes with optional sub-types, and
-  multi-class prompts naming up to ``max_classes`` distinct classes ("a cat and a dog").
+  multi-class prompts naming up to ``max_classes`` distinct classes ("a cat and a dog"). No
+  ``classes``: the decoder's own classes (background left out).
 - ``file``: one prompt per line (UTF-8; blank lines and ``#`` comments skipped), e.g. an
   LLM-written list; line ``i % n`` for index ``i``.
 - ``shapes``: the shapes world's caption grammar ("a red circle and a blue person on a dark
@@ -69,7 +70,8 @@ def _join(phrases: Sequence[str]) -> str:
 class TemplatePrompts(PromptSource):
     """Templates over classes with sub-types: ``{class}``, ``{subtype}`` (may be empty; spaces are
     collapsed), ``{a_class}`` ("an old cat": article + sub-type + class) and ``{objects}`` (several
-    classes: "a cat and a red car") are filled. Only templates with ``{objects}`` name more than one."""
+    classes: "a cat and a red car") are filled. Only templates with ``{objects}`` name more than one.
+    ``words`` spells a class in the text otherwise than its label name ("pottedplant": "potted plant")."""
 
     classes: tuple[str, ...]
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
@@ -77,6 +79,7 @@ class TemplatePrompts(PromptSource):
     max_classes: int = 1
     seed: int = 0
     known_classes: tuple[str, ...] | None = None
+    words: Mapping[str, str] = dataclasses.field(default_factory=dict)  # class -> its words in the text
 
     def __post_init__(self):
         if not self.classes:
@@ -106,8 +109,9 @@ class TemplatePrompts(PromptSource):
         for c in picked:
             options = tuple(self.subtypes.get(c, ()))
             subs.append(options[rng.integers(len(options))] if options else "")
-        phrases = [" ".join(f"{s} {c}".split()) for s, c in zip(subs, picked)]
-        text = template.format(**{"class": picked[0], "subtype": subs[0], "a_class": _article(phrases[0]),
+        said = [self.words.get(c, c) for c in picked]
+        phrases = [" ".join(f"{s} {c}".split()) for s, c in zip(subs, said)]
+        text = template.format(**{"class": said[0], "subtype": subs[0], "a_class": _article(phrases[0]),
                                   "objects": _join([_article(p) for p in phrases])})
         text = " ".join(text.split())
         if "{objects}" not in template:
@@ -115,9 +119,12 @@ class TemplatePrompts(PromptSource):
         return Prompt(text, tuple(picked))
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "templates", "classes": list(self.classes), "templates": list(self.templates),
-                "subtypes": {k: list(v) for k, v in self.subtypes.items()}, "max_classes": int(self.max_classes),
-                "seed": int(self.seed)}
+        out = {"kind": "templates", "classes": list(self.classes), "templates": list(self.templates),
+               "subtypes": {k: list(v) for k, v in self.subtypes.items()}, "max_classes": int(self.max_classes),
+               "seed": int(self.seed)}
+        if self.words:
+            out["words"] = dict(self.words)
+        return out
 
 
 def read_prompt_file(path: str) -> list[str]:
@@ -207,13 +214,17 @@ def from_config(cfg: Mapping[str, Any], known_classes: Sequence[str] | None = No
     """
     cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
     kind = cfg.pop("kind", None)
-    known = tuple(known_classes) if known_classes is not None else None
+    # a dataset without classes (depth) cannot check prompt classes: its templates name scenes
+    known = tuple(known_classes) if known_classes else None
     if kind == "templates":
-        return TemplatePrompts(classes=tuple(cfg.get("classes") or ()),
+        # no classes given: every class the decoder knows, background left out (COCO's come from its
+        # annotation file, so a config cannot list them)
+        classes = tuple(cfg.get("classes") or ()) or tuple(c for c in (known or ()) if c != "background")
+        return TemplatePrompts(classes=classes,
                                templates=tuple(cfg.get("templates") or DEFAULT_TEMPLATES),
                                subtypes={k: tuple(v) for k, v in dict(cfg.get("subtypes") or {}).items()},
                                max_classes=int(cfg.get("max_classes", 1)), seed=int(cfg.get("seed", 0)),
-                               known_classes=known)
+                               known_classes=known, words=dict(cfg.get("words") or {}))
     if kind == "file":
         if not cfg.get("path"):
             raise ValueError("prompts.path: a prompt file is needed for kind='file'")
