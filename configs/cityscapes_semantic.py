@@ -8,6 +8,13 @@ datasetdm_jax/config_common.py.
 import ml_collections
 
 from datasetdm_jax import config_common as common
+from datasetdm_jax.data.cityscapes import CLASSES  # train id -> class name
+
+
+# Classes of every street scene (Cityscapes' "flat", "construction", "object", "nature" and "sky"
+# groups): allowed in every generated label, whichever class the prompt names.
+STUFF = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+         "terrain", "sky")
 
 
 def get_config(arg=None):
@@ -29,5 +36,15 @@ def get_config(arg=None):
     )
     # Official decoder: hidden 256, 10 layers, 8 heads, FFN 2048, 100 queries (Cityscapes/COCO).
     c.decoder = ml_collections.ConfigDict(dict(hidden=256, num_queries=100, num_layers=10, heads=8, ffn=2048))
-    c.generate = common.sd14_generate(guidance=5.0)
+    # `datasetdm generate --config configs/cityscapes_semantic.py --num_images N --out DIR`. Official
+    # generation: every class in turn, "a photo of {a description of it}" (GPT-written lists, not
+    # shipped here), CFG 5, argmax over all classes. Here: "a photo of a {class} in an urban street" over
+    # the 19 classes (the training captions' form). Labels follow the prompt for the object classes;
+    # the street's "stuff", present in every frame whatever the prompt names, is always allowed.
+    # No min_area: there is no background class to fold small regions (poles, lights) into.
+    c.generate = common.sd14_generate(
+        guidance=5.0,
+        prompts=dict(classes=CLASSES, templates=("a photo of {a_class} in an urban street",)),
+        grounding_always=STUFF, min_area=0,
+    )
     return c

@@ -30,5 +30,11 @@ def get_config(arg=None):
     )
     # Official decoder: hidden 256, 10 layers, 8 heads, FFN 2048, 100 queries.
     c.decoder = ml_collections.ConfigDict(dict(hidden=256, num_queries=100, num_layers=10, heads=8, ffn=2048))
-    c.generate = common.sd14_generate(guidance=5.0)
+    # `datasetdm generate --config configs/coco_instance.py --num_images N --out DIR`. Official
+    # generation: "a photo of a {class}" over the 80 categories (each with GPT-written sub-types), CFG 5.
+    # Here the prompt classes are the dataset's own (from the annotation file of `data.split`, so
+    # `data.root` must point at COCO when generating). Instances: one per decoder query under its best
+    # class named by the prompt, score = class prob x mean in-mask sigmoid, kept if >= score_threshold
+    # (official 0.4), at most max_instances (official 20) (datasetdm_jax/decoders/postprocess.py).
+    c.generate = common.sd14_generate(guidance=5.0, score_threshold=0.4, max_instances=20, min_area=0)
     return c

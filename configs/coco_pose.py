@@ -28,5 +28,10 @@ def get_config(arg=None):
     )
     # Official: 17 heatmaps at 64x64 for 512 px.
     c.decoder = ml_collections.ConfigDict(dict(hidden=256, num_joints=17))
-    c.generate = common.sd14_generate(guidance=5.0)
+    # `datasetdm generate --config configs/coco_pose.py --num_images N --out DIR`. Official prompt: "a
+    # photo of a person", CFG 5. Keypoints: heatmap peak per joint; all 17 kept, visibility 2 where the
+    # peak > keypoint_threshold, else 0; the image's person is kept with >= min_keypoints visible joints
+    # (datasetdm_jax/decoders/postprocess.py).
+    c.generate = common.sd14_generate(guidance=5.0, prompts=dict(classes=("person",)),
+                                      keypoint_threshold=0.1, min_keypoints=1, box_margin=0.25)
     return c

@@ -9,7 +9,7 @@ datasetdm_jax/config_common.py.
 import ml_collections
 
 from datasetdm_jax import config_common as common
-from datasetdm_jax.data.voc import CLASSES  # label value -> class name
+from datasetdm_jax.data.voc import CLASSES, PROMPT_NAMES  # label value -> class name; its words in prompts
 
 
 def get_config(arg=None):
@@ -33,13 +33,12 @@ def get_config(arg=None):
     # 21 queries: the official code uses 20, but our semantic targets have one slot per class (21 with
     # background) and Hungarian matching needs a query for each.
     c.decoder = ml_collections.ConfigDict(dict(hidden=256, num_queries=21, num_layers=10, heads=8, ffn=2048))
-    # Official generation: CFG 7 for VOC. `datasetdm generate --config configs/voc_semantic.py --num_images N
-    # --out DIR` labels with the decoder trained in `workdir`.
+    # `datasetdm generate --config configs/voc_semantic.py --num_images N --out DIR` labels with the
+    # decoder trained in `workdir`. Official generation: CFG 7 for VOC, one prompt per image naming one
+    # class, "a photo of a {class}" over the 20 classes; the label keeps that class (and background).
     c.generate = common.sd14_generate(
         guidance=7.0,
-        prompts=dict(kind="templates", classes=CLASSES[1:], templates=("a photo of {a_class}",), max_classes=1,
-                     seed=0),
-        negative_prompt="", batch_size=8, seed=0, labeler="decoder", shard_size=256, image_format="jpeg",
-        min_area=256,                # semantic: classes covering fewer pixels of a 512 x 512 image become background
+        prompts=dict(classes=CLASSES[1:], words=dict(PROMPT_NAMES)),
+        min_area=256,                # classes covering fewer pixels of a 512 x 512 image become background
     )
     return c

@@ -80,7 +80,7 @@ def shapes_generate(prompts: dict[str, Any] | None = None, **labels: Any) -> Con
     g = dict(
         prompts=ConfigDict(p),
         steps=25, guidance=7.5, scheduler="pndm", negative_prompt="", batch_size=16, seed=0,
-        labeler="decoder", shard_size=256, image_format="png",
+        labeler="decoder", shard_size=256, image_format="png", formats=("tfrecord", "array_record"),
         feature_pass="renoise",      # the decoders read features at their training timestep (400)
         # labels follow the prompt (datasetdm_jax/labelers/grounding.py); "none": argmax over all classes
         grounding="prompt", grounding_threshold=0.0,
@@ -135,12 +135,34 @@ def sd14_pdecoder(task: str, name: str, *, steps: int, eval_every: int, data: di
     return c
 
 
-def sd14_generate(guidance: float = 5.0, prompts: dict[str, Any] | None = None, **more: Any) -> ConfigDict:
-    """Generation as in the official code: PNDM (PLMS), 50 steps, CFG ``guidance``;
-    ``prompts`` and ``more`` add the `datasetdm generate` settings where the config has them."""
-    head = {} if prompts is None else dict(prompts=ConfigDict(prompts))
-    return ConfigDict(dict(**head, scheduler="pndm", steps=50, guidance=guidance, grounding="prompt",
-                           grounding_threshold=0.0, **more))
+def sd14_generate(guidance: float = 5.0, prompts: dict[str, Any] | None = None, **labels: Any) -> ConfigDict:
+    """The whole ``datasetdm generate`` section of a paper-scale config: generation as in the official
+    code (PNDM/PLMS, 50 steps, CFG ``guidance``, features of the last step, i.e. timestep 0, where the
+    decoders were trained), one prompt per image naming one class, labels that follow the prompt.
+
+    ``prompts`` changes or adds prompt-source fields (datasetdm_jax/prompts.py); the default is the
+    official form "a photo of a {class}" over the dataset's own classes (``classes=()``: the classes
+    the decoder knows, background left out; COCO's come from its annotation file). ``labels``: the
+    task's label post-processing settings (``min_area``, ``score_threshold``, ``keypoint_threshold``,
+    ...; datasetdm_jax/decoders/postprocess.py) and any default here the dataset sets otherwise.
+    Every key is present, so any of them can be set from the command line (``generate.batch_size=16``).
+    """
+    p = dict(kind="templates", classes=(), templates=("a photo of {a_class}",), max_classes=1, seed=0, path="")
+    p.update(prompts or {})
+    g = dict(
+        prompts=ConfigDict(p),
+        scheduler="pndm", steps=50, guidance=guidance,   # official: PLMS 50 steps (CFG 5; VOC 7)
+        negative_prompt="", batch_size=8, seed=0,
+        labeler="decoder",            # the P-Decoder `datasetdm train` wrote to `workdir`
+        feature_pass="last_step",     # official: the last sampler step's features (timestep 0)
+        # labels follow the prompt (datasetdm_jax/labelers/grounding.py): classes a prompt does not
+        # name are removed before the argmax; grounding_always lists classes allowed in every image
+        grounding="prompt", grounding_threshold=0.0, grounding_always=(),
+        shard_size=256,
+        image_format="jpeg",          # 512 px photos: JPEG (quality 95); labels are always PNG
+        formats=("tfrecord", "array_record"),  # shard files written: either or both
+    )
+    return ConfigDict({**g, **labels})
 
 
 # --- Downstream comparisons (configs/downstream_<dataset>.py) ------------------------------------
