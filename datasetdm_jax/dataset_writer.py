@@ -143,6 +143,7 @@ def generate_dataset(config, num_images: int, out: str, *, config_path: str | No
     class_names = tuple(sources.class_names(config.data))  # the decoder's label values, e.g. VOC's 21
     source = prompts_lib.from_config(g.prompts, known_classes=class_names)
     shard_size, seed, fmt = int(g.shard_size), int(g.seed), str(g.image_format)
+    formats = records.check_formats(g.get("formats", ("tfrecord", "array_record")))
     num_shards = -(-num_images // shard_size)
     pid, nproc = jax.process_index(), jax.process_count()
     mine = [s for s in range(num_shards) if s % nproc == pid]
@@ -193,7 +194,8 @@ def generate_dataset(config, num_images: int, out: str, *, config_path: str | No
                 bar.update(len(idx))
                 made += len(idx)
             examples = [e for f in encoded for e in f.result()]
-            records.write_shard(out, names[s], examples, extra={"stats": _shard_stats(all_labels, len(class_names))})
+            records.write_shard(out, names[s], examples, formats=formats,
+                                extra={"stats": _shard_stats(all_labels, len(class_names))})
     finally:
         encoder.shutdown(wait=True, cancel_futures=True)
         bar.close()
@@ -210,10 +212,11 @@ def generate_dataset(config, num_images: int, out: str, *, config_path: str | No
     summaries.sort(key=lambda x: x["name"])
     manifest = _manifest(spec, summaries, num_images, shard_size, class_names)
     from datasetdm_jax import export
-    export.write_preview(out, [os.path.join(out, x["files"]["tfrecord"]["file"]) for x in summaries[:1]],
+    export.write_preview(out, [os.path.join(out, x["files"][formats[0]]["file"]) for x in summaries[:1]],
                          os.path.join(out, "preview.png"))
-    from datasetdm_jax.data import records_tfds
-    records_tfds.write_metadata(out, summaries)  # tfds.builder_from_directory(out) reads the shards in place
+    if "array_record" in formats:  # tfds.builder_from_directory(out) reads the ArrayRecord shards in place
+        from datasetdm_jax.data import records_tfds
+        records_tfds.write_metadata(out, summaries)
     records.atomic_write(os.path.join(out, records.MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
     rate = made / elapsed if elapsed > 0 and made else 0.0
     print(f"generate: {num_images} images in {num_shards} shard(s) at {out} "
@@ -233,7 +236,10 @@ def _manifest(spec: Mapping[str, Any], summaries: list[dict[str, Any]], num_imag
     q = [x["stats"].get("quality_sum") for x in summaries]
     if all(v is not None for v in q) and q:
         counts["mean_quality"] = float(np.sum(q) / num_images)
+    # class_names: label value -> name (what `datasetdm export` writes as COCO categories); for COCO
+    # they come from the annotation file, so the manifest is where a reader finds them
     return {**spec, "counts": counts, "shard_size": shard_size, "num_shards": len(summaries),
+            "class_names": list(class_names),
             "shards": [{k: v for k, v in x.items() if k != "stats"} for x in summaries]}
 
 

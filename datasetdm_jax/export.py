@@ -4,7 +4,8 @@
 class ids, ``depth/*.png`` 16-bit millimetres, ``prompts.jsonl``) and ``annotations.json`` in COCO
 format (instances with RLE masks, boxes, scores and person keypoints; a semantic-only dataset gets
 one annotation per class region, as COCO-stuff does; a pose-only dataset one keypoint annotation
-per person). Categories use the dataset's class ids.
+per person). Categories are the dataset's own classes (the manifest's ``class_names``), with their
+label values as ids. The export streams: memory stays constant in the number of images.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from PIL import Image, ImageDraw
 
 from datasetdm_jax.data import records, shapes
 
-__all__ = ["colorize_depth", "overlay", "preview_grid", "write_preview", "to_coco", "export_folder", "main_export"]
+__all__ = ["colorize_depth", "overlay", "preview_grid", "write_preview", "to_coco", "CocoWriter", "dataset_class_names",
+           "export_folder", "main_export"]
 
 # A perceptually ordered colour ramp (dark purple -> blue -> green -> yellow) for depth maps.
 _RAMP = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], np.float32)
@@ -88,10 +90,11 @@ def preview_grid(examples: Sequence[dict[str, Any]], cols: int = 8, scale: int =
 
 
 def write_preview(folder: str, tfrecord_paths: Iterable[str], path: str, n: int = 16) -> None:
-    """The preview grid of the first ``n`` examples of the given shards, written atomically."""
+    """The preview grid of the first ``n`` examples of the given shards (TFRecord or ArrayRecord
+    files), written atomically."""
     exs = []
     for p in tfrecord_paths:
-        for data in records.read_tfrecord(p):
+        for data in records.shard_records(p):
             exs.append(records.from_example(data))
             if len(exs) >= n:
                 break
@@ -116,12 +119,18 @@ def _bbox(mask: np.ndarray) -> list[float]:
     return [float(xs.min()), float(ys.min()), float(xs.max() + 1 - xs.min()), float(ys.max() + 1 - ys.min())]
 
 
-def _categories(class_names: Sequence[str]) -> list[dict[str, Any]]:
+def _categories(class_names: Sequence[str], ids: Iterable[int] | None = None) -> list[dict[str, Any]]:
+    """COCO categories: id = label value, name = the dataset's class name. Label 0 is left out when
+    it is ``background`` (VOC, COCO, the shapes world), kept when it is a class (Cityscapes' road).
+    ``ids``: label values to describe beyond ``class_names`` (named ``class_K``)."""
+    names = dict(enumerate(class_names))
+    for k in ids or ():
+        names.setdefault(int(k), f"class_{int(k)}")
     cats = []
-    for k, name in enumerate(class_names):
-        if k == 0:
+    for k, name in sorted(names.items()):
+        if k == 0 and name == "background":
             continue
-        c = {"id": k, "name": name, "supercategory": "shape" if name != "person" else "person"}
+        c = {"id": k, "name": name, "supercategory": "person" if name == "person" else "object"}
         if name == "person":
             c["keypoints"] = list(shapes.KEYPOINT_NAMES)
             c["skeleton"] = [[a + 1, b + 1] for a, b in shapes.SKELETON]
@@ -161,9 +170,57 @@ def _pair_persons(regions: Sequence[tuple[np.ndarray, int, float]], kps: Sequenc
     return out
 
 
+def _image_entry(ex: dict[str, Any], file_name: str) -> dict[str, Any]:
+    h, w = ex["image"].shape[:2]
+    return {"id": int(ex["index"]), "file_name": file_name, "height": h, "width": w, "prompt": ex["prompt"]}
+
+
+def _annotations(ex: dict[str, Any], class_names: Sequence[str], first_id: int) -> list[dict[str, Any]]:
+    """One example's COCO annotations (ids from ``first_id``): instances or per-class regions, keypoints."""
+    image_id = int(ex["index"])
+    person = class_names.index("person") if "person" in class_names else -1
+    no_region = {255} | ({0} if class_names[:1] in (("background",), ["background"]) else set())
+    if "instance_masks" in ex:
+        regions = [(m, int(k), float(s)) for m, k, s in
+                   zip(ex["instance_masks"], ex["instance_labels"], ex["instance_scores"])]
+    elif "segmentation" in ex:
+        seg = ex["segmentation"]
+        regions = [(seg == k, int(k), 1.0) for k in np.unique(seg) if int(k) not in no_region]
+    else:
+        regions = []
+    kps = [np.asarray(kp, np.float32) for kp in ex.get("keypoints", [])]
+    kp_scores = ex.get("keypoint_scores")
+    pairs = _pair_persons(regions, kps, person) if person >= 0 else [None] * len(kps)
+    joined = {r: p for p, r in enumerate(pairs) if r is not None}
+    anns: list[dict[str, Any]] = []
+    for r, (m, k, score) in enumerate(regions):
+        a = {"id": first_id + len(anns), "image_id": image_id, "category_id": k, "segmentation": _rle(m),
+             "area": int(m.sum()), "bbox": _bbox(m), "iscrowd": 0, "score": score}
+        if r in joined:
+            a.update(_keypoint_fields(kps[joined[r]]))
+        anns.append(a)
+    for p, kp in enumerate(kps):
+        if pairs[p] is not None or person < 0 or not (kp[:, 2] > 0).any():
+            continue
+        fields = _keypoint_fields(kp)
+        # The box spans the joints as written (rounded), so every written joint lies inside it.
+        written = np.asarray(fields["keypoints"], np.float64).reshape(-1, 3)
+        lab = written[written[:, 2] > 0]
+        x0, y0 = float(lab[:, 0].min()), float(lab[:, 1].min())
+        bw, bh = float(lab[:, 0].max()) - x0, float(lab[:, 1].max()) - y0
+        score = float(np.mean(np.asarray(kp_scores[p])[kp[:, 2] > 0])) if kp_scores is not None else 1.0
+        anns.append({"id": first_id + len(anns), "image_id": image_id, "category_id": person, "segmentation": [],
+                     "area": bw * bh, "bbox": [x0, y0, bw, bh], "iscrowd": 0, "score": score, **fields})
+    return anns
+
+
+_INFO = {"description": "datasetdm-jax generated dataset"}
+
+
 def to_coco(examples: Iterable[dict[str, Any]], file_name=lambda ex: f"{ex['index']:08d}.jpg",
             class_names: Sequence[str] = shapes.CLASSES) -> dict[str, Any]:
-    """COCO dict: images, categories, annotations (instances or per-class regions, keypoints).
+    """COCO dict (in memory; ``export_folder`` streams the same to a file): images, categories,
+    annotations (instances or per-class regions, keypoints).
 
     Every mask region is an annotation with an RLE ``segmentation`` (pycocotools), its ``bbox`` and
     ``score``; a person's keypoints join the person region that holds most of its labelled joints,
@@ -171,70 +228,124 @@ def to_coco(examples: Iterable[dict[str, Any]], file_name=lambda ex: f"{ex['inde
     labelled joints, ``score`` their mean peak score when stored), as in a COCO keypoints file.
     """
     images, anns = [], []
-    person = class_names.index("person") if "person" in class_names else -1
     for ex in examples:
-        h, w = ex["image"].shape[:2]
-        image_id = int(ex["index"])
-        images.append({"id": image_id, "file_name": file_name(ex), "height": h, "width": w, "prompt": ex["prompt"]})
-        if "instance_masks" in ex:
-            regions = [(m, int(k), float(s)) for m, k, s in
-                       zip(ex["instance_masks"], ex["instance_labels"], ex["instance_scores"])]
-        elif "segmentation" in ex:
-            seg = ex["segmentation"]
-            regions = [(seg == k, int(k), 1.0) for k in np.unique(seg) if 0 < k < 255]
-        else:
-            regions = []
-        kps = [np.asarray(kp, np.float32) for kp in ex.get("keypoints", [])]
-        kp_scores = ex.get("keypoint_scores")
-        pairs = _pair_persons(regions, kps, person) if person >= 0 else [None] * len(kps)
-        joined = {r: p for p, r in enumerate(pairs) if r is not None}
-        for r, (m, k, score) in enumerate(regions):
-            a = {"id": len(anns) + 1, "image_id": image_id, "category_id": k, "segmentation": _rle(m),
-                 "area": int(m.sum()), "bbox": _bbox(m), "iscrowd": 0, "score": score}
-            if r in joined:
-                a.update(_keypoint_fields(kps[joined[r]]))
-            anns.append(a)
-        for p, kp in enumerate(kps):
-            if pairs[p] is not None or person < 0 or not (kp[:, 2] > 0).any():
-                continue
-            fields = _keypoint_fields(kp)
-            # The box spans the joints as written (rounded), so every written joint lies inside it.
-            written = np.asarray(fields["keypoints"], np.float64).reshape(-1, 3)
-            lab = written[written[:, 2] > 0]
-            x0, y0 = float(lab[:, 0].min()), float(lab[:, 1].min())
-            bw, bh = float(lab[:, 0].max()) - x0, float(lab[:, 1].max()) - y0
-            score = float(np.mean(np.asarray(kp_scores[p])[kp[:, 2] > 0])) if kp_scores is not None else 1.0
-            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": person, "segmentation": [],
-                         "area": bw * bh, "bbox": [x0, y0, bw, bh], "iscrowd": 0, "score": score, **fields})
-    return {"info": {"description": "datasetdm-jax generated dataset"}, "images": images,
-            "annotations": anns, "categories": _categories(class_names)}
+        images.append(_image_entry(ex, file_name(ex)))
+        anns += _annotations(ex, class_names, len(anns) + 1)
+    return {"info": _INFO, "images": images, "annotations": anns,
+            "categories": _categories(class_names, {a["category_id"] for a in anns})}
+
+
+class CocoWriter:
+    """Writes a COCO ``annotations.json`` one image at a time, in constant memory.
+
+    Image entries go straight into the output (a temporary name until ``close``), annotations into a
+    spool file beside it, one JSON line each; ``close`` appends the spooled annotations and the
+    categories (label values seen beyond the class list get ``class_K`` names), then renames the file
+    into place. Nothing grows with the number of images but the files on disk.
+    """
+
+    def __init__(self, path: str, class_names: Sequence[str]):
+        self.path, self.class_names = path, tuple(class_names)
+        self._tmp, self._spool_path = f"{path}.tmp-{os.getpid()}", f"{path}.annotations-{os.getpid()}"
+        self._out = open(self._tmp, "w", encoding="utf-8")
+        self._spool = open(self._spool_path, "w+", encoding="utf-8")
+        self._out.write('{"info": ' + json.dumps(_INFO) + ', "images": [')
+        self.num_images = self.num_annotations = 0
+        self._seen: set[int] = set()
+
+    def add(self, ex: dict[str, Any], file_name: str) -> int:
+        """Write one example's image entry and annotations; returns how many annotations it has."""
+        self._out.write((", " if self.num_images else "") + json.dumps(_image_entry(ex, file_name)))
+        self.num_images += 1
+        anns = _annotations(ex, self.class_names, self.num_annotations + 1)
+        for a in anns:
+            self._spool.write(json.dumps(a) + "\n")
+            self._seen.add(int(a["category_id"]))
+        self.num_annotations += len(anns)
+        return len(anns)
+
+    def close(self) -> None:
+        self._out.write('], "annotations": [')
+        self._spool.seek(0)
+        for n, line in enumerate(self._spool):
+            self._out.write((", " if n else "") + line.rstrip("\n"))
+        self._out.write('], "categories": ' + json.dumps(_categories(self.class_names, self._seen)) + "}")
+        self._spool.close()
+        os.remove(self._spool_path)
+        self._out.flush()
+        os.fsync(self._out.fileno())
+        self._out.close()
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        for f, p in ((self._spool, self._spool_path), (self._out, self._tmp)):
+            f.close()
+            if os.path.exists(p):
+                os.remove(p)
+
+
+def dataset_class_names(data: str) -> tuple[str, ...]:
+    """A generated folder's class names (label value -> name): the manifest's ``class_names``; for
+    folders written before the manifest held them, the class list of the config it records."""
+    manifest = records.read_manifest(data)
+    if "class_names" in manifest:
+        return tuple(manifest["class_names"])
+    data_cfg = manifest.get("config", {}).get("data")
+    if data_cfg is not None:
+        import ml_collections
+
+        from datasetdm_jax.data import sources
+        try:
+            return tuple(sources.class_names(ml_collections.ConfigDict(data_cfg)))
+        except Exception as e:  # noqa: BLE001 - e.g. a COCO annotation file no longer where it was
+            print(f"export: {data}: class names of its config unavailable ({type(e).__name__}: {e}); "
+                  "categories are named class_K")
+    return ()
 
 
 def export_folder(data: str, out: str, min_quality: float | None = None, jpeg_quality: int = 95) -> dict[str, int]:
-    """Write the plain folder and ``annotations.json``; examples below ``min_quality`` are left out."""
-    records.read_manifest(data)  # a one-line error for an unfinished or foreign folder, before writing
+    """Write the plain folder and ``annotations.json``; examples below ``min_quality`` are left out.
+
+    Streams: one record is decoded, written and dropped at a time (records.read_examples); the COCO
+    file is written incrementally (``CocoWriter``), so memory does not grow with the dataset. COCO
+    categories are the dataset's own classes (the manifest's ``class_names``).
+    """
+    class_names = dataset_class_names(data)  # also a one-line error for an unfinished or foreign folder
     for sub in ("images", "segmentation", "depth"):
         os.makedirs(os.path.join(out, sub), exist_ok=True)
-    kept, dropped = [], 0
-    prompts_lines = []
-    for ex in records.read_tfrecords(data):
-        if min_quality is not None and ex.get("quality", 1.0) < min_quality:
-            dropped += 1
-            continue
-        stem = f"{ex['index']:08d}"
-        records.atomic_write(os.path.join(out, "images", stem + ".jpg"), records.encode_jpeg(ex["image"], jpeg_quality))
-        if "segmentation" in ex:
-            records.atomic_write(os.path.join(out, "segmentation", stem + ".png"),
-                                 records.encode_png(ex["segmentation"].astype(np.uint8)))
-        if "depth" in ex:
-            mm = np.clip(np.round(ex["depth"] / records.DEPTH_SCALE), 0, 65535).astype(np.uint16)
-            records.atomic_write(os.path.join(out, "depth", stem + ".png"), records.encode_png(mm))
-        prompts_lines.append(json.dumps({"file_name": stem + ".jpg", "prompt": ex["prompt"], "index": ex["index"]}))
-        kept.append(ex)
-    coco = to_coco(kept, file_name=lambda ex: f"images/{ex['index']:08d}.jpg")
-    records.atomic_write(os.path.join(out, "annotations.json"), json.dumps(coco))
-    records.atomic_write(os.path.join(out, "prompts.jsonl"), "\n".join(prompts_lines) + "\n")
-    return {"images": len(kept), "dropped": dropped, "annotations": len(coco["annotations"])}
+    kept = dropped = 0
+    coco = CocoWriter(os.path.join(out, "annotations.json"), class_names)
+    prompts_path = os.path.join(out, "prompts.jsonl")
+    prompts_tmp = f"{prompts_path}.tmp-{os.getpid()}"
+    try:
+        with open(prompts_tmp, "w", encoding="utf-8") as prompts_file:
+            for ex in records.read_examples(data):
+                if min_quality is not None and ex.get("quality", 1.0) < min_quality:
+                    dropped += 1
+                    continue
+                stem = f"{ex['index']:08d}"
+                records.atomic_write(os.path.join(out, "images", stem + ".jpg"),
+                                     records.encode_jpeg(ex["image"], jpeg_quality))
+                if "segmentation" in ex:
+                    records.atomic_write(os.path.join(out, "segmentation", stem + ".png"),
+                                         records.encode_png(ex["segmentation"].astype(np.uint8)))
+                if "depth" in ex:
+                    mm = np.clip(np.round(ex["depth"] / records.DEPTH_SCALE), 0, 65535).astype(np.uint16)
+                    records.atomic_write(os.path.join(out, "depth", stem + ".png"), records.encode_png(mm))
+                prompts_file.write(json.dumps({"file_name": stem + ".jpg", "prompt": ex["prompt"],
+                                               "index": ex["index"]}) + "\n")
+                coco.add(ex, f"images/{stem}.jpg")
+                kept += 1
+            prompts_file.flush()
+            os.fsync(prompts_file.fileno())
+    except BaseException:
+        coco.abort()
+        if os.path.exists(prompts_tmp):
+            os.remove(prompts_tmp)
+        raise
+    coco.close()
+    os.replace(prompts_tmp, prompts_path)
+    return {"images": kept, "dropped": dropped, "annotations": coco.num_annotations}
 
 
 def main_export(data: str, out: str, min_quality: float | None = None) -> None:

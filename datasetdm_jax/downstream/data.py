@@ -268,7 +268,7 @@ def records_arrays(path: str, num: int | None = None, progress: bool = True, *, 
     tally = {"read": 0, "kept": 0, "dropped": 0, "min_quality": q_min}
 
     def head():
-        for i, ex in enumerate(records.read_tfrecords(path)):
+        for i, ex in enumerate(records.read_examples(path)):
             if num and i >= num:
                 return
             tally["read"] += 1
