@@ -4,6 +4,11 @@ A config file defines ``get_config(arg=None) -> ml_collections.ConfigDict``. It 
 command line as ``path/to/file.py`` or ``path/to/file.py:arg`` (``arg`` picks a variant such as
 ``tiny``), and single fields are changed with ``key.sub=value`` overrides, e.g.
 ``load_config("configs/shapes_sd.py:tiny", ["diffusion.lr=1e-3", "diffusion.steps=50"])``.
+
+The configs of the repository's ``configs/`` folder ship inside the package as
+``datasetdm_jax.configs`` (pyproject.toml maps the folder there, for wheels and editable installs
+alike), so a bare name finds them from any directory: ``shapes_sd``, ``shapes_sd.py:tiny`` and
+``configs/shapes_sd.py:tiny`` all load the same file when no such file exists where they point.
 """
 
 from __future__ import annotations
@@ -11,17 +16,53 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
+import re
 from typing import Any, Sequence
 
 import ml_collections
 
-__all__ = ["load_config", "apply_overrides", "parse_value"]
+__all__ = ["load_config", "apply_overrides", "parse_value", "configs_dir", "shipped_configs", "resolve_config"]
+
+
+def configs_dir() -> str:
+    """The folder of the shipped configs: the installed ``datasetdm_jax.configs`` package, else (a
+    checkout put on ``sys.path`` without installing) the ``configs/`` folder beside the package."""
+    try:
+        spec = importlib.util.find_spec("datasetdm_jax.configs")
+    except ImportError:
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        return list(spec.submodule_search_locations)[0]
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def shipped_configs() -> list[str]:
+    """The names of the shipped config files (``shapes_demo.py``, ``voc_semantic.py``, ...)."""
+    folder = configs_dir()
+    if not os.path.isdir(folder):
+        return []
+    return sorted(f for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_"))
+
+
+def resolve_config(path: str) -> str:
+    """A config file's path: ``path`` itself when it is a file, else the shipped config it names
+    (``voc_semantic``, ``voc_semantic.py`` or ``configs/voc_semantic.py``); a one-line error otherwise."""
+    if os.path.isfile(path):
+        return path
+    name = re.sub(r"^(\./)?configs[/\\]", "", path)
+    if name and not name.endswith(".py"):
+        name += ".py"
+    if name and os.sep not in name and "/" not in name:
+        shipped = os.path.join(configs_dir(), name)
+        if os.path.isfile(shipped):
+            return shipped
+    names = ", ".join(f[:-3] for f in shipped_configs()) or "none found"
+    raise FileNotFoundError(f"config file not found: {path} (not a file here, nor a shipped config: {names})")
 
 
 def _import_file(path: str):
-    """Import a config file as a throwaway module (configs are not part of the package)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
+    """Import a config file as a throwaway module, by path (also the shipped ones: a config is
+    read as a file, never imported as ``datasetdm_jax.configs.<name>``)."""
     name = "_datasetdm_config_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -87,10 +128,11 @@ class _nullcontext:
 
 
 def load_config(spec: str, overrides: Sequence[str] | None = None) -> ml_collections.ConfigDict:
-    """``"file.py"`` or ``"file.py:arg"`` -> ``get_config(arg)`` with ``overrides`` applied."""
+    """``"file.py"`` or ``"file.py:arg"`` -> ``get_config(arg)`` with ``overrides`` applied; a shipped
+    config also by its bare name (``"voc_semantic"``, ``"shapes_demo:small"``), see `resolve_config`."""
     path, arg = spec, None
     if ":" in spec and not os.path.isfile(spec):
         path, arg = spec.rsplit(":", 1)
-    module = _import_file(path)
+    module = _import_file(resolve_config(path))
     config = module.get_config(arg) if arg is not None else module.get_config()
     return apply_overrides(config, overrides)
