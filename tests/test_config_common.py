@@ -55,7 +55,7 @@ def test_shapes_blocks_keep_task_fields_and_tiny_shrinks():
     assert {t: c.timestep for t, c in full.items()} == dict(semantic=400, instance=100, depth=0, pose=0)
     assert {t: c.generate.feature_pass for t, c in full.items()} == dict(
         semantic="renoise", instance="renoise", depth="last_step", pose="last_step")
-    # `datasetdm baseline ... baseline.width=16` (its --help example) is a known field
+    # `datasetdm exp baseline ... baseline.width=16` (its --help example) is a known field
     assert load_config(os.path.join(CONFIGS, "shapes_pose.py"), ["baseline.width=16"]).baseline.width == 16
     # the shared base is built fresh per call: changing one config never leaks into another
     a, b = common.shapes_pdecoder("semantic"), common.shapes_pdecoder("semantic")
@@ -68,3 +68,20 @@ def test_downstream_task_defaults_are_paper_scale():
     assert (t.lr, t.warmup_steps, t.log_every, t.batch_size) == (1e-3, 500, 50, 16)
     shapes = load_config(os.path.join(CONFIGS, "downstream_shapes.py:tiny"))
     assert (shapes.semantic.lr, shapes.semantic.warmup_steps, shapes.semantic.batch_size) == (2e-3, 0, 4)
+
+
+def test_paper_configs_have_a_whole_generate_section():
+    """One shared generate block (sd14_generate): every key present, so any can be set from the CLI."""
+    keys = set(common.sd14_generate().keys())
+    assert {"prompts", "batch_size", "shard_size", "labeler", "grounding", "formats", "image_format"} <= keys
+    for name in ("voc_semantic", "cityscapes_semantic", "coco_instance", "coco_pose", "nyu_depth"):
+        g = load_config(os.path.join(CONFIGS, f"{name}.py")).generate
+        assert keys <= set(g.keys()), name
+        assert (g.labeler, g.grounding, g.prompts.kind, g.steps, g.scheduler) == ("decoder", "prompt", "templates", 50,
+                                                                                   "pndm"), name
+        assert g.formats == ("tfrecord", "array_record") and g.feature_pass == "last_step"
+        assert all("{a_class}" in t for t in g.prompts.templates)
+    assert load_config(os.path.join(CONFIGS, "coco_instance.py")).generate.prompts.classes == ()   # COCO's own
+    assert load_config(os.path.join(CONFIGS, "coco_pose.py")).generate.prompts.classes == ("person",)
+    assert load_config(os.path.join(CONFIGS, "voc_semantic.py"), ["generate.formats=('array_record',)"]
+                       ).generate.formats == ("array_record",)

@@ -60,3 +60,13 @@ def test_instance_labels_are_relabelled_or_dropped():
     low = postprocess.trim({k: np.asarray(v[0]) for k, v in postprocess.instance_labels(
         logits, masks, allowed=allowed, **{**kw, "score_threshold": 0.01}).items()})
     assert low["instance_labels"].tolist() == [3, 3]               # or relabelled to the named class
+
+
+def test_always_allowed_classes_join_every_grounded_image():
+    names = ("road", "sky", "car", "person")
+    got = grounding.allowed_classes([["car"], [], ["person", "car"]], names, "prompt", always=("sky",))
+    assert got.tolist() == [[True, True, True, False], [True] * 4, [True, True, True, True]]
+    assert grounding.settings(ml_collections.ConfigDict(dict(grounding_always=("sky",))))["grounding_always"] == ("sky",)
+    assert "grounding_always" not in grounding.settings(ml_collections.ConfigDict(dict(grounding_always=())))
+    with pytest.raises(ValueError, match=r"grounding_always: unknown class\(es\) \['tree'\]"):
+        grounding.allowed_classes([["car"]], names, "prompt", always=("tree",))

@@ -88,3 +88,17 @@ def test_shapes_prompts_use_the_caption_grammar_and_vocabulary():
         assert " on a plain background" not in p.text  # the shifted domain never shows light flat
     assert len({p.text for p in seen}) > 40
     assert src[5] == prompts.ShapesPrompts(seed=1, domain="shifted")[5]
+
+
+def test_templates_default_to_the_decoders_classes_and_spell_them_by_words():
+    known = ("background", "person", "dining table")
+    src = prompts.from_config({"kind": "templates", "classes": ()}, known_classes=known)
+    assert src.classes == ("person", "dining table") and src.describe()["classes"] == ["person", "dining table"]
+    voc = prompts.from_config({"kind": "templates", "classes": ("pottedplant",), "words": {"pottedplant": "potted plant"}},
+                              known_classes=("background", "pottedplant"))
+    assert voc[0] == prompts.Prompt("a photo of a potted plant", ("pottedplant",))
+    assert voc.describe()["words"] == {"pottedplant": "potted plant"}
+    assert "words" not in src.describe()                      # manifests of folders made without it stay equal
+    # a depth dataset has no classes: scene names are not checked against it
+    rooms = prompts.from_config({"kind": "templates", "classes": ("kitchen",)}, known_classes=())
+    assert rooms[3].text == "a photo of a kitchen"
