@@ -85,3 +85,41 @@ SD15_VAE_PARAMS = 83_653_863
 SD15_TEXT_ENCODER_PARAMS = 123_060_480
 SD21_UNET_PARAMS = 865_910_724
 SD21_TEXT_ENCODER_PARAMS = 340_387_840
+
+# SDXL base 1.0: UNet (3 levels, no attention at the first, 1/2/10 transformer layers, micro-
+# conditioning on the pooled text embedding and 6 size/crop ids), CLIP ViT-L (`text_encoder`) and
+# OpenCLIP ViT-bigG with projection (`text_encoder_2`), and the same VAE as SD with another scale.
+SDXL_UNET = {
+    **SD15_UNET,
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
+
+SDXL_VAE = {**SD15_VAE, "force_upcast": True, "sample_size": 1024, "scaling_factor": 0.13025}
+
+SDXL_TEXT_ENCODER = {**SD15_TEXT_ENCODER}
+
+SDXL_TEXT_ENCODER_2 = {
+    **SD15_TEXT_ENCODER,
+    "architectures": ["CLIPTextModelWithProjection"],
+    "hidden_act": "gelu",
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "projection_dim": 1280,
+}
+
+SDXL_UNET_PARAMS = 2_567_463_684
+SDXL_TEXT_ENCODER_PARAMS = 123_060_480
+SDXL_TEXT_ENCODER_2_PARAMS = 694_659_840

@@ -1,6 +1,6 @@
 """Stable Diffusion's UNet2DConditionModel in Flax NNX (NHWC), with optional feature capture.
 
-Built from a diffusers `unet/config.json` dict (SD 1.x and 2.x); attribute paths equal the
+Built from a diffusers `unet/config.json` dict (SD 1.x, 2.x and SDXL); attribute paths equal the
 PyTorch state-dict keys so `convert.load_torch_state_dict` loads released weights. With
 `capture=True` the call also returns the intermediates DatasetDM reads (see `features.py`):
 `taps["maps"]` (28 tensors for SD 1.5, names like `down1.layer0`) and `taps["cross_attention"]`
@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .abstract import abstract_module
 from .attention import Kernel
 from .embeddings import TimestepEmbedding, timestep_embedding
 from .unet_blocks import (AttentionCapture, BlockSettings, DownBlock2D, Taps, UNetMidBlock2DCrossAttn, UpBlock2D,
@@ -31,7 +32,6 @@ _FIXED = {
     "only_cross_attention": False,
     "dual_cross_attention": False,
     "class_embed_type": None,
-    "addition_embed_type": None,
     "num_class_embeds": None,
     "time_embedding_type": "positional",
     "time_embedding_dim": None,
@@ -87,6 +87,12 @@ class UNet2DConditionConfig:
     upcast_attention: bool = False
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
+    # SDXL's micro-conditioning ("text_time"): each of the 6 time ids gets `addition_time_embed_dim`
+    # sinusoidal features; with the pooled text embedding they feed `add_embedding`
+    # (`projection_class_embeddings_input_dim` = pooled dim + 6 * addition_time_embed_dim).
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "UNet2DConditionConfig":
@@ -120,9 +126,19 @@ class UNet2DConditionConfig:
         head_dim = get("attention_head_dim", 8)
         heads_key = "attention_head_dim" if d.get("num_attention_heads") is None else "num_attention_heads"
         heads = _per_block(heads_key, get("num_attention_heads", head_dim), n)
-        tlayers = get("transformer_layers_per_block", 1)
-        if not isinstance(tlayers, int):
-            raise ValueError(f"unet config transformer_layers_per_block={tlayers!r}: only an int is supported")
+        tlayers = _per_block("transformer_layers_per_block", get("transformer_layers_per_block", 1), n)
+        add_type = d.get("addition_embed_type")
+        add_dim = d.get("addition_time_embed_dim")
+        proj_dim = d.get("projection_class_embeddings_input_dim")
+        if add_type not in (None, "text_time"):
+            raise ValueError(f"unet config addition_embed_type={add_type!r} is not supported (only None or 'text_time')")
+        if add_type == "text_time":
+            for key, v in (("addition_time_embed_dim", add_dim), ("projection_class_embeddings_input_dim", proj_dim)):
+                if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                    raise ValueError(f"unet config {key}={v!r}: addition_embed_type 'text_time' needs a positive int")
+            if proj_dim <= 6 * add_dim:
+                raise ValueError(f"unet config projection_class_embeddings_input_dim={proj_dim} leaves no room for "
+                                 f"the pooled text embedding beside 6 time ids x {add_dim}")
         groups = get("norm_num_groups", 32)
         for c in channels:
             if c % groups:
@@ -150,12 +166,22 @@ class UNet2DConditionConfig:
             norm_eps=float(get("norm_eps", 1e-5)),
             cross_attention_dim=_per_block("cross_attention_dim", get("cross_attention_dim", 1280), n),
             num_attention_heads=heads,
-            transformer_layers_per_block=(tlayers,) * n,
+            transformer_layers_per_block=tlayers,
             use_linear_projection=bool(get("use_linear_projection", False)),
             upcast_attention=bool(get("upcast_attention", False)),
             conv_in_kernel=get("conv_in_kernel", 3),
             conv_out_kernel=get("conv_out_kernel", 3),
+            addition_embed_type=add_type,
+            addition_time_embed_dim=add_dim if add_type else None,
+            projection_class_embeddings_input_dim=proj_dim if add_type else None,
         )
+
+    @property
+    def pooled_dim(self) -> int | None:
+        """Width of the pooled text embedding `text_embeds` an SDXL UNet takes (None without one)."""
+        if self.addition_embed_type != "text_time":
+            return None
+        return self.projection_class_embeddings_input_dim - 6 * self.addition_time_embed_dim
 
 
 class UNet2DConditionModel(nnx.Module):
@@ -172,6 +198,10 @@ class UNet2DConditionModel(nnx.Module):
         self.dtype = dtype
         self.conv_in = conv(cfg.in_channels, ch[0], cfg.conv_in_kernel, **kw)
         self.time_embedding = TimestepEmbedding(ch[0], temb, **kw)
+        if cfg.addition_embed_type == "text_time":  # `add_time_proj` is parameter-free: a function here
+            self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb, **kw)
+        else:
+            self.add_embedding = None
 
         def common(i: int) -> BlockSettings:
             return BlockSettings(temb, cfg.norm_num_groups, cfg.norm_eps, cfg.transformer_layers_per_block[i],
@@ -199,9 +229,14 @@ class UNet2DConditionModel(nnx.Module):
         self.conv_out = conv(ch[0], cfg.out_channels, cfg.conv_out_kernel, **kw)
 
     def __call__(self, sample: jax.Array, timesteps: jax.Array | float, encoder_hidden_states: jax.Array, *,
+                 text_embeds: jax.Array | None = None, time_ids: jax.Array | None = None,
                  capture: bool = False, attention_kernel: Kernel | None = None,
                  attention: AttentionCapture | None = None):
         """eps for `sample` (B, H, W, C_in) at `timesteps` (scalar or (B,)) given text tokens (B, T, D).
+
+        An SDXL UNet (`addition_embed_type="text_time"`) also needs the pooled text embedding
+        `text_embeds` (B, P) and the micro-conditioning `time_ids` (B, 6) or (6,): original (h, w),
+        crop top-left (y, x), target (h, w), in pixels.
 
         With `capture=True` returns `(eps, {"maps": ..., "cross_attention": ...})`, two ordered dicts
         in forward order; cross-attention probabilities are then computed explicitly in fp32 ("xla"),
@@ -219,6 +254,8 @@ class UNet2DConditionModel(nnx.Module):
         temb = timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
                                   freq_shift=cfg.freq_shift)
         temb = self.time_embedding(temb.astype(self.dtype))
+        if self.add_embedding is not None:
+            temb = temb + self.add_embedding(self._added_embedding(b, text_embeds, time_ids).astype(self.dtype))
         x = sample.astype(self.dtype)
         if cfg.center_input_sample:
             x = 2 * x - 1.0
@@ -247,12 +284,26 @@ class UNet2DConditionModel(nnx.Module):
         return x, out
 
 
+    def _added_embedding(self, b: int, text_embeds: jax.Array | None, time_ids: jax.Array | None) -> jax.Array:
+        """[text_embeds | sinusoidal(time_ids)] (B, projection_class_embeddings_input_dim), fp32."""
+        cfg = self.config
+        if text_embeds is None or time_ids is None:
+            raise ValueError("this UNet (addition_embed_type='text_time', SDXL) needs text_embeds and time_ids")
+        if text_embeds.shape[-1] != cfg.pooled_dim:
+            raise ValueError(f"text_embeds width {text_embeds.shape[-1]} != the UNet's pooled width {cfg.pooled_dim}")
+        ids = jnp.broadcast_to(jnp.asarray(time_ids, jnp.float32).reshape(-1, 6), (b, 6))
+        time = timestep_embedding(ids.reshape(-1), cfg.addition_time_embed_dim, flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                  freq_shift=cfg.freq_shift).reshape(b, -1)
+        pooled = jnp.broadcast_to(jnp.asarray(text_embeds, jnp.float32), (b, cfg.pooled_dim))
+        return jnp.concatenate([pooled, time], axis=-1)
+
+
 def count_params(model_or_config: nnx.Module | UNet2DConditionConfig | Mapping[str, Any]) -> int:
     """Number of parameters, built abstractly (no memory) when given a config."""
     if isinstance(model_or_config, nnx.Module):
         model = model_or_config
     else:
-        model = nnx.eval_shape(lambda: UNet2DConditionModel(model_or_config, rngs=nnx.Rngs(0)))
+        model = abstract_module(lambda rngs: UNet2DConditionModel(model_or_config, rngs=rngs))
     return sum(int(v.size) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
 
 
