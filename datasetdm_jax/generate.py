@@ -9,13 +9,14 @@ it shares or on how many devices or hosts run.
 
 from __future__ import annotations
 
-from typing import Sequence
+import weakref
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from datasetdm_jax import devices, features, schedulers
 from datasetdm_jax.decoders import postprocess
@@ -138,10 +139,32 @@ def build_sampler_fn(pipe, *, steps: int, guidance: float, scheduler: str, laten
     return run
 
 
-def _compiled(pipe, **settings):
-    """One jit per pipeline and setting (steps, guidance, scheduler, size, capture)."""
-    key = ("generate", tuple(sorted(settings.items())))
-    return pipe._jit(key, build_sampler_fn(pipe, **settings))
+# Per pipeline (dropped with it): its jitted samplers by (devices, setting), and its parameters
+# replicated on a mesh's devices (placed once, not copied again on every call).
+_SAMPLERS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_REPLICATED: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _compiled(pipe, mesh: Mesh, **settings):
+    """One jit per pipeline, device mesh and setting (steps, guidance, scheduler, size, capture):
+    parameters replicated, the batch split over the mesh's ``data`` axis."""
+    key = (tuple(d.id for d in mesh.devices.flat), tuple(sorted(settings.items())))
+    cache = _SAMPLERS.setdefault(pipe, {})
+    if key not in cache:
+        repl, data = devices.data_shardings(mesh)
+        cache[key] = jax.jit(build_sampler_fn(pipe, **settings), in_shardings=(repl, data, data, data, repl),
+                             out_shardings=data)
+    return cache[key]
+
+
+def _replicated_params(pipe, mesh: Mesh):
+    """``pipe.params`` on every device of ``mesh``, placed once per parameter set."""
+    key = (id(pipe.params), tuple(d.id for d in mesh.devices.flat))
+    hit = _REPLICATED.get(pipe)
+    if hit is None or hit[0] != key:
+        hit = (key, jax.device_put(pipe.params, devices.data_shardings(mesh)[0]))
+        _REPLICATED[pipe] = hit
+    return hit[1]
 
 
 FEATURE_PASSES = ("last_step", "renoise")
@@ -172,28 +195,43 @@ def latent_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
 
 def sample(pipe, prompts: Sequence[str], steps: int = 25, guidance: float = 7.5, scheduler: str = "ddim",
            seed: int = 0, *, height: int | None = None, width: int | None = None, negative_prompt: str = "",
-           start_index: int = 0) -> np.ndarray:
+           start_index: int = 0, num_devices: int | None = None) -> np.ndarray:
     """NHWC images in [0, 1] for `prompts` (no labels), through the same jitted sampler as generation.
 
-    Example `k` of the call uses the noise of global index `start_index + k`.
+    Example `k` of the call uses the noise of global index `start_index + k`, so the images do not
+    depend on the batch or on the device count. The batch is split over all local devices (at most
+    ``num_devices``), padded to a multiple of their count.
     """
     images, _ = sample_with_features(pipe, prompts, steps, guidance, scheduler, seed, capture=None, height=height,
-                                     width=width, negative_prompt=negative_prompt, start_index=start_index)
+                                     width=width, negative_prompt=negative_prompt, start_index=start_index,
+                                     num_devices=num_devices)
     return images
 
 
 def sample_with_features(pipe, prompts: Sequence[str], steps: int = 25, guidance: float = 7.5,
                          scheduler: str = "ddim", seed: int = 0, *, capture: str | None = "datasetdm",
                          height: int | None = None, width: int | None = None, negative_prompt: str = "",
-                         start_index: int = 0):
-    """Like `sample`, plus the features captured at the last denoising step (`features.Features`)."""
+                         start_index: int = 0, num_devices: int | None = None):
+    """Like `sample`, plus the features captured at the last denoising step (`features.Features`,
+    device arrays split over the devices like the batch)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("sample: no prompts given")
-    fn = _compiled(pipe, steps=int(steps), guidance=float(guidance), scheduler=scheduler,
+    n = len(prompts)
+    local = jax.local_devices()
+    count = max(1, min(int(num_devices or len(local)), len(local)))
+    mesh = devices.data_mesh(count, count)
+    padded = -(-n // count) * count
+    fn = _compiled(pipe, mesh, steps=int(steps), guidance=float(guidance), scheduler=scheduler,
                    latent_hw=latent_size(pipe, height, width), capture=capture)
-    cond = pipe.tokenize(prompts)
-    uncond = pipe.tokenize([negative_prompt] * len(prompts))
-    indices = jnp.arange(start_index, start_index + len(prompts), dtype=jnp.int32)
-    images, feats = fn(pipe.params, cond, uncond, indices, jnp.int32(seed))
-    return np.asarray(images), (feats[0] if feats else None)
+    texts = prompts + prompts[-1:] * (padded - n)
+    cond = np.asarray(pipe.tokenize(texts), np.int32)
+    uncond = np.asarray(pipe.tokenize([negative_prompt] * padded), np.int32)
+    indices = np.arange(start_index, start_index + padded, dtype=np.int32)
+    repl, data = devices.data_shardings(mesh)
+    cond, uncond, indices = jax.device_put((cond, uncond, indices), data)
+    images, feats = fn(_replicated_params(pipe, mesh), cond, uncond, indices, jax.device_put(np.int32(seed), repl))
+    feats = feats[0] if feats else None
+    if padded != n and feats is not None:
+        feats = jax.tree.map(lambda x: x[:n], feats)
+    return np.asarray(images)[:n], feats

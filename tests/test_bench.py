@@ -49,6 +49,7 @@ def test_diffusers_side_by_side_ratios(rep):
         assert g[f"speedup_vs_{dt}"] == pytest.approx(g[f"diffusers_{dt}_s"] / g["jax_s"])
         assert _row(rep, f"diffusers {dt} b2")["median_s"] == pytest.approx(g[f"diffusers_{dt}_s"])
     assert g["capture_overhead"] == pytest.approx(g["jax_capture_s"] / g["jax_s"] - 1)
+    assert _row(rep, "generate.sample b2")["median_s"] == pytest.approx(g["python_api_s"])  # the Python API row
     assert rep["capture_overhead_unet"] > -1
     assert rep["torch"]["torch"] and rep["torch"]["diffusers"]
 
@@ -64,7 +65,8 @@ def test_compile_probe_and_memory(rep):
 
 def test_report_text_names_every_section(rep):
     text = report.format_report(rep)
-    for needle in ("| generate b2 +capture |", "diffusers float32 s", "JAX speedup vs bfloat16", "cold",
+    for needle in ("| generate b2 +capture |", "| generate.sample b2 |", "generate.sample s (Python API)",
+                   "diffusers float32 s", "JAX speedup vs bfloat16", "cold",
                    "largest batch in budget", rep["device"]["peak_source"]):
         assert needle in text
 

@@ -47,6 +47,18 @@ def test_image_depends_on_global_index_only(pipe):
     assert np.abs(other_seed - batch).max() > 1e-2
 
 
+def test_sample_uses_every_local_device_with_the_same_images(pipe):
+    """The batch is split over the local devices (2 host devices in the suite; 3 prompts are padded
+    to 4), and the images are those of one device: noise depends on the example's index only."""
+    assert jax.local_device_count() == 2
+    one = generate.sample(pipe, PROMPTS, steps=2, scheduler="ddim", seed=5, num_devices=1)
+    both = generate.sample(pipe, PROMPTS, steps=2, scheduler="ddim", seed=5)
+    np.testing.assert_allclose(both, one, atol=1e-5)
+    _, feats = generate.sample_with_features(pipe, PROMPTS + PROMPTS[:1], steps=2, scheduler="pndm", seed=0)
+    leaf = jax.tree.leaves(feats)[0]
+    assert leaf.shape[0] == 4 and len(leaf.sharding.device_set) == 2  # each device computed half the batch
+
+
 def test_sample_with_features_captures_last_step(pipe):
     images, feats = generate.sample_with_features(pipe, PROMPTS, steps=2, scheduler="pndm", seed=0)
     plain = generate.sample(pipe, PROMPTS, steps=2, scheduler="pndm", seed=0)

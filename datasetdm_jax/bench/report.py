@@ -40,11 +40,12 @@ def format_report(rep: dict[str, Any]) -> str:
     gens = rep.get("generation", [])
     if gens:
         cols = [k.removeprefix("speedup_vs_") for k in gens[0] if k.startswith("speedup_vs_")]
-        out += ["", "| batch | JAX s | JAX img/s | +capture overhead | "
+        out += ["", "| batch | JAX s | JAX img/s | +capture overhead | generate.sample s (Python API) | "
                 + " | ".join(f"diffusers {c} s | JAX speedup vs {c}" for c in cols) + " |",
-                "|---|---|---|---|" + "---|---|" * len(cols)]
+                "|---|---|---|---|---|" + "---|---|" * len(cols)]
         for g in gens:
             out.append(f"| {g['batch']} | {g['jax_s']:.3f} | {g['batch'] / g['jax_s']:.2f} | {g['capture_overhead']:+.1%} | "
+                       f"{g['python_api_s']:.3f} | "
                        + " | ".join(f"{g[f'diffusers_{c}_s']:.3f} | {g[f'speedup_vs_{c}']:.2f}x" for c in cols) + " |")
         if cols:
             t = rep.get("torch", {})

@@ -64,6 +64,12 @@ def _generation(cfg: BenchConfig, pipe, size: int, batch: int, peak: float, torc
         gflop = c.gflop + (programs.loop_trips(pipe, cfg.steps, cfg.scheduler, capture) - 1) * step_gflop
         comp[name] = (c, gflop, prog.devices)
         calls[name] = lambda c=c, p=prog: c.fn(*p.args)
+    # The documented Python API, as a notebook user calls it: tokenizes, splits the batch over the
+    # local devices and returns host arrays; it should run at the CLI program's speed.
+    from datasetdm_jax import generate
+    calls[f"generate.sample b{batch}"] = lambda: generate.sample(
+        pipe, [programs.PROMPT] * batch, steps=cfg.steps, guidance=cfg.guidance, scheduler=cfg.scheduler,
+        height=size, width=size, num_devices=cfg.devices)
     from datasetdm_jax.bench import torch_ref
     for dt, tp in torch_pipes.items():
         calls[f"diffusers {dt} b{batch}"] = torch_ref.generator(tp, programs.PROMPT, batch, size, cfg.steps,
@@ -76,7 +82,8 @@ def _generation(cfg: BenchConfig, pipe, size: int, batch: int, peak: float, torc
     med = {k: statistics.median(v) for k, v in times.items()}
     jax_s = med[f"generate b{batch}"]
     cmp = {"batch": batch, "jax_s": jax_s, "jax_capture_s": med[f"generate b{batch} +capture"],
-           "capture_overhead": med[f"generate b{batch} +capture"] / jax_s - 1}
+           "capture_overhead": med[f"generate b{batch} +capture"] / jax_s - 1,
+           "python_api_s": med[f"generate.sample b{batch}"]}
     for dt in torch_pipes:
         cmp[f"diffusers_{dt}_s"] = med[f"diffusers {dt} b{batch}"]
         cmp[f"speedup_vs_{dt}"] = med[f"diffusers {dt} b{batch}"] / jax_s  # > 1: JAX is faster
@@ -91,7 +98,7 @@ def _train_step(cfg: BenchConfig, pipe, size: int, peak: float):
     spec = models.configs_file("shapes_semantic.py") + (":tiny" if cfg.model == "tiny" else "")
     config = load_config(spec, [f"data.image_size={size}", f"capture={cfg.capture}"])
     tr = train.Trainer(config, pipe)
-    batch = jax.device_put(tr.host_batch(next(train._train_iterator(config, None)), 0), tr.data_sharding)
+    batch = jax.device_put(tr.host_batch(next(train.train_iterator(config, None)), 0), tr.data_sharding)
     state = jax.device_put({"step": np.zeros((), np.int32), "params": tr.init_params,
                             "opt": tr.tx.init(tr.init_params)}, tr.repl)
     c = compile_fn(tr.step_fn, state, batch, tr.frozen)
