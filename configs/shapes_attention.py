@@ -5,10 +5,21 @@ training needed). Variant ``:both`` labels each image with the trained semantic 
 (``workdir`` of configs/shapes_semantic.py) and the attention labeller in one sampler pass
 (``labeler: decoder+attention``; records hold ``segmentation`` and ``attention_label``).
 
-The shapes model's latent is 16x16 and its UNet attends at feature heights 16, 8 and 4 (mid
-block). The paper's quarter-resolution cross-attention would be 4x4, a cell per 16x16 image
-pixels, coarser than most shapes; 8x8 (``cross_res: 8``) is the finest grid the class maps can
-have here, with self-attention at half the latent (8x8) as in the paper.
+The shapes model's latent is 16x16 (64 px images) and its UNet attends at feature heights 16, 8
+and 4 (mid block). Measured on 24 labelled real scenes pushed through the model at timestep 400
+with their captions (per-class IoU of the label with the object / with its complement):
+
+- keys: the separately encoded class prompt (the official method) labels the background
+  (0.32 / 0.33, half the pixels foreground where 11% are); the small text encoder gives a class
+  word alone a different embedding than inside the caption. The caption's own class-word tokens
+  (``class_tokens: caption``) follow the objects (0.48 / 0.07).
+- self-attention at the latent resolution (16) rather than the paper's half (8): 0.59 against 0.51
+  (tau 1); cross-attention at 8 (0.59) and 16 (0.55) are alike, 4 is coarser than most shapes.
+- tau 1: the 16x16 self-attention is already smooth; tau 4 gives 0.56.
+
+``calibrate=True`` (default here) picks the threshold on the 100 labelled real images
+(`attention.calibrate_thresholds`); ``labeler_config.class_tokens=class_prompt`` restores the
+official keys.
 """
 
 import os
@@ -17,11 +28,12 @@ from datasetdm_jax.config_utils import load_config
 
 
 def labeler_config(append_class_names=True):
-    """The attention labeller's shapes-world settings (tau, thresholds: the paper's defaults)."""
+    """The attention labeller's shapes-world settings (measured above; thresholds calibrated)."""
     import ml_collections
 
-    return ml_collections.ConfigDict(dict(tau=4, threshold=0.6, uncertainty_threshold=0.5, self_res=8, cross_res=8,
-                                          append_class_names=append_class_names))
+    return ml_collections.ConfigDict(dict(tau=1, threshold=0.6, uncertainty_threshold=0.5, self_res=16, cross_res=8,
+                                          append_class_names=append_class_names, class_tokens="caption",
+                                          calibrate=True, calibration_timestep=400))
 
 
 def get_config(arg=None):

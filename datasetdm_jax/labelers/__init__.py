@@ -32,6 +32,9 @@ class AttentionLabeler:
         self.config = config
         self.pipe = pipe or train.load_frozen_pipeline(str(config.pipeline))
         self.class_names = tuple(sources.class_names(config.data))
+        from datasetdm_jax.labelers import attention  # thresholds calibrated once here when the config asks
+        self.settings, self.calibration = attention.configured(
+            config, self.pipe, config.generate.get("labeler_config", None), self.class_names)
 
     def __call__(self, prompts, indices: np.ndarray, seed: int) -> LabelledExamples:
         from datasetdm_jax.labelers import attention
@@ -45,12 +48,15 @@ class AttentionLabeler:
         out = attention.label_batch(
             self.pipe, [p.text for p in prompts], [list(p.classes) for p in prompts], list(indices), seed,
             class_ids=ids, steps=int(g.steps), guidance=float(g.guidance), scheduler=str(g.scheduler),
-            negative_prompt=str(g.negative_prompt), config=g.get("labeler_config", None), height=size, width=size)
+            negative_prompt=str(g.negative_prompt), config=self.settings, height=size, width=size)
         images = np.round(np.asarray(out.images) * 255).astype(np.uint8)
         return LabelledExamples(images, [{"segmentation": s} for s in np.asarray(out.labels)], list(out.prompts))
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name}
+        desc = {"name": self.name, "attention": dict(vars(self.settings))}
+        if self.calibration is not None:
+            desc["attention"]["calibration"] = self.calibration
+        return desc
 
 
 def _decoder(config, pipe=None, config_path: str | None = None):

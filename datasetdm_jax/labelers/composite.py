@@ -76,6 +76,12 @@ class DecoderAttentionLabeler(DecoderLabeler):
             from datasetdm_jax.data import sources
             class_names = sources.class_names(config.data)
         self.class_names = tuple(class_names)
+        self.calibration = None
+        if self.attention.calibrate:  # thresholds from the labelled real images, before the sampler is built
+            if pipe is None:
+                from datasetdm_jax import train
+                pipe = train.load_frozen_pipeline(str(config.pipeline))
+            self.attention, self.calibration = attention.configured(config, pipe, self.attention, self.class_names)
         super().__init__(config, pipe, config_path, also=also)
 
     def _build_sampler(self, pipe, g, capture: str):
@@ -97,8 +103,12 @@ class DecoderAttentionLabeler(DecoderLabeler):
         pad = batch - len(prompts)
         names, texts = names + [names[-1]] * pad, texts + [texts[-1]] * pad
         ids = [[self.class_names.index(c) for c in row] for row in names]
-        return texts, attention.class_inputs(self.pipe, names, ids)
+        return texts, attention.class_inputs(self.pipe, names, ids, prompts=texts,
+                                             class_tokens=self.attention.class_tokens)
 
     def describe(self) -> dict[str, Any]:
         a = self.attention
-        return {**super().describe(), "attention": {k: getattr(a, k) for k in a.__dataclass_fields__}}
+        desc = {**super().describe(), "attention": {k: getattr(a, k) for k in a.__dataclass_fields__}}
+        if self.calibration is not None:
+            desc["attention"]["calibration"] = self.calibration
+        return desc

@@ -66,11 +66,17 @@ def threshold_labels(maps: jax.Array, class_ids: jax.Array, valid: jax.Array, *,
     return labels.astype(jnp.uint8)
 
 
+def class_scores(self_attention: jax.Array, cross: jax.Array, weights: jax.Array, *, self_hw: tuple[int, int],
+                 cross_hw: tuple[int, int], image_hw: tuple[int, int], tau: int = 4) -> jax.Array:
+    """Averaged attention -> (B, H, W, K) per-class scores of the image size, each min-max normalised."""
+    maps = propagate(self_attention, class_maps(cross, weights, cross_hw, self_hw), tau)
+    return resize_bicubic(normalise(maps), image_hw)
+
+
 def attention_labels(self_attention: jax.Array, cross: jax.Array, weights: jax.Array, class_ids: jax.Array,
                      valid: jax.Array, *, self_hw: tuple[int, int], cross_hw: tuple[int, int],
                      image_hw: tuple[int, int], tau: int = 4, threshold: float = 0.6,
                      uncertainty_threshold: float = 0.5) -> jax.Array:
     """The whole post-processing: averaged attention -> (B, H, W) uint8 label maps of the image size."""
-    maps = propagate(self_attention, class_maps(cross, weights, cross_hw, self_hw), tau)
-    maps = resize_bicubic(normalise(maps), image_hw)
+    maps = class_scores(self_attention, cross, weights, self_hw=self_hw, cross_hw=cross_hw, image_hw=image_hw, tau=tau)
     return threshold_labels(maps, class_ids, valid, threshold=threshold, uncertainty_threshold=uncertainty_threshold)
