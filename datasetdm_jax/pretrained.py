@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from datasetdm_jax import convert
+from datasetdm_jax import convert, hub
 from datasetdm_jax.tokenizer import load_tokenizer, tokenize
 
 __all__ = [
@@ -353,10 +353,15 @@ class Pipeline:
         return fn(self.params["unet"], latents, t, emb)
 
 
-def load_pipeline(path: str | os.PathLike, dtype: Any = jnp.float32, *, clip_skip: int | None = None) -> Pipeline:
-    """Loads a diffusers-format SD folder (safetensors only) with weights cast to `dtype`."""
+def load_pipeline(path: str | os.PathLike, dtype: Any = jnp.float32, *, clip_skip: int | None = None,
+                  variant: str | None = None) -> Pipeline:
+    """Loads a diffusers-format SD folder (safetensors only) with weights cast to `dtype`; `path` may
+    also be a Hugging Face repo id, fetched into the HF cache by `hub.resolve` (`variant="fp16"`)."""
     dtype = check_dtype(dtype)
-    root = Path(path)
+    try:
+        root = Path(hub.resolve(path, variant=variant))
+    except hub.HubError as e:
+        raise PretrainedError(str(e)) from None
     if not root.is_dir():
         raise PretrainedError(f"{root}: pretrained folder not found")
     index = read_json(root / "model_index.json")

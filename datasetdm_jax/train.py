@@ -36,7 +36,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from datasetdm_jax import devices, pretrained, schedulers
+from datasetdm_jax import devices, hub, pretrained, schedulers
 from datasetdm_jax.config_utils import load_config
 from datasetdm_jax.data import pipeline, shapes
 from datasetdm_jax.decoders import feature_spec
@@ -65,13 +65,13 @@ _DTYPES = {"segmentation": np.int32, "depth": np.float32, "instances": bool, "in
 
 
 def load_frozen_pipeline(path: str) -> pretrained.Pipeline:
-    """The frozen SD (empty path: the shipped shapes-world model); a missing one names its command."""
+    """The frozen SD: a local folder or a Hugging Face repo id (empty path: the shipped shapes-world
+    model); a missing one names both options and the command that makes the shapes-world one."""
     if not path:
         from datasetdm_jax.assets import shapes_sd_path
         path = shapes_sd_path()
-    if not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise FileNotFoundError(f"no Stable Diffusion model at {path}; make the shapes-world one with "
-                                f"`{PRETRAIN_HINT}` (or set pipeline=PATH)")
+    if not os.path.isfile(os.path.join(path, "model_index.json")) and not hub.is_repo_id(path):
+        raise FileNotFoundError(f"no Stable Diffusion model at {path}; {hub.MODEL_HINT}")
     return pretrained.load_pipeline(path, dtype=jnp.float32)
 
 
