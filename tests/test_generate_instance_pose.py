@@ -175,7 +175,7 @@ def test_vae_decoder_levels_in_training_and_generation(setup):
     cfg = load_config(POSE, over["pose"][:-2] + [f"workdir={root / 'wd_pose_vae'}", "vae_features=(32,)"])
     trainer = train.Trainer(cfg, pipe)
     assert trainer.vae_features == (32,)
-    batch = trainer.host_batch(next(train._train_iterator(cfg, None)), 0)
+    batch = trainer.host_batch(next(train.train_iterator(cfg, None)), 0)
     feats = trainer.features_fn(trainer.frozen, batch["image"], batch["input_ids"], jax.random.key(0))
     assert sorted(feats.maps) == [8, 16, 32] and feats.maps[32].shape[:3] == (len(batch["image"]), 32, 32)
     assert 32 not in feats.cross_attention

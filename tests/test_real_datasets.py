@@ -364,7 +364,7 @@ def test_train_reads_real_sources(voc_root):
                           "batch_size=2"])
     assert train.data_source(config, "train_aug", 100, 0).source.ids == ["2007_000001", "2007_000006"]
     assert len(train.data_source(config, "val", 1, 1)) == 1  # eval splits: no selection, capped
-    b = next(train._train_iterator(config, None))
+    b = next(train.train_iterator(config, None))
     assert b["image"].shape == (2, 8, 8, 3) and b["segmentation"].shape == (2, 8, 8)
     assert sorted(b["caption"]) == ["a photo of a bird", "a photo of an aeroplane"]
 

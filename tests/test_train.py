@@ -17,6 +17,7 @@ from datasetdm_jax import pretrained, smoke, train
 from datasetdm_jax.data import pipeline
 from datasetdm_jax.decoders import tasks
 from datasetdm_jax.config_utils import load_config
+from datasetdm_jax.training_state import BestCheckpoint
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 TASKS = ("semantic", "instance", "depth", "pose")
@@ -49,7 +50,7 @@ def trainers(sd):
 @pytest.mark.parametrize("task", TASKS)
 def test_loss_finite_and_decreasing_on_a_fixed_batch(trainers, task):
     tr = trainers(task)
-    it = train._train_iterator(tr.config, None)
+    it = train.train_iterator(tr.config, None)
     batch = jax.device_put(tr.host_batch(next(it), 0), tr.data_sharding)
     state = jax.device_put({"step": np.zeros((), np.int32), "params": tr.init_params,
                             "opt": tr.tx.init(tr.init_params)}, tr.repl)
@@ -114,7 +115,7 @@ def test_load_trained_decoder_gives_the_trained_params_and_decodes_features(trai
     assert step == 4 and loaded.task == "instance"
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    b = tr.host_batch(next(train._train_iterator(tr.config, None)), 0, augment=False)
+    b = tr.host_batch(next(train.train_iterator(tr.config, None)), 0, augment=False)
     feats = tr.features(tr.frozen, b["image"], b["input_ids"], jax.random.key(0))
     out = loaded.decode_fn(params, feats)
     size = tr.config.data.image_size
@@ -142,6 +143,38 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(trainers, sd, monkeypatch
     with pytest.raises(train.TrainingDiverged, match="last good checkpoint: step 2"):
         train.run(tr.config, workdir, trainer=tr)
     assert sorted(int(n) for n in os.listdir(os.path.join(workdir, train.STAGE)) if n.isdigit()) == [2]
+
+
+def test_sigterm_and_ctrl_c_checkpoint_on_the_way_out(trainers, sd, monkeypatch, capsys):
+    """SIGTERM: the step in flight finishes, is checkpointed, and run returns unfinished. Ctrl-C: the
+    last finished step is checkpointed, a line says how to resume, and the interrupt goes on."""
+    import signal
+
+    tr, workdir = trainers("semantic"), str(sd[2] / "stop")
+    config = tr.config.copy_and_resolve_references()
+    config.eval_every = 0
+    clean = tr.host_batch
+
+    def sigterm_at_first_batch(b, step, augment=True):
+        if step == 0 and augment:  # a training batch, not the feature bank's (unaugmented) pass
+            signal.raise_signal(signal.SIGTERM)
+        return clean(b, step, augment)
+
+    monkeypatch.setattr(tr, "host_batch", sigterm_at_first_batch)
+    finished, _, _ = train.run(config, workdir, trainer=tr)
+    steps = lambda: sorted(int(n) for n in os.listdir(os.path.join(workdir, train.STAGE)) if n.isdigit())  # noqa: E731
+    assert finished is False and steps() == [1]
+
+    def ctrl_c_at_third_batch(b, step, augment=True):
+        if step == 2 and augment:
+            raise KeyboardInterrupt
+        return clean(b, step, augment)
+
+    monkeypatch.setattr(tr, "host_batch", ctrl_c_at_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(config, workdir, trainer=tr)
+    assert steps() == [1, 2]
+    assert "train: interrupted at step 2 (checkpointed); rerun the same command to resume" in capsys.readouterr().err
 
 
 def test_select_metric_keeps_the_best_validation_decoder_across_a_resume(trainers, sd, monkeypatch):
@@ -174,12 +207,12 @@ def test_select_metric_keeps_the_best_validation_decoder_across_a_resume(trainer
 
 
 def test_select_metric_minimises_errors_and_names_unknown_metrics():
-    best = train._Best("rel")
+    best = BestCheckpoint("rel", train.LOWER_IS_BETTER)
     assert best.update(2, {"rel": 0.3}, {"w": np.ones(1)}) and not best.update(4, {"rel": 0.4}, {"w": np.zeros(1)})
     assert best.update(6, {"rel": 0.1}, {"w": np.zeros(1)}) and best.step == 6
-    assert not train._Best("").update(2, {"rel": 0.3}, {})
+    assert not BestCheckpoint("", train.LOWER_IS_BETTER).update(2, {"rel": 0.3}, {})
     with pytest.raises(KeyError, match="select_metric='miou' is not a validation metric.*'rel'"):
-        train._Best("miou").update(2, {"rel": 0.3}, {})
+        BestCheckpoint("miou", train.LOWER_IS_BETTER).update(2, {"rel": 0.3}, {})
 
 
 def test_deep_supervision_trains(sd):
@@ -187,7 +220,7 @@ def test_deep_supervision_trains(sd):
     config = load_config(*tiny("semantic", f"pipeline={path}", "deep_supervision=True"))
     tr = train.Trainer(config, pipe)
     assert tr.spec.deep_supervision
-    batch = jax.device_put(tr.host_batch(next(train._train_iterator(config, None)), 0), tr.data_sharding)
+    batch = jax.device_put(tr.host_batch(next(train.train_iterator(config, None)), 0), tr.data_sharding)
     state = jax.device_put({"step": np.zeros((), np.int32), "params": tr.init_params,
                             "opt": tr.tx.init(tr.init_params)}, tr.repl)
     state, m = tr.step_fn(state, batch, tr.frozen)
@@ -195,7 +228,7 @@ def test_deep_supervision_trains(sd):
 
 
 def test_pose_data_holds_exactly_one_person(trainers):
-    b = next(train._train_iterator(trainers("pose").config, None))
+    b = next(train.train_iterator(trainers("pose").config, None))
     assert list(b["num_persons"]) == [1, 1]
 
 
@@ -243,7 +276,7 @@ def test_uncached_training_resumes_exactly(trainers, sd):
 def test_train_batches_name_their_bank_rows_across_epochs(trainers):
     """``entry`` = 2 * source position + mirrored, for every example of several shuffled epochs."""
     tr = trainers("instance")                                   # a tiny config that flips
-    src, it = train._train_source(tr.config), train._train_iterator(tr.config, None)
+    src, it = train.train_source(tr.config), train.train_iterator(tr.config, None)
     seen = set()
     for step in range(3 * len(src) // int(tr.config.batch_size)):
         hb = tr.host_batch(next(it), step)

@@ -145,9 +145,9 @@ def save_random_decoder(config, trainer) -> None:
     import jax
     import orbax.checkpoint as ocp
 
-    from datasetdm_jax import train
+    from datasetdm_jax import train, training_state
 
-    mngr = train._manager(str(config.workdir), train.STAGE, 2)
+    mngr = training_state.checkpoint_manager(str(config.workdir), train.STAGE, 2)
     params = jax.device_get(trainer.init_params)
     mngr.save(1, args=ocp.args.Composite(
         data=ocp.args.JsonSave({"note": "test"}), params=ocp.args.StandardSave(params),
