@@ -14,7 +14,11 @@ import pytest
 from flax import nnx
 
 
-from datasetdm_jax import pretrain  # noqa: E402
+from datasetdm_jax import shapes_sd, training_state  # noqa: E402
+from datasetdm_jax.shapes_sd import data as sd_data  # noqa: E402
+from datasetdm_jax.shapes_sd import diffusion as sd_diffusion  # noqa: E402
+from datasetdm_jax.shapes_sd import models as sd_models  # noqa: E402
+from datasetdm_jax.shapes_sd import vae_stages as sd_vae  # noqa: E402
 from datasetdm_jax.config_utils import load_config  # noqa: E402
 
 TINY = os.path.join(os.path.dirname(__file__), "..", "configs", "shapes_sd.py") + ":tiny"
@@ -32,7 +36,7 @@ def _restore_all(workdir, stage):
 
 
 def _metrics(workdir):
-    with open(os.path.join(workdir, pretrain.METRICS_FILE)) as f:
+    with open(os.path.join(workdir, training_state.METRICS_FILE)) as f:
         return [json.loads(line) for line in f]
 
 
@@ -40,7 +44,7 @@ def _metrics(workdir):
 def tiny_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("pretrain_full"))
     config = load_config(TINY)
-    assert pretrain.run(config, workdir) is True
+    assert shapes_sd.run(config, workdir) is True
     return config, workdir
 
 
@@ -72,7 +76,7 @@ def test_resume_equals_uninterrupted(tiny_run, tmp_path):
     # Stop mid-VAE, then mid-diffusion, then finish: three invocations of the same run.
     for max_steps in (3, config.vae.steps - 3 + 2, 0):
         c = load_config(TINY, [f"max_steps={max_steps}", "export=False"])
-        assert pretrain.run(c, pieces) is (max_steps == 0)
+        assert shapes_sd.run(c, pieces) is (max_steps == 0)
     for stage in ("vae", "vae_decoder", "diffusion"):
         step_a, a, data_a = _restore_all(full, stage)
         step_b, b, data_b = _restore_all(pieces, stage)
@@ -109,8 +113,8 @@ def test_diffusion_loss_decreases_on_a_fixed_batch(tiny_run):
     """The joint UNet + text encoder objective is trainable: 20 Adam steps on one batch (fixed
     timesteps, noise and caption dropout) must cut the loss well down."""
     config, workdir = tiny_run
-    st = pretrain._diffusion_stage(config, workdir)
-    it = pretrain._train_iterator(config, 8, None)
+    st = sd_diffusion.diffusion_stage(config, workdir)
+    it = sd_data.train_iterator(config, 8, None)
     batch = jax.tree.map(np.asarray, st.host_batch({"image": next(it)["image"], "caption": [
         "a red circle on a plain background", "a blue square on a dark striped background"] * 4}))
     losses = _fit_one_batch(st, batch, lr=1e-3, steps=20, seed=3)
@@ -121,10 +125,10 @@ def test_diffusion_loss_decreases_on_a_fixed_batch(tiny_run):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     workdir = str(tmp_path)
     c = load_config(TINY, ["stages=('vae',)", "max_steps=2"])
-    assert pretrain.run(c, workdir) is False
+    assert shapes_sd.run(c, workdir) is False
     c = load_config(TINY, ["stages=('vae',)", "vae.lr=1e30", "vae.grad_clip=1e30", "vae.warmup_steps=0"])
-    with pytest.raises(pretrain.TrainingDiverged, match="last good checkpoint: step 2"):
-        pretrain.run(c, workdir)
+    with pytest.raises(training_state.TrainingDiverged, match="last good checkpoint: step 2"):
+        shapes_sd.run(c, workdir)
     assert _restore_all(workdir, "vae")[0] == 2
 
 
@@ -152,15 +156,15 @@ def test_warm_start_from_an_exported_folder(tiny_run, tmp_path):
     config, workdir = tiny_run
     folder = os.path.join(workdir, "model")
     warm = load_config(TINY, [f"init_from={folder}", "diffusion.steps=2", "diffusion.eval_every=0"])
-    stage = pretrain._diffusion_stage(warm, str(tmp_path / "probe"))
-    pipe = pretrain._init_pipeline(os.path.abspath(folder))
+    stage = sd_diffusion.diffusion_stage(warm, str(tmp_path / "probe"))
+    pipe = sd_models.init_pipeline(os.path.abspath(folder))
     want = jax.tree.leaves(nnx.to_pure_dict(nnx.state(pipe.module("unet"), nnx.Param)))
     got = jax.tree.leaves(stage.params["unet"])
     assert len(got) == len(want) and all(np.array_equal(g, w) for g, w in zip(got, want))
     assert stage.meta["scaling_factor"] == pipe.configs["vae"]["scaling_factor"]
 
     out = str(tmp_path / "warm")
-    assert pretrain.run(warm, out) is True
+    assert shapes_sd.run(warm, out) is True
     assert not os.path.exists(os.path.join(out, "vae"))
     with open(os.path.join(out, "model", "training.json")) as f:
         assert json.load(f)["diffusion_step"] == config.diffusion.steps + 2   # the folder's steps + this run's
@@ -170,7 +174,7 @@ def test_warm_start_from_an_exported_folder(tiny_run, tmp_path):
 
     bad = load_config(TINY, [f"init_from={folder}", "unet.block_out_channels=(8, 32)"])
     with pytest.raises(ValueError, match="block_out_channels"):
-        pretrain._diffusion_stage(bad, str(tmp_path / "bad"))
+        sd_diffusion.diffusion_stage(bad, str(tmp_path / "bad"))
 
 
 def test_warm_start_into_a_deeper_unet(tiny_run, tmp_path):
@@ -178,7 +182,7 @@ def test_warm_start_into_a_deeper_unet(tiny_run, tmp_path):
     function: the held-out eps-MSE (same batch, timesteps and noise) is the folder's."""
     _, workdir = tiny_run
     folder = os.path.join(workdir, "model")
-    same, deeper = (pretrain._diffusion_stage(load_config(TINY, [f"init_from={folder}", f"unet.layers_per_block={n}"]),
+    same, deeper = (sd_diffusion.diffusion_stage(load_config(TINY, [f"init_from={folder}", f"unet.layers_per_block={n}"]),
                                               str(tmp_path / f"l{n}")) for n in (1, 2))
     count = lambda t: sum(x.size for x in jax.tree.leaves(t))  # noqa: E731
     assert count(deeper.params["unet"]) > count(same.params["unet"])
@@ -193,7 +197,7 @@ def test_fidelity_curve_judges_samples_of_the_ema_weights(tiny_run, tmp_path, mo
     weights; the last step's images and scores are those of the folder the run exports."""
     import jax.numpy as jnp
 
-    from datasetdm_jax import judge as J
+    from datasetdm_jax.research import judge as J
     from datasetdm_jax import pretrained
 
     _, workdir = tiny_run
@@ -208,7 +212,7 @@ def test_fidelity_curve_judges_samples_of_the_ema_weights(tiny_run, tmp_path, mo
                            "diffusion.eval_every=0", "diffusion.fidelity_every=1",
                            f"diffusion.fidelity_judge={judge_file}", "export_dtype=float32", *settings])
     out = str(tmp_path / "run")
-    assert pretrain.run(c, out) is True
+    assert shapes_sd.run(c, out) is True
     recs = [r for r in _metrics(out) if "eval/class_fidelity" in r]
     assert [r["step"] for r in recs] == [1, 2]
     logged = judged[-2:]  # the last eval's one- and two-object samples
@@ -222,13 +226,13 @@ def test_fidelity_curve_judges_samples_of_the_ema_weights(tiny_run, tmp_path, mo
     assert recs[-1]["eval/colour_fidelity"] == report["single"]["colour"]
     assert recs[-1]["eval/multi_object_presence"] == report["multi"]["classes"]
     with pytest.raises(ValueError, match="fidelity_judge"):
-        pretrain.run(load_config(TINY, ["diffusion.fidelity_every=1"]), str(tmp_path / "nojudge"))
+        shapes_sd.run(load_config(TINY, ["diffusion.fidelity_every=1"]), str(tmp_path / "nojudge"))
 
 
 def _vae_weights(folder):
     from datasetdm_jax import pretrained
 
-    return nnx.to_pure_dict(nnx.state(pretrain._init_pipeline(os.path.abspath(folder)).module("vae"), nnx.Param))
+    return nnx.to_pure_dict(nnx.state(sd_models.init_pipeline(os.path.abspath(folder)).module("vae"), nnx.Param))
 
 
 def _same(a, b) -> bool:
@@ -246,7 +250,7 @@ def test_decoder_finetune_keeps_the_latent_space(tiny_run):
     _, dec, _ = _restore_all(workdir, "vae_decoder")
     for k in ("encoder", "quant_conv"):
         assert _same(shipped[k], half(vae["params"][k])), k
-    for k in pretrain.DECODER_KEYS:
+    for k in sd_vae.DECODER_KEYS:
         assert _same(shipped[k], half(dec["params"][k])), k
         assert not _same(dec["params"][k], vae["params"][k]), k
 
@@ -258,9 +262,9 @@ def test_decoder_only_refresh_of_a_folder(tiny_run, tmp_path):
     folder = os.path.join(workdir, "model")
     c = load_config(TINY, [f"init_from={folder}", "stages=('vae_decoder',)"])
     out = str(tmp_path / "refresh")
-    assert pretrain.run(c, out) is True
-    new, old = pretrain._init_pipeline(os.path.abspath(os.path.join(out, "model"))), \
-        pretrain._init_pipeline(os.path.abspath(folder))
+    assert shapes_sd.run(c, out) is True
+    new, old = sd_models.init_pipeline(os.path.abspath(os.path.join(out, "model"))), \
+        sd_models.init_pipeline(os.path.abspath(folder))
     for name in ("unet", "text_encoder"):
         assert _same(nnx.state(new.module(name), nnx.Param), nnx.state(old.module(name), nnx.Param)), name
     a, b = _vae_weights(os.path.join(out, "model")), _vae_weights(folder)
@@ -272,8 +276,8 @@ def test_decoder_only_refresh_of_a_folder(tiny_run, tmp_path):
 
 def test_decoder_loss_decreases_on_a_fixed_batch(tiny_run):
     config, workdir = tiny_run
-    st = pretrain._vae_decoder_stage(config, workdir)
-    losses = _fit_one_batch(st, st.host_batch(next(pretrain._train_iterator(config, 8, None))),
+    st = sd_vae.vae_decoder_stage(config, workdir)
+    losses = _fit_one_batch(st, st.host_batch(next(sd_data.train_iterator(config, 8, None))),
                             lr=3e-3, steps=50, seed=1)
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
 
@@ -281,10 +285,10 @@ def test_decoder_loss_decreases_on_a_fixed_batch(tiny_run):
 def test_curves_png_from_metrics(tiny_run, tmp_path):
     from PIL import Image
 
-    from datasetdm_jax import curves
+    from datasetdm_jax.shapes_sd import curves
 
     _, workdir = tiny_run
-    png = curves.plot_curves(curves.read_metrics(os.path.join(workdir, pretrain.METRICS_FILE)),
+    png = curves.plot_curves(curves.read_metrics(os.path.join(workdir, training_state.METRICS_FILE)),
                              tmp_path / "curves.png")
     img = np.asarray(Image.open(png).convert("L"))
     assert img.shape[0] > 200 and img.std() > 5  # drawn panels, not a blank canvas

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from datasetdm_jax import assets, generate, pretrain, pretrained
+from datasetdm_jax import assets, generate, pretrained
 from datasetdm_jax.config_utils import load_config
+from datasetdm_jax.shapes_sd import models as sd_models
 from tiny_sd import nchw, rel_err
 
 PROMPTS = ["a red circle on a plain background", "a blue person and a green square on a dark striped background"]
@@ -37,8 +38,8 @@ def test_shapes_sd_config_describes_the_shipped_model(model_dir):
     config = load_config(os.path.join(ROOT, "configs", "shapes_sd.py"))
     for name, cfg in (("unet", config.unet), ("vae", config.vae.model)):
         theirs = json.load(open(os.path.join(model_dir, name, "config.json")))
-        assert pretrain.config_conflicts(cfg.to_dict(), theirs) == [], name
-    assert pretrain.config_conflicts({"layers_per_block": 1}, {"layers_per_block": 2}) == ["layers_per_block"]
+        assert sd_models.config_conflicts(cfg.to_dict(), theirs) == [], name
+    assert sd_models.config_conflicts({"layers_per_block": 1}, {"layers_per_block": 2}) == ["layers_per_block"]
 
 
 def test_our_loader_and_diffusers_sample_the_same_images(model_dir):

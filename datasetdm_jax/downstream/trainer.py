@@ -1,7 +1,7 @@
 """Train and evaluate one downstream model (segmenter or depth net) on mixed batches.
 
 The train step is one jitted pure function of ``(params, opt state, batch)`` over a data-parallel
-``('data',)`` mesh of the local devices (batch sharded, params replicated), as in ``pretrain.py``:
+``('data',)`` mesh of the local devices (batch sharded, params replicated), as in ``shapes_sd/loop.py``:
 AdamW with warmup + cosine decay, gradient clipping, no weight decay on biases and norm scales.
 Batch preparation (sampling, augmentation) runs on the host while the previous step computes.
 Evaluation uses ``datasetdm_jax.metrics``: mIoU (ignore 255) and per-class IoU; depth REL, RMSE,
