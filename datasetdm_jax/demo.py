@@ -22,12 +22,12 @@ import ml_collections
 import numpy as np
 
 from datasetdm_jax import keyed_cache
-from datasetdm_jax.config_utils import load_config
+from datasetdm_jax.config_utils import configs_dir, load_config
 
 __all__ = ["CONFIGS_DIR", "ATTENTION_ROWS", "CONSENSUS_ROWS", "run", "check_claims", "add_rows",
            "attention_label_stats", "main_demo"]
 
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CONFIGS_DIR = configs_dir()  # the shipped configs (installed package or checkout)
 TASKS = ("semantic", "depth")
 # comparison row on attention labels -> its row in the table (semantic only: attention gives no depth)
 ATTENTION_ROWS = {"synthetic": "attention", "real+synthetic": "real+attention"}

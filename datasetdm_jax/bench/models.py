@@ -17,18 +17,19 @@ import numpy as np
 from flax import nnx
 
 from datasetdm_jax import pretrained, smoke
+from datasetdm_jax.config_utils import configs_dir
 from datasetdm_jax.assets import shapes_sd_path
 from datasetdm_jax.models import presets
 
 from datasetdm_jax.bench.config import MODELS
-CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS_DIR = Path(configs_dir())  # the shipped configs (installed package or checkout)
 
 
 def configs_file(name: str) -> str:
-    """Path of a project config file; a one-line error when the checkout has no configs/ folder."""
+    """Path of a shipped config file; a one-line error when it is missing."""
     path = CONFIGS_DIR / name
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: config file not found (run from a source checkout of datasetdm-jax)")
+        raise FileNotFoundError(f"{path}: config file not found")
     return str(path)
 
 

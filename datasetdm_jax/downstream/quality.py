@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
-from datasetdm_jax.config_utils import load_config
+from datasetdm_jax.config_utils import configs_dir, load_config
 
 __all__ = ["record_qualities", "threshold_for", "compare_quality_filter", "main"]
 
@@ -91,8 +91,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     workdir = args.workdir or str(demo.workdir)
     synthetic_dir = os.path.join(workdir, "synthetic")
     d = demo.downstream
-    configs_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
-    ds = load_config(args.downstream_config or os.path.join(configs_dir, str(d.config)))
+    ds = load_config(args.downstream_config or os.path.join(configs_dir(), str(d.config)))
     ds.semantic.steps, ds.depth.steps = int(d.semantic_steps), int(d.depth_steps)  # as the demo trains them
     if args.steps:
         ds.semantic.steps = ds.depth.steps = int(args.steps)

@@ -27,12 +27,12 @@ import ml_collections
 import numpy as np
 
 from datasetdm_jax import keyed_cache
-from datasetdm_jax.config_utils import load_config
+from datasetdm_jax.config_utils import configs_dir, load_config
 
 __all__ = ["ROWS", "METRICS", "model_fingerprint", "task_config", "run", "check_claims", "format_tables",
            "main_proof"]
 
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CONFIGS_DIR = configs_dir()  # the shipped configs (installed package or checkout)
 DS_ROW = "semantic_without_deep_supervision"
 ROWS = ("semantic", "instance", "depth", "pose", DS_ROW)
 # task -> (metric key, label, higher is better, as percent) ; the first is the task's headline metric.
