@@ -157,7 +157,7 @@ def model_classes(name: str):
     """(Config class, Model class, rename, ignore) for a component; imported lazily."""
     if name == "text_encoder":
         from datasetdm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
-        return CLIPTextConfig, CLIPTextModel, _text_model_key, ("text_model.embeddings.position_ids",)
+        return CLIPTextConfig, CLIPTextModel, text_encoder_key, ("text_model.embeddings.position_ids",)
     if name == "vae":
         from datasetdm_jax.models import vae
         # Legacy VAE keys are renamed by prepare_vae_state_dict in _prepare_tensors.
@@ -168,9 +168,10 @@ def model_classes(name: str):
     raise KeyError(name)
 
 
-def _text_model_key(key: str) -> str:
-    """transformers >= 5 saves CLIPTextModel keys without the `text_model.` prefix older files have."""
-    return key if key.startswith("text_model.") else "text_model." + key
+def text_encoder_key(key: str) -> str:
+    """A text encoder's checkpoint key as our modules name it: transformers >= 5 saves CLIPTextModel
+    keys without the `text_model.` prefix older files (and CLIPTextModelWithProjection) have."""
+    return key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key
 
 
 def _prepare_tensors(name: str, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

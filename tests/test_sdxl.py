@@ -9,6 +9,7 @@ from flax import nnx
 
 import diffusers
 import torch
+from datasetdm_jax.convert import load_torch_state_dict
 from datasetdm_jax.models import presets
 from datasetdm_jax.models.unet import UNet2DConditionConfig, UNet2DConditionModel, count_params
 from test_unet import jax_unet, torch_unet
@@ -90,3 +91,97 @@ def test_real_unet_param_count():
 def test_bad_sdxl_config_raises(key, value):
     with pytest.raises(ValueError, match=key):
         UNet2DConditionConfig.from_dict({**SDXL_TINY, key: value})
+
+
+# --- text encoders -------------------------------------------------------------------------------
+
+TEXT_TINY = dict(vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
+                 max_position_embeddings=77, bos_token_id=98, eos_token_id=2, pad_token_id=1)
+TEXT_TINY_2 = {**TEXT_TINY, "hidden_size": 48, "num_attention_heads": 4, "intermediate_size": 40,
+               "projection_dim": POOLED, "hidden_act": "gelu"}
+
+
+def torch_text(cls, config: dict, seed: int):
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.CLIPTextConfig(**config)
+    cfg._attn_implementation = "eager"
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_((1.0 if "norm" in name and name.endswith("weight") else 0.0) + 0.2 * torch.randn_like(p))
+    return model
+
+
+def jax_text(cls, config: dict, pt):
+    from datasetdm_jax.pretrained import text_encoder_key
+
+    model = cls(config, rngs=nnx.Rngs(0))
+    load_torch_state_dict(model, {k: v.numpy() for k, v in pt.state_dict().items()}, rename=text_encoder_key)
+    return model
+
+
+def text_ids(batch: int = 2) -> np.ndarray:
+    rng = np.random.default_rng(3)
+    ids = rng.integers(3, 97, size=(batch, 77))
+    ids[:, 0] = 98
+    for b in range(batch):
+        ids[b, 5 + 9 * b] = 99  # legacy eos_token_id == 2: the pooled token is the largest id
+        ids[b, 6 + 9 * b:] = 1
+    return ids
+
+
+@pytest.fixture(scope="module")
+def text_pair():
+    import transformers
+    from datasetdm_jax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
+
+    pt1 = torch_text(transformers.CLIPTextModel, TEXT_TINY, 0)
+    pt2 = torch_text(transformers.CLIPTextModelWithProjection, TEXT_TINY_2, 1)
+    return pt1, pt2, jax_text(CLIPTextModel, TEXT_TINY, pt1), jax_text(CLIPTextModelWithProjection, TEXT_TINY_2, pt2)
+
+
+def test_text_encoder_with_projection_parity(text_pair):
+    _, pt2, _, model2 = text_pair
+    ids = text_ids()
+    with torch.no_grad():
+        ref = pt2(input_ids=torch.from_numpy(ids), output_hidden_states=True)
+    embeds, out = jax.jit(lambda i: model2.text_embeds(i, output_hidden_states=True))(ids)
+    assert rel_err(embeds, ref.text_embeds.numpy()) < 1e-4
+    assert rel_err(out.last_hidden_state, ref.last_hidden_state.numpy()) < 1e-4
+    hidden, pooled = jax.jit(lambda i: model2.penultimate_and_pooled(i))(ids)
+    assert rel_err(hidden, ref.hidden_states[-2].numpy()) < 1e-4 and rel_err(pooled, ref.text_embeds.numpy()) < 1e-4
+    hidden, _ = jax.jit(lambda i: model2.penultimate_and_pooled(i, clip_skip=1))(ids)
+    assert rel_err(hidden, ref.hidden_states[-3].numpy()) < 1e-4
+
+
+def test_sdxl_prompt_embeds(text_pair):
+    from datasetdm_jax.models.clip_text import SDXLTextEncoders
+
+    pt1, pt2, model1, model2 = text_pair
+    ids = text_ids()
+    ids2 = np.where(ids == 1, 0, ids)  # the second tokenizer pads with another id
+    with torch.no_grad():
+        h1 = pt1(input_ids=torch.from_numpy(ids), output_hidden_states=True).hidden_states[-2]
+        out2 = pt2(input_ids=torch.from_numpy(ids2), output_hidden_states=True)
+    emb = jax.jit(lambda i: SDXLTextEncoders(model1, model2).encode(i))(np.stack([ids, ids2], axis=1))
+    assert emb.hidden.shape == (2, 77, 32 + 48) and emb.pooled.shape == (2, POOLED)
+    assert rel_err(emb.hidden, torch.cat([h1, out2.hidden_states[-2]], dim=-1).numpy()) < 1e-4
+    assert rel_err(emb.pooled, out2.text_embeds.numpy()) < 1e-4
+
+
+def test_real_text_encoder_param_counts():
+    import transformers
+    from datasetdm_jax.models.abstract import abstract_module
+    from datasetdm_jax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
+
+    for cls, pt_cls, config, expected in (
+            (CLIPTextModel, transformers.CLIPTextModel, presets.SDXL_TEXT_ENCODER, presets.SDXL_TEXT_ENCODER_PARAMS),
+            (CLIPTextModelWithProjection, transformers.CLIPTextModelWithProjection, presets.SDXL_TEXT_ENCODER_2,
+             presets.SDXL_TEXT_ENCODER_2_PARAMS)):
+        with torch.device("meta"):
+            pt = pt_cls(transformers.CLIPTextConfig(**{k: v for k, v in config.items() if k != "architectures"}))
+        model = abstract_module(lambda rngs: cls(config, rngs=rngs))
+        n = sum(int(v.size) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+        assert n == sum(p.numel() for p in pt.parameters()) == expected

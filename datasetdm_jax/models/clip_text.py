@@ -1,4 +1,8 @@
-"""CLIP text encoder (transformers' `CLIPTextModel`) in Flax NNX, the prompt encoder of Stable Diffusion.
+"""CLIP text encoders (transformers' `CLIPTextModel`, `CLIPTextModelWithProjection`) in Flax NNX.
+
+SD 1.x/2.x condition on one `CLIPTextModel`; SDXL on two (`SDXLTextEncoders`): CLIP ViT-L and
+OpenCLIP ViT-bigG with its projection head, whose penultimate hidden states are concatenated and
+whose projected EOS token is the pooled embedding (`PromptEmbeds`).
 
 Attribute paths follow the keys of the `text_encoder/model.safetensors` files shipped in diffusers
 folders (`text_model.encoder.layers.0.self_attn.q_proj.weight`, ...), so
@@ -50,10 +54,11 @@ class CLIPTextConfig:
     bos_token_id: int = 49406
     eos_token_id: int = 49407
     pad_token_id: int = 1
+    projection_dim: int = 512  # CLIPTextModelWithProjection's text_projection width
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "CLIPTextConfig":
-        """Parses a config.json dict; unknown keys (projection_dim, dropout, ...) are ignored."""
+        """Parses a config.json dict; unknown keys (dropout, ...) are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         cfg = cls(**{k: v for k, v in d.items() if k in names and v is not None})
         if cfg.hidden_act not in _ACTIVATIONS:
@@ -209,6 +214,19 @@ class CLIPTextModel(nnx.Module):
             return jnp.argmax(input_ids, axis=-1)
         return jnp.argmax(input_ids == self.config.eos_token_id, axis=-1)
 
+    def _check_skip(self, clip_skip: int | None, extra: int = 0) -> int:
+        n = self.config.num_hidden_layers - extra
+        k = 0 if clip_skip is None else clip_skip
+        if not 0 <= k <= n:
+            raise ValueError(f"CLIP text encoder: clip_skip must be in [0, {n}], got {clip_skip}")
+        return k
+
+    def penultimate(self, input_ids: jax.Array, clip_skip: int | None = None) -> jax.Array:
+        """`hidden_states[-(clip_skip + 2)]` (no final_layer_norm): SDXL's prompt embedding from
+        this tower, as diffusers' SDXL pipelines take it; later layers are not computed."""
+        k = self._check_skip(clip_skip, extra=1)
+        return self._run_layers(input_ids, self.config.num_hidden_layers - 1 - k, keep_all=False)[0]
+
     def encode(self, input_ids: jax.Array, clip_skip: int | None = None) -> jax.Array:
         """The (B, L, C) prompt embedding Stable Diffusion conditions on.
 
@@ -217,9 +235,54 @@ class CLIPTextModel(nnx.Module):
         layers are not computed. SD 2.x diffusers folders already ship the OpenCLIP tower with its
         last layer dropped (23 of 24 layers), so `clip_skip=None` is the right value for them.
         """
-        n = self.config.num_hidden_layers
-        k = 0 if clip_skip is None else clip_skip
-        if not 0 <= k <= n:
-            raise ValueError(f"CLIP text encoder: clip_skip must be in [0, {n}], got {clip_skip}")
-        x, _ = self._run_layers(input_ids, n - k, keep_all=False)
+        k = self._check_skip(clip_skip)
+        x, _ = self._run_layers(input_ids, self.config.num_hidden_layers - k, keep_all=False)
         return self._final_norm(x)
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """transformers' `CLIPTextModelWithProjection`: the text tower plus `text_projection` (no bias)
+    of the pooled EOS token (SDXL's second encoder, OpenCLIP ViT-bigG)."""
+
+    def __init__(self, config: CLIPTextConfig | Mapping[str, Any], *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.text_projection = nnx.Linear(self.config.hidden_size, self.config.projection_dim, use_bias=False,
+                                          dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def text_embeds(self, input_ids: jax.Array, *, output_hidden_states: bool = False):
+        """(text_embeds (B, projection_dim), `CLIPTextOutput`), as transformers' forward."""
+        out = self(input_ids, output_hidden_states=output_hidden_states)
+        return self.text_projection(out.pooler_output), out
+
+    def penultimate_and_pooled(self, input_ids: jax.Array, clip_skip: int | None = None):
+        """(hidden_states[-(clip_skip + 2)], text_embeds): both SDXL reads from this tower, one pass."""
+        k = self._check_skip(clip_skip, extra=1)
+        n = self.config.num_hidden_layers
+        x, states = self._run_layers(input_ids, n, keep_all=True)
+        pooled = jnp.take_along_axis(self._final_norm(x), self.eos_positions(input_ids)[:, None, None], axis=1)[:, 0]
+        return states[n - 1 - k], self.text_projection(pooled)
+
+
+class PromptEmbeds(NamedTuple):
+    """SDXL's text conditioning: `hidden` (B, L, D1 + D2) token embeddings for cross-attention and
+    `pooled` (B, P) for the UNet's micro-conditioning."""
+
+    hidden: jax.Array
+    pooled: jax.Array
+
+
+class SDXLTextEncoders:
+    """SDXL's two text encoders used as one: `encode(ids)` with ids (B, 2, L) (row 0 from
+    `tokenizer`, row 1 from `tokenizer_2`) -> `PromptEmbeds`, as diffusers' SDXL `encode_prompt`.
+    A plain holder of two merged modules (inside jit, built from their (graphdef, state) pairs)."""
+
+    def __init__(self, text_encoder: CLIPTextModel, text_encoder_2: CLIPTextModelWithProjection):
+        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+
+    def encode(self, input_ids: jax.Array, clip_skip: int | None = None) -> PromptEmbeds:
+        if input_ids.ndim != 3 or input_ids.shape[1] != 2:
+            raise ValueError(f"SDXL text encoders take ids of shape (B, 2, L), got {input_ids.shape}")
+        h1 = self.text_encoder.penultimate(input_ids[:, 0], clip_skip)
+        h2, pooled = self.text_encoder_2.penultimate_and_pooled(input_ids[:, 1], clip_skip)
+        return PromptEmbeds(jnp.concatenate([h1, h2.astype(h1.dtype)], axis=-1), pooled)
