@@ -32,7 +32,7 @@ def get_config(arg=None):
     # Generation: one sampler pass labels each image with every decoder (semantic + depth).
     # guidance 3: one-object fidelity (25 PNDM steps) is class 0.72 / colour 0.975 at 3 on the shipped
     # model; the 10,000-step one gave 0.61 / 0.95 at 3 against 0.52 / 0.71 at 7.5, whose images are
-    # over-saturated (`datasetdm fidelity --guidance`).
+    # over-saturated (`datasetdm exp fidelity --guidance`).
     # Labels follow the prompt (grounding "prompt": classes the prompt does not name are never
     # labelled); "none" is the ungrounded argmax over all classes, for comparison.
     c.generate = ml_collections.ConfigDict(dict(num_images=1024, steps=15, guidance=3.0, scheduler="dpmpp_2m",

@@ -1,9 +1,9 @@
-"""`datasetdm proof`: P-Decoder vs a scratch model, all four tasks, on the shapes world
+"""`datasetdm exp proof`: P-Decoder vs a scratch model, all four tasks, on the shapes world
 (results: docs/experiments/p_decoder_vs_scratch.md).
 
 For each task (semantic, instance, depth, pose): the P-Decoder trained on 100 labelled real images
 through the frozen shapes-world SD, and a plain Flax conv model + the same head trained from scratch
-on the same images with the same recipe (``datasetdm_jax/baselines.py``); both scored on the test
+on the same images with the same recipe (``datasetdm_jax/research/baselines.py``); both scored on the test
 and domain-shifted test splits by the same evaluator. One more row: the semantic P-Decoder without
 Mask2Former deep supervision (on in the shapes configs). Stages are cached in ``workdir``: a rerun is fast, a killed one goes on.
 

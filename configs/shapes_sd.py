@@ -202,7 +202,7 @@ def get_config(arg=None):
     c.diffusion.eval_timesteps = (50, 250, 500, 750, 950)
     # The real yardstick as a curve: every `fidelity_every` steps (0 = off), sample
     # `fidelity_prompts` one-object prompts (and a quarter as many two-object ones) from the EMA
-    # weights and score them with a judge file (`datasetdm fidelity ... --judge train` writes one):
+    # weights and score them with a judge file (`datasetdm exp fidelity ... --judge train` writes one):
     # eval/class_fidelity, eval/colour_fidelity, eval/multi_object_presence. ~40 s for 64 prompts here.
     c.diffusion.fidelity_every = 0
     c.diffusion.fidelity_judge = ""

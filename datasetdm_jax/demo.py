@@ -285,7 +285,7 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True) -> dict[str
         verdict = "MEASURED" if c["holds"] is None else "HOLDS" if c["holds"] else "DOES NOT HOLD"
         print(f"- {verdict}: {c['claim']} (measured {c['measured']})")
     if any(c["holds"] is False for c in claims):
-        print("- why: `datasetdm diagnose` (same config and overrides) trains the segmenter on as many more real "
+        print("- why: `datasetdm exp diagnose` (same config and overrides) trains the segmenter on as many more real "
               "images with ground truth and with P-Decoder labels, to separate label and image quality")
     if attention:
         st = report["attention_labels"]

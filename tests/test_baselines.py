@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from datasetdm_jax import baselines
+from datasetdm_jax.research import baselines
 from datasetdm_jax.config_utils import load_config
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")

@@ -1,4 +1,4 @@
-"""`datasetdm diagnose`: the real pool with its truth and with P-Decoder labels, and the pool rows.
+"""`datasetdm exp diagnose`: the real pool with its truth and with P-Decoder labels, and the pool rows.
 
 A tiny random SD and a randomly initialised tiny semantic decoder saved the way `datasetdm train`
 saves it; the tiny downstream config trains for a few steps."""
@@ -8,7 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from datasetdm_jax import diagnose, metrics, train
+from datasetdm_jax import metrics, train
+from datasetdm_jax.research import diagnose
 from datasetdm_jax.config_utils import load_config
 from datasetdm_jax.data import shapes
 from datasetdm_jax.downstream import data

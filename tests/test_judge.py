@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from datasetdm_jax import judge as J
+from datasetdm_jax.research import judge as J
 
 
 @pytest.fixture(scope="module")

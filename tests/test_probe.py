@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from datasetdm_jax import pretrained, probe, smoke
+from datasetdm_jax import pretrained, smoke
+from datasetdm_jax.research import probe
 
 
 def test_per_resolution_head_equals_head_on_upsampled_features():

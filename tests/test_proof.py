@@ -1,4 +1,4 @@
-"""`datasetdm proof` on a tiny random SD: every row, finite numbers, cached stages, refused stale checkpoints."""
+"""`datasetdm exp proof` on a tiny random SD: every row, finite numbers, cached stages, refused stale checkpoints."""
 
 import json
 import math
@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from datasetdm_jax import baselines, pretrained, proof, smoke, train
+from datasetdm_jax import pretrained, smoke, train
+from datasetdm_jax.research import baselines, proof
 from datasetdm_jax.config_utils import load_config
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "shapes_proof.py") + ":tiny"

@@ -205,7 +205,7 @@ def test_save_preview(tmp_path):
 
 
 def test_depth_oracle_reads_object_depth_from_size_and_shows_what_a_cap_costs():
-    from datasetdm_jax.data import shapes_depth_floor as floor
+    from datasetdm_jax.research import shapes_depth_floor as floor
 
     scene = shapes.make_split("test", 1)[0]
     objects = scene["instance_map"] > 0
@@ -218,7 +218,7 @@ def test_depth_oracle_reads_object_depth_from_size_and_shows_what_a_cap_costs():
 
 
 def test_depth_error_regions_split_the_rel():
-    from datasetdm_jax.data import shapes_depth_floor as floor
+    from datasetdm_jax.research import shapes_depth_floor as floor
 
     ids = np.zeros((1, 14, 14), np.int32)
     ids[0, 3:11, 3:11] = 1                                  # an 8x8 object; the band is 2 px either side

@@ -18,6 +18,9 @@ Conventions
 - Depth is metres-like: objects are fronto-parallel at one depth each in [2, 8] (apparent size
   follows 1/depth, so depth is inferable from the image), the background is a plane from about 9
   (bottom) to 14 (top), always further than every object.
+
+Longer than 400 lines: one world generator (scenes, rendering, every label, the splits) whose
+parts only make sense together.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What a perception task is: its decoder, its loss on a batch, its prediction, and its scoring.
 
-One place that both the P-Decoder trainer (`train.py`) and the scratch baselines (`baselines.py`)
+One place that both the P-Decoder trainer (`train.py`) and the scratch baselines (`research/baselines.py`)
 use, so the two are trained on the same targets and scored by the same code.
 
 Tasks (batch keys as produced by `data.pipeline`; labels at image resolution):

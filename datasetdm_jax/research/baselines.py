@@ -6,7 +6,7 @@ same labelled images, with the same loss, steps, optimiser and augmentation as t
 differ: the backbone's own conv pyramid instead of the frozen UNet's captured maps. A config is a
 train config (``configs/shapes_<task>.py``); ``config.baseline`` (optional) sets the width.
 
-Run: ``datasetdm baseline --config configs/shapes_semantic.py`` (prints and writes
+Run: ``datasetdm exp baseline --config configs/shapes_semantic.py`` (prints and writes
 ``<workdir>/baseline.json``, next to the P-Decoder's ``results.json``).
 """
 
@@ -75,10 +75,10 @@ class ScratchModel(nnx.Module):
 
 
 def _host_batch(task: str, b: dict, seed: int, step: int, flip: bool) -> dict:
-    from datasetdm_jax.train import _DTYPES, TASK_KEYS
+    from datasetdm_jax.p_decoder import BATCH_DTYPES, TASK_KEYS
 
     out = {"image": np.asarray(b["image"], np.float32)}
-    out.update({k: np.asarray(b[k], _DTYPES[k]) for k in TASK_KEYS[task]})
+    out.update({k: np.asarray(b[k], BATCH_DTYPES[k]) for k in TASK_KEYS[task]})
     if flip:  # the same flips as the P-Decoder run sees at each step
         out = tasks.flip_batch(out, np.random.default_rng([seed, step]).random(len(out["image"])) < 0.5)
     return out
@@ -153,7 +153,7 @@ def train_scratch(config: ml_collections.ConfigDict, *, steps: int | None = None
     seed, flip = int(config.seed), bool(config.data.flip)
     params = scratch.init_params
     opt = scratch.tx.init(params)
-    it = train._train_iterator(config, None)
+    it = train.train_iterator(config, None)
     t0 = t1 = time.perf_counter()
     c0 = time.process_time()
     for step in tqdm(range(steps), desc=f"baseline {scratch.spec.task}", disable=not progress, dynamic_ncols=True):
@@ -171,7 +171,7 @@ def train_scratch(config: ml_collections.ConfigDict, *, steps: int | None = None
 
 
 def load_params(scratch: Scratch, path: str | os.PathLike) -> Any:
-    """Parameters saved by ``flax.serialization.msgpack_serialize`` (as `datasetdm proof` saves them)."""
+    """Parameters saved by ``flax.serialization.msgpack_serialize`` (as `datasetdm exp proof` saves them)."""
     from flax import serialization
 
     with open(path, "rb") as f:
@@ -223,7 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, *, steps: int | None =
 
 
 def main_baseline(config_path: str, workdir: str | None = None, overrides: Sequence[str] | None = None) -> dict:
-    """CLI body of ``datasetdm baseline --config configs/shapes_<task>.py [--workdir DIR] [key=value ...]``."""
+    """CLI body of ``datasetdm exp baseline --config configs/shapes_<task>.py [--workdir DIR] [key=value ...]``."""
     from datasetdm_jax.config_utils import load_config
 
     config = load_config(config_path, overrides)

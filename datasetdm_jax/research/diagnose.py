@@ -1,4 +1,4 @@
-"""`datasetdm diagnose`: where the value of the synthetic data goes (run after `datasetdm demo`).
+"""`datasetdm exp diagnose`: where the value of the synthetic data goes (run after `datasetdm demo`).
 
 The demo's downstream segmenter (same settings and steps) is trained on the 100 labelled real
 images plus N more, N the generated set's size, from three pools:
@@ -171,7 +171,7 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True) -> dict[str
 
 
 def main_diagnose(config_path: str | None = None, overrides: Sequence[str] | None = None) -> dict[str, Any]:
-    """CLI body of ``datasetdm diagnose [--config configs/shapes_demo.py[:small]] [key=value ...]``."""
+    """CLI body of ``datasetdm exp diagnose [--config configs/shapes_demo.py[:small]] [key=value ...]``."""
     from datasetdm_jax import demo
     from datasetdm_jax.config_utils import load_config
 

@@ -4,6 +4,9 @@ It is the yardstick for the generator: trained on real rendered scenes only, it 
 that images sampled from "a red circle on ..." prompts really show a red circle. Two single-label
 heads (class, colour) are trained on one-object scenes; a multi-label presence head (a sigmoid per
 class and per colour) is trained on scenes of 1-3 objects so multi-object prompts can be checked.
+
+Longer than 400 lines: one instrument, the judge network with its training data and the fidelity
+report (prompts, sampling, scoring) read through it.
 """
 
 from __future__ import annotations
@@ -410,7 +413,7 @@ def main_fidelity(model: str, judge_path: str, out: str, num_prompts: int = 200,
                   guidance: float = 7.5, scheduler: str = "pndm", seed: int = 0, batch: int = 16,
                   judge_steps: int = 1000, judge_round_trips: bool = True,
                   judge_seed: int | None = None) -> dict[str, Any]:
-    """`datasetdm fidelity`: load or train (and cache) a judge, check it, judge the model, print tables.
+    """`datasetdm exp fidelity`: load or train (and cache) a judge, check it, judge the model, print tables.
 
     A judge trained here sees real scenes and, with ``judge_round_trips``, their round trips through
     ``model``'s VAE (`train_judge`), so it is meant for models that share that VAE. ``judge_seed``

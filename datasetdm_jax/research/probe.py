@@ -170,7 +170,7 @@ def run_probe(model: str | pretrained.Pipeline, *, num_train: int = 100, num_tes
 
 
 def main_probe(model: str | None, out: str, **kwargs: Any) -> dict[str, Any]:
-    """`datasetdm probe`: run, print a per-class table, write probe.json."""
+    """`datasetdm exp probe`: run, print a per-class table, write probe.json."""
     from datasetdm_jax import assets
 
     model = model or assets.shapes_sd_path()

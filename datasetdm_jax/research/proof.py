@@ -1,4 +1,4 @@
-"""`datasetdm proof`: does the P-Decoder on frozen diffusion features beat a model trained from scratch?
+"""`datasetdm exp proof`: does the P-Decoder on frozen diffusion features beat a model trained from scratch?
 
 The proof on the shapes world (results: docs/experiments/p_decoder_vs_scratch.md). For each task
 (semantic, instance, depth, pose) and on the same 100 labelled real images: the P-Decoder
@@ -167,7 +167,7 @@ def _scratch(cfg: ml_collections.ConfigDict, row: str, scfg: ml_collections.Conf
     """Train the scratch model (same recipe; params cached) and score it on every split (cached)."""
     from flax import serialization
 
-    from datasetdm_jax import baselines
+    from datasetdm_jax.research import baselines
 
     width = scfg.width
     width = baselines.match_width(cfg, target_params, tuple(scfg.widths)) if str(width) == "auto" else int(width)
@@ -318,7 +318,7 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True) -> dict[str
 
 def main_proof(config_path: str | None = None, out: str | None = None,
                overrides: Sequence[str] | None = None) -> dict[str, Any]:
-    """CLI body of ``datasetdm proof [--config configs/shapes_proof.py[:small]] [--out DIR] [key=value ...]``."""
+    """CLI body of ``datasetdm exp proof [--config configs/shapes_proof.py[:small]] [--out DIR] [key=value ...]``."""
     config = load_config(config_path or os.path.join(CONFIGS_DIR, "shapes_proof.py"), overrides)
     if out:
         config.workdir = out

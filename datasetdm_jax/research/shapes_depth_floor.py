@@ -3,13 +3,13 @@
 The oracle knows each object's true size (apparent size follows 1/depth, so the object's depth up
 to the +-10 % jitter the world draws) and guesses the background plane from the row alone (its
 near and far ends are drawn per scene and are not visible in the image). Capping its output at a
-depth head's ``max_depth`` shows what that range costs. ``--proof DIR`` (a `datasetdm proof` depth
+depth head's ``max_depth`` shows what that range costs. ``--proof DIR`` (a `datasetdm exp proof` depth
 row folder, e.g. runs/proof/depth) also splits the REL of its trained P-Decoder and scratch model by
 region: the band around object outlines, object interiors, background interiors; and the scratch
 model once more on the test images after a round trip through the SD's VAE (posterior mean,
 decoded): the detail the P-Decoder's latent-derived features can carry at most. Run:
 
-    python -m datasetdm_jax.data.shapes_depth_floor [NUM_IMAGES] [CAP ...] [--proof DIR]
+    python -m datasetdm_jax.research.shapes_depth_floor [NUM_IMAGES] [CAP ...] [--proof DIR]
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def _proof_predictions(row_dir: str, num_images: int) -> tuple[dict[str, np.ndar
     import json
     from pathlib import Path
 
-    from datasetdm_jax import baselines, train
+    from datasetdm_jax import train
+    from datasetdm_jax.research import baselines
 
     trainer, params, _ = train.load_trained_decoder(str(Path(row_dir, "p_decoder")))
     cfg = trainer.config
