@@ -2,6 +2,8 @@
 
 A folder holds `model_index.json` and the components `unet/`, `vae/`, `text_encoder/` (each a
 `config.json` plus safetensors weights), `tokenizer/` and `scheduler/scheduler_config.json`.
+An SDXL folder (`StableDiffusionXLPipeline`) adds `text_encoder_2/` (CLIPTextModelWithProjection)
+and `tokenizer_2/`; its `Pipeline` encodes prompts to `PromptEmbeds` (hidden + pooled).
 `load_pipeline` builds our Flax NNX models from the configs without materialising a random
 init (`nnx.eval_shape`), fills them through the generic converter (`convert.py`), and returns a
 `Pipeline` whose methods are cached jits over `(graphdef, state)`, so repeated calls never retrace.
@@ -21,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -30,6 +33,8 @@ import numpy as np
 from flax import nnx
 
 from datasetdm_jax import convert, hub
+from datasetdm_jax.models.abstract import abstract_module
+from datasetdm_jax.models.clip_text import PromptEmbeds, SDXLTextEncoders
 from datasetdm_jax.tokenizer import load_tokenizer, tokenize
 
 __all__ = [
@@ -55,6 +60,8 @@ _COMPONENTS = {
     "vae": (("AutoencoderKL",), "diffusers"),
     "unet": (("UNet2DConditionModel",), "diffusers"),
 }
+# SDXL's second text encoder (its tokenizer is `tokenizer_2/`).
+_SDXL_COMPONENTS = {"text_encoder_2": (("CLIPTextModelWithProjection",), "transformers")}
 
 
 class PretrainedError(ValueError):
@@ -158,6 +165,9 @@ def model_classes(name: str):
     if name == "text_encoder":
         from datasetdm_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
         return CLIPTextConfig, CLIPTextModel, text_encoder_key, ("text_model.embeddings.position_ids",)
+    if name == "text_encoder_2":
+        from datasetdm_jax.models.clip_text import CLIPTextConfig, CLIPTextModelWithProjection
+        return CLIPTextConfig, CLIPTextModelWithProjection, text_encoder_key, ("text_model.embeddings.position_ids",)
     if name == "vae":
         from datasetdm_jax.models import vae
         # Legacy VAE keys are renamed by prepare_vae_state_dict in _prepare_tensors.
@@ -194,7 +204,7 @@ def _build(name: str, folder: Path, dtype: jnp.dtype):
     except (ValueError, TypeError, KeyError) as e:
         raise PretrainedError(f"{folder / 'config.json'}: {e}") from None
     make = functools.partial(model_cls, config, dtype=dtype, param_dtype=dtype)
-    model = nnx.eval_shape(lambda: make(rngs=nnx.Rngs(0)))  # shapes only, no random init
+    model = abstract_module(lambda rngs: make(rngs=rngs))  # shapes only, no random init
     tensors = _prepare_tensors(name, read_weights(folder))
     try:
         convert.load_torch_state_dict(model, tensors, source=str(folder), rename=rename, ignore=ignore)
@@ -220,7 +230,7 @@ def _build(name: str, folder: Path, dtype: jnp.dtype):
 class Pipeline:
     """Frozen SD components with cached jitted entry points.
 
-    `graphdefs[name]` / `params[name]` (name in text_encoder, vae, unet) are the `nnx.split`
+    `graphdefs[name]` / `params[name]` (name in text_encoder, vae, unet, and SDXL's text_encoder_2) are the `nnx.split`
     halves that generation and training jit over themselves; the modules `text_encoder`, `vae`
     and `unet` share the same arrays (treat them as read-only). `configs` are the original
     config.json dicts (written back by `save_pipeline`, the text encoder's with its load dtype set to float32).
@@ -236,6 +246,8 @@ class Pipeline:
     clip_skip: int | None = None
     tokenizer_path: str | None = None
     model_index: dict = dataclasses.field(default_factory=dict)
+    tokenizer_2: Any = None  # SDXL: the second text encoder's tokenizer
+    tokenizer_2_path: str | None = None
 
     def __post_init__(self):
         self._jits: dict[Any, Callable] = {}
@@ -287,19 +299,63 @@ class Pipeline:
         return self._jits[key]
 
     # -- text ----------------------------------------------------------------------------------
+    @property
+    def is_sdxl(self) -> bool:
+        """Two text encoders and a micro-conditioned UNet (a `StableDiffusionXLPipeline` folder)."""
+        return "text_encoder_2" in self.graphdefs
+
     def tokenize(self, prompts: str | Sequence[str]) -> np.ndarray:
-        """int32 token ids (B, max_length), truncated with a warning."""
-        return tokenize(self.tokenizer, prompts, max_length=self.max_length)
+        """int32 token ids (B, max_length), truncated with a warning; SDXL: (B, 2, max_length), one
+        row per tokenizer (they pad differently)."""
+        ids = tokenize(self.tokenizer, prompts, max_length=self.max_length)
+        if not self.is_sdxl:
+            return ids
+        with warnings.catch_warnings():  # the same prompts: one truncation warning is enough
+            warnings.simplefilter("ignore")
+            ids2 = tokenize(self.tokenizer_2, prompts, max_length=self.max_length)
+        return np.stack([ids, ids2], axis=1)
 
-    def encode_ids(self, input_ids: Any) -> jax.Array:
-        """(B, L) token ids -> (B, L, D) prompt embeddings (honours `clip_skip`)."""
-        gd, skip = self.graphdefs["text_encoder"], self.clip_skip
-        fn = self._jit("encode", lambda state, ids: nnx.merge(gd, state).encode(ids, clip_skip=skip))
-        return fn(self.params["text_encoder"], jnp.asarray(input_ids, jnp.int32))
+    def prompt_encoder(self, params: Mapping[str, Any] | None = None):
+        """The text encoder merged from `params` (default `self.params`): a `CLIPTextModel`, or for
+        SDXL an `SDXLTextEncoders`; its `encode(ids, clip_skip=...)` gives what the UNet conditions on."""
+        params = self.params if params is None else params
+        text = nnx.merge(self.graphdefs["text_encoder"], params["text_encoder"])
+        if not self.is_sdxl:
+            return text
+        return SDXLTextEncoders(text, nnx.merge(self.graphdefs["text_encoder_2"], params["text_encoder_2"]))
 
-    def encode_prompt(self, prompts: str | Sequence[str]) -> jax.Array:
-        """Prompts -> (B, 77, D) embeddings, as diffusers' `encode_prompt` (no CFG duplication)."""
+    def encode_ids(self, input_ids: Any) -> jax.Array | PromptEmbeds:
+        """`tokenize`'s ids -> (B, L, D) prompt embeddings (honours `clip_skip`); SDXL: `PromptEmbeds`
+        (`.hidden` (B, L, D1 + D2), `.pooled` (B, P), `.time_ids` None)."""
+        names = ("text_encoder", "text_encoder_2") if self.is_sdxl else ("text_encoder",)
+        fn = self._jit("encode", lambda params, ids: self.prompt_encoder(params).encode(ids, clip_skip=self.clip_skip))
+        return fn({k: self.params[k] for k in names}, jnp.asarray(input_ids, jnp.int32))
+
+    def encode_prompt(self, prompts: str | Sequence[str]) -> jax.Array | PromptEmbeds:
+        """Prompts -> (B, 77, D) embeddings (SDXL: `PromptEmbeds`), as diffusers' `encode_prompt`
+        (no CFG duplication)."""
         return self.encode_ids(self.tokenize(prompts))
+
+    def time_ids(self, latent_hw: tuple[int, int] | None = None) -> np.ndarray:
+        """SDXL's default micro-conditioning for an image of latent size `latent_hw` (default the
+        UNet's sample_size): (H, W, 0, 0, H, W) in pixels, as diffusers' SDXL pipeline."""
+        if latent_hw is None:
+            size = self.configs["unet"].get("sample_size", 128)
+            latent_hw = (size, size) if isinstance(size, int) else tuple(size)
+        h, w = (int(n) * self.vae_scale_factor for n in latent_hw)
+        return np.array([h, w, 0, 0, h, w], np.float32)
+
+    def conditioning(self, emb: Any, latent_hw: tuple[int, int], time_ids: Any = None) -> Any:
+        """What the UNet takes for `emb`: SD's array unchanged; SDXL's `PromptEmbeds` with `time_ids`
+        (default `self.time_ids(latent_hw)`) filled in and cast to the pipeline's dtype."""
+        if not self.is_sdxl:
+            return jnp.asarray(emb, self.dtype)
+        if not isinstance(emb, PromptEmbeds):
+            raise ValueError("an SDXL pipeline's UNet takes PromptEmbeds (from encode_prompt), not an array")
+        if time_ids is None:
+            time_ids = emb.time_ids if emb.time_ids is not None else self.time_ids(latent_hw)
+        return PromptEmbeds(jnp.asarray(emb.hidden, self.dtype), jnp.asarray(emb.pooled, self.dtype),
+                            jnp.asarray(time_ids, jnp.float32))
 
     # -- VAE -----------------------------------------------------------------------------------
     def vae_encode(self, images: Any, key: jax.Array | None = None) -> jax.Array:
@@ -328,15 +384,17 @@ class Pipeline:
         return np.clip(np.asarray(self.vae_decode(self.vae_encode(images)), np.float32), -1.0, 1.0)
 
     # -- UNet ----------------------------------------------------------------------------------
-    def unet_apply(self, latents: Any, t: Any, emb: Any, capture: str | None = None):
+    def unet_apply(self, latents: Any, t: Any, emb: Any, time_ids: Any = None, capture: str | None = None):
         """Noise prediction for NHWC `latents` at timesteps `t` (scalar or (B,)).
 
-        With `capture` a features preset name (e.g. "datasetdm"), returns `(eps, Features)`; the
-        batch must then be a CFG batch: B unconditional rows, then B conditional rows.
+        `emb` is `encode_prompt`'s output (SDXL: `PromptEmbeds`; `time_ids` (B, 6) or (6,) default to
+        the latents' image size, `time_ids`). With `capture` a features preset name (e.g.
+        "datasetdm"), returns `(eps, Features)`; the batch must then be a CFG batch: B unconditional
+        rows, then B conditional rows.
         """
         latents = jnp.asarray(latents, self.dtype)
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (latents.shape[0],))
-        emb = jnp.asarray(emb, self.dtype)
+        emb = self.conditioning(emb, latents.shape[1:3], time_ids)
         gd = self.graphdefs["unet"]
         if capture is None:
             fn = self._jit("unet", lambda state, x, t, c: nnx.merge(gd, state)(x, t, c))
@@ -366,7 +424,8 @@ def load_pipeline(path: str | os.PathLike, dtype: Any = jnp.float32, *, clip_ski
     if not root.is_dir():
         raise PretrainedError(f"{root}: pretrained folder not found")
     index = read_json(root / "model_index.json")
-    for name, (classes, _) in _COMPONENTS.items():
+    components = {**_COMPONENTS, **(_SDXL_COMPONENTS if index.get("text_encoder_2") is not None else {})}
+    for name, (classes, _) in components.items():
         entry = index.get(name)
         if entry is None:
             raise PretrainedError(f"{root / 'model_index.json'}: no {name!r} component")
@@ -379,15 +438,18 @@ def load_pipeline(path: str | os.PathLike, dtype: Any = jnp.float32, *, clip_ski
     scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
     try:
         tokenizer = load_tokenizer(root / "tokenizer")
+        tokenizer_2 = load_tokenizer(root / "tokenizer_2") if "text_encoder_2" in components else None
     except ValueError as e:
         raise PretrainedError(str(e)) from None
 
-    for name in _COMPONENTS:  # cheap checks first, so a broken folder fails before any building
+    for name in components:  # cheap checks first, so a broken folder fails before any building
         _component_config(root / name)
         _weight_files(root / name)
     configs, model_configs, graphdefs, params = {}, {}, {}, {}
-    for name in ("text_encoder", "vae", "unet"):
-        raw, cfg, gd, state = _build(name, root / name, dtype)
+    for name in components:
+        # A VAE marked force_upcast (SDXL's) overflows in float16: it stays float32, as in diffusers.
+        upcast = name == "vae" and dtype == jnp.float16 and _component_config(root / name).get("force_upcast", True)
+        raw, cfg, gd, state = _build(name, root / name, jnp.dtype(jnp.float32) if upcast else dtype)
         configs[name], model_configs[name], graphdefs[name], params[name] = raw, cfg, gd, state
     n_layers = int(model_configs["text_encoder"].num_hidden_layers)
     if clip_skip is not None and clip_skip > n_layers:
@@ -395,7 +457,8 @@ def load_pipeline(path: str | os.PathLike, dtype: Any = jnp.float32, *, clip_ski
     return Pipeline(
         tokenizer=tokenizer, graphdefs=graphdefs, params=params, model_configs=model_configs,
         configs=configs, scheduler_config=scheduler_config, dtype=dtype, clip_skip=clip_skip,
-        tokenizer_path=str(root / "tokenizer"), model_index=index)
+        tokenizer_path=str(root / "tokenizer"), model_index=index, tokenizer_2=tokenizer_2,
+        tokenizer_2_path=str(root / "tokenizer_2") if tokenizer_2 is not None else None)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """SDXL: the UNet's micro-conditioning and per-block depths, both text encoders, the VAE's scale,
 the loader and the sampler, each against diffusers/transformers on tiny random weights."""
 
+import shutil
+
 import numpy as np
 import pytest
 import jax
@@ -185,3 +187,96 @@ def test_real_text_encoder_param_counts():
         model = abstract_module(lambda rngs: cls(config, rngs=rngs))
         n = sum(int(v.size) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
         assert n == sum(p.numel() for p in pt.parameters()) == expected
+
+
+# --- the VAE and the loader ----------------------------------------------------------------------
+
+PROMPTS = ["a red circle on the green background", "a small blue star"]
+
+
+@pytest.fixture(scope="session")
+def sdxl_dir(tmp_path_factory):
+    import tiny_sdxl
+
+    return tiny_sdxl.build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl") / "sdxl")
+
+
+@pytest.fixture(scope="session")
+def sdxl_torch(sdxl_dir):
+    import tiny_sdxl
+
+    return tiny_sdxl.torch_pipeline(sdxl_dir)
+
+
+@pytest.fixture(scope="session")
+def sdxl_pipe(sdxl_dir):
+    from datasetdm_jax.pretrained import load_pipeline
+
+    return load_pipeline(sdxl_dir, dtype=jnp.float32)
+
+
+def test_vae_config_reads_sdxl_scale():
+    from datasetdm_jax.models.vae import AutoencoderKLConfig
+
+    cfg = AutoencoderKLConfig.from_dict(presets.SDXL_VAE)
+    assert cfg.scaling_factor == 0.13025 and cfg.force_upcast
+    assert not AutoencoderKLConfig.from_dict({**presets.SDXL_VAE, "force_upcast": False}).force_upcast
+
+
+def test_load_sdxl_folder(sdxl_pipe, sdxl_torch):
+    pipe = sdxl_pipe
+    assert pipe.is_sdxl and pipe.scaling_factor == 0.13025
+    assert set(pipe.params) == {"text_encoder", "text_encoder_2", "vae", "unet"}
+    ids = pipe.tokenize(PROMPTS)
+    assert ids.shape == (2, 2, 77)
+    for row, tok in ((0, sdxl_torch.tokenizer), (1, sdxl_torch.tokenizer_2)):
+        ref = tok(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids
+        np.testing.assert_array_equal(ids[:, row], ref)
+    assert (ids[:, 0] != ids[:, 1]).any()  # the two tokenizers pad differently
+
+
+def test_encode_prompt_matches_diffusers(sdxl_pipe, sdxl_torch):
+    with torch.no_grad():
+        hidden, _, pooled, _ = sdxl_torch.encode_prompt(PROMPTS, do_classifier_free_guidance=False)
+    emb = sdxl_pipe.encode_prompt(PROMPTS)
+    assert emb.hidden.shape == (2, 77, 80) and emb.pooled.shape == (2, 24)
+    assert rel_err(emb.hidden, hidden.numpy()) < 1e-4 and rel_err(emb.pooled, pooled.numpy()) < 1e-4
+
+
+def test_unet_apply_default_time_ids(sdxl_pipe, sdxl_torch):
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((2, 8, 12, 4)).astype(np.float32)
+    emb = sdxl_pipe.encode_prompt(PROMPTS)
+    time_ids = sdxl_pipe.time_ids((8, 12))
+    assert time_ids.tolist() == [16, 24, 0, 0, 16, 24]  # the tiny VAE downsamples by 2
+    with torch.no_grad():
+        ref = sdxl_torch.unet(torch.from_numpy(latents).permute(0, 3, 1, 2), torch.tensor([500.0, 20.0]),
+                              torch.from_numpy(np.array(emb.hidden)),
+                              added_cond_kwargs={"text_embeds": torch.from_numpy(np.array(emb.pooled)),
+                                                 "time_ids": torch.from_numpy(np.stack([time_ids] * 2))}).sample
+    eps = sdxl_pipe.unet_apply(latents, np.array([500.0, 20.0]), emb)
+    assert rel_err(eps, ref.permute(0, 2, 3, 1).numpy()) < 1e-4
+    other = sdxl_pipe.unet_apply(latents, np.array([500.0, 20.0]), emb, time_ids=np.array([8, 8, 2, 2, 16, 24]))
+    assert rel_err(other, eps) > 1e-4
+
+
+def test_sharded_fp16_variant_folder(sdxl_dir, sdxl_pipe, tmp_path):
+    """fp16 variant files (`*.fp16.safetensors`, sharded with `*.safetensors.index.fp16.json`) load."""
+    import diffusers
+    import transformers
+    from datasetdm_jax.pretrained import load_pipeline
+
+    root = tmp_path / "fp16"
+    shutil.copytree(sdxl_dir, root)
+    for name, load in (("unet", diffusers.UNet2DConditionModel.from_pretrained),
+                       ("text_encoder_2", transformers.CLIPTextModelWithProjection.from_pretrained)):
+        model = load(str(sdxl_dir / name)).half()
+        shutil.rmtree(root / name)
+        model.save_pretrained(str(root / name), variant="fp16", max_shard_size="100KB", safe_serialization=True)
+    assert list((root / "unet").glob("*.safetensors.index.fp16.json"))
+    assert len(list((root / "text_encoder_2").glob("*.safetensors"))) > 1
+    pipe = load_pipeline(root, dtype=jnp.float16)
+    assert pipe.params["vae"]["encoder"]["conv_in"]["kernel"].dtype == jnp.float32  # force_upcast
+    assert pipe.params["unet"]["conv_in"]["kernel"].dtype == jnp.float16
+    emb = pipe.encode_prompt(PROMPTS)
+    assert rel_err(emb.pooled, sdxl_pipe.encode_prompt(PROMPTS).pooled) < 2e-2

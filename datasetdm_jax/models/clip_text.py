@@ -265,11 +265,14 @@ class CLIPTextModelWithProjection(CLIPTextModel):
 
 
 class PromptEmbeds(NamedTuple):
-    """SDXL's text conditioning: `hidden` (B, L, D1 + D2) token embeddings for cross-attention and
-    `pooled` (B, P) for the UNet's micro-conditioning."""
+    """SDXL's conditioning: `hidden` (B, L, D1 + D2) token embeddings for cross-attention, `pooled`
+    (B, P) and `time_ids` ((B, 6) or (6,): original size, crop corner, target size, in pixels; None
+    until the image size is known) for the UNet's micro-conditioning. A UNet call takes it in place
+    of the token embeddings (`UNet2DConditionModel.__call__`)."""
 
     hidden: jax.Array
     pooled: jax.Array
+    time_ids: jax.Array | None = None
 
 
 class SDXLTextEncoders:

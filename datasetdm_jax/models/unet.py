@@ -20,6 +20,7 @@ from flax import nnx
 
 from .abstract import abstract_module
 from .attention import Kernel
+from .clip_text import PromptEmbeds
 from .embeddings import TimestepEmbedding, timestep_embedding
 from .unet_blocks import (AttentionCapture, BlockSettings, DownBlock2D, Taps, UNetMidBlock2DCrossAttn, UpBlock2D,
                           apply_norm, conv, group_norm)
@@ -131,7 +132,7 @@ class UNet2DConditionConfig:
         add_dim = d.get("addition_time_embed_dim")
         proj_dim = d.get("projection_class_embeddings_input_dim")
         if add_type not in (None, "text_time"):
-            raise ValueError(f"unet config addition_embed_type={add_type!r} is not supported (only None or 'text_time')")
+            raise ValueError(f"unet config addition_embed_type={add_type!r} is not supported (only 'text_time')")
         if add_type == "text_time":
             for key, v in (("addition_time_embed_dim", add_dim), ("projection_class_embeddings_input_dim", proj_dim)):
                 if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -228,15 +229,17 @@ class UNet2DConditionModel(nnx.Module):
         self.conv_norm_out = group_norm(ch[0], cfg.norm_num_groups, cfg.norm_eps, param_dtype=param_dtype, rngs=rngs)
         self.conv_out = conv(ch[0], cfg.out_channels, cfg.conv_out_kernel, **kw)
 
-    def __call__(self, sample: jax.Array, timesteps: jax.Array | float, encoder_hidden_states: jax.Array, *,
-                 text_embeds: jax.Array | None = None, time_ids: jax.Array | None = None,
+    def __call__(self, sample: jax.Array, timesteps: jax.Array | float,
+                 encoder_hidden_states: jax.Array | PromptEmbeds, *, text_embeds: jax.Array | None = None,
+                 time_ids: jax.Array | None = None,
                  capture: bool = False, attention_kernel: Kernel | None = None,
                  attention: AttentionCapture | None = None):
         """eps for `sample` (B, H, W, C_in) at `timesteps` (scalar or (B,)) given text tokens (B, T, D).
 
         An SDXL UNet (`addition_embed_type="text_time"`) also needs the pooled text embedding
         `text_embeds` (B, P) and the micro-conditioning `time_ids` (B, 6) or (6,): original (h, w),
-        crop top-left (y, x), target (h, w), in pixels.
+        crop top-left (y, x), target (h, w), in pixels. `encoder_hidden_states` may be a
+        `PromptEmbeds`, which carries all three (explicit `text_embeds` / `time_ids` win).
 
         With `capture=True` returns `(eps, {"maps": ..., "cross_attention": ...})`, two ordered dicts
         in forward order; cross-attention probabilities are then computed explicitly in fp32 ("xla"),
@@ -246,6 +249,10 @@ class UNet2DConditionModel(nnx.Module):
         self-attention layers then compute explicit probabilities too.
         """
         cfg = self.config
+        if isinstance(encoder_hidden_states, PromptEmbeds):
+            text_embeds = encoder_hidden_states.pooled if text_embeds is None else text_embeds
+            time_ids = encoder_hidden_states.time_ids if time_ids is None else time_ids
+            encoder_hidden_states = encoder_hidden_states.hidden
         factor = 2 ** (len(cfg.block_out_channels) - 1)
         if sample.shape[1] % factor or sample.shape[2] % factor:
             raise ValueError(f"latent size {sample.shape[1:3]} must be divisible by {factor}")

@@ -37,6 +37,9 @@ class AutoencoderKLConfig:
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
+    # The weights overflow in float16 (SDXL's VAE): pipelines run this VAE in float32 when asked
+    # for float16, as diffusers does.
+    force_upcast: bool = True
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "AutoencoderKLConfig":
@@ -70,6 +73,7 @@ class AutoencoderKLConfig:
             use_quant_conv=bool(d.get("use_quant_conv", True)),
             use_post_quant_conv=bool(d.get("use_post_quant_conv", True)),
             mid_block_add_attention=bool(d.get("mid_block_add_attention", True)),
+            force_upcast=bool(d.get("force_upcast", True)),
         )
 
     @property
