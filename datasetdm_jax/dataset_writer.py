@@ -40,17 +40,22 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str:
 
 
 def _model_fingerprint(path: str) -> dict[str, Any]:
-    """The model folder and a hash of its JSON configs (weights are too big to hash on every run)."""
+    """The model folder (or Hugging Face repo id) and a hash of its JSON configs (weights are too big
+    to hash on every run)."""
     if not path:  # "" = the shipped shapes-world model, as in `train.load_frozen_pipeline`
         from datasetdm_jax.assets import SHAPES_SD
         path = SHAPES_SD
+    from datasetdm_jax import hub
+
+    name = path if hub.is_repo_id(path) else None  # a repo id: its snapshot in the Hugging Face cache
+    path = hub.cached_folder(path)
     h = hashlib.sha256()
     for root, dirs, files in sorted(os.walk(path)):
         dirs.sort()
         for f in sorted(files):
             if f.endswith(".json"):
                 h.update(f.encode() + open(os.path.join(root, f), "rb").read())
-    return {"path": os.path.abspath(path), "configs_sha256": h.hexdigest()}
+    return {"path": name or os.path.abspath(path), "configs_sha256": h.hexdigest()}
 
 
 # Config keys that only steer the decoder's training. The labeller's description pins the trained

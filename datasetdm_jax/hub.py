@@ -17,7 +17,8 @@ import os
 import re
 from typing import Iterable
 
-__all__ = ["HubError", "MODEL_HINT", "is_repo_id", "parse_repo_id", "allow_patterns", "pick_variant", "resolve"]
+__all__ = ["HubError", "MODEL_HINT", "is_repo_id", "parse_repo_id", "allow_patterns", "pick_variant", "resolve",
+           "cached_folder"]
 
 MODEL_HINT = ("pipeline= takes a local diffusers-format folder (model_index.json, unet/, vae/, text_encoder/, "
               "tokenizer/, scheduler/) or a Hugging Face repo id such as stable-diffusion-v1-5/stable-diffusion-v1-5; "
@@ -141,3 +142,20 @@ def resolve(spec: str | os.PathLike, *, variant: str | None = None) -> str:
     except (errors.HfHubHTTPError, OSError) as e:
         msg = " ".join(str(e).split())[:200]
         raise HubError(f"{where}: download from the Hugging Face Hub failed: {msg}") from None
+
+
+def cached_folder(spec: str | os.PathLike) -> str:
+    """The local folder of ``spec`` without any download: the path itself, or the Hugging Face cache's
+    snapshot of the repo id ``spec`` as `resolve` left it; a one-line `HubError` when there is none."""
+    spec = os.fspath(spec)
+    if os.path.isdir(spec) or not is_repo_id(spec):
+        return spec
+    repo, revision = parse_repo_id(spec)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo, revision=revision, cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+                                 allow_patterns=["model_index.json"], local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to find the cached snapshot reads the same
+        raise HubError(f"{spec}: not in the Hugging Face cache ({type(e).__name__}); load it once "
+                       "(pretrained.load_pipeline) to fetch it") from None

@@ -109,3 +109,11 @@ def test_missing_local_folder_names_both_options(tmp_path):
         train.load_frozen_pipeline(str(tmp_path / "nope"))
     with pytest.raises(pretrained.PretrainedError, match="no such folder; pipeline= takes"):
         pretrained.load_pipeline(tmp_path / "nope")
+
+
+def test_dataset_fingerprint_of_a_repo_id_reads_the_cached_snapshot(offline):
+    from datasetdm_jax import dataset_writer
+
+    by_id = dataset_writer._model_fingerprint("org/tiny-sd")
+    local = dataset_writer._model_fingerprint(hub.cached_folder("org/tiny-sd"))
+    assert by_id["path"] == "org/tiny-sd" and by_id["configs_sha256"] == local["configs_sha256"]
