@@ -37,14 +37,19 @@ def initial_noise(seed: int, indices: jax.Array, shape: tuple[int, ...], dtype=j
 # labellers that also read attention inside the same loop), so they draw identical images.
 
 
-def sampler_modules(pipe, params) -> tuple[nnx.Module, nnx.Module, nnx.Module]:
-    """(text encoder, UNet, VAE) merged from ``params`` (``pipe.params``), inside a jitted function."""
-    return tuple(nnx.merge(pipe.graphdefs[k], params[k]) for k in ("text_encoder", "unet", "vae"))
+def sampler_modules(pipe, params) -> tuple[Any, nnx.Module, nnx.Module]:
+    """(text encoder, UNet, VAE) merged from ``params`` (``pipe.params``), inside a jitted function;
+    SDXL's text encoder is both towers (`Pipeline.prompt_encoder`)."""
+    return (pipe.prompt_encoder(params), *(nnx.merge(pipe.graphdefs[k], params[k]) for k in ("unet", "vae")))
 
 
-def prompt_embeddings(pipe, text: nnx.Module, cond_ids: jax.Array, uncond_ids: jax.Array) -> jax.Array:
-    """[uncond; cond] text embeddings: classifier-free guidance's batch-2x context."""
-    return text.encode(jnp.concatenate([uncond_ids, cond_ids]), clip_skip=pipe.clip_skip)
+def prompt_embeddings(pipe, text, cond_ids: jax.Array, uncond_ids: jax.Array,
+                      latent_hw: tuple[int, int] | None = None):
+    """[uncond; cond] text embeddings: classifier-free guidance's batch-2x context. SDXL: a
+    `PromptEmbeds` whose pooled rows come from the same prompts and whose time ids are the default
+    ones for an image of latent size ``latent_hw`` (`Pipeline.time_ids`)."""
+    emb = text.encode(jnp.concatenate([uncond_ids, cond_ids]), clip_skip=pipe.clip_skip)
+    return pipe.conditioning(emb, latent_hw) if pipe.is_sdxl else emb
 
 
 def latent_noise(pipe, seed: int, indices: jax.Array, latent_hw: tuple[int, int]) -> jax.Array:
@@ -119,7 +124,7 @@ def build_sampler_fn(pipe, *, steps: int, guidance: float, scheduler: str, laten
 
     def run(params, cond_ids, uncond_ids, indices, seed):
         text, unet, vae = sampler_modules(pipe, params)
-        emb = prompt_embeddings(pipe, text, cond_ids, uncond_ids)
+        emb = prompt_embeddings(pipe, text, cond_ids, uncond_ids, latent_hw)
         x_T = latent_noise(pipe, seed, indices, latent_hw)
 
         def model_fn(x, t):

@@ -280,3 +280,42 @@ def test_sharded_fp16_variant_folder(sdxl_dir, sdxl_pipe, tmp_path):
     assert pipe.params["unet"]["conv_in"]["kernel"].dtype == jnp.float16
     emb = pipe.encode_prompt(PROMPTS)
     assert rel_err(emb.pooled, sdxl_pipe.encode_prompt(PROMPTS).pooled) < 2e-2
+
+
+# --- sampling ------------------------------------------------------------------------------------
+
+def test_sample_matches_diffusers_sdxl(sdxl_pipe, sdxl_torch):
+    """The whole guided sampling loop against StableDiffusionXLPipeline with the same scheduler
+    (DDIM here; the folder's own is Euler, which we do not implement), prompts and x_T."""
+    import diffusers
+    from datasetdm_jax import generate
+    from tiny_sd import nchw
+
+    steps, guidance, seed = 3, 5.0, 2
+    ours = generate.sample(sdxl_pipe, PROMPTS, steps=steps, guidance=guidance, scheduler="ddim", seed=seed,
+                           negative_prompt="a square")
+    x_T = generate.initial_noise(seed, np.arange(len(PROMPTS)), (16, 16, 4))
+    ddim = diffusers.DDIMScheduler.from_config(sdxl_torch.scheduler.config, clip_sample=False,
+                                               set_alpha_to_one=False)
+    pipe = type(sdxl_torch)(**{**sdxl_torch.components, "scheduler": ddim})
+    pipe.watermark = None
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        theirs = pipe(PROMPTS, negative_prompt=["a square"] * 2, num_inference_steps=steps, guidance_scale=guidance,
+                      latents=nchw(x_T), output_type="np").images
+    assert ours.shape == theirs.shape == (2, 32, 32, 3)
+    assert rel_err(ours, theirs) < 1e-3, rel_err(ours, theirs)
+
+
+def test_sample_with_features_sdxl(sdxl_pipe):
+    """The datasetdm preset reads SDXL's three levels; cross-attention only where the UNet has it."""
+    from datasetdm_jax import generate
+
+    images, feats = generate.sample_with_features(sdxl_pipe, PROMPTS, steps=2, scheduler="ddim", seed=0)
+    assert images.shape == (2, 32, 32, 3)
+    assert sorted(feats.maps) == [8, 16]
+    assert sorted(feats.cross_attention) == [8]  # the 16x16 level (DownBlock2D / UpBlock2D) has none
+    # conv_in 32 + down0.layer0 32 + up0.upsample 64 + up1.layer0/1 32 + 32, both CFG halves
+    assert feats.maps[16].shape == (2, 16, 16, 2 * (32 + 32 + 64 + 32 + 32))
+    # 8x8: down1 (1 layer x 2 blocks), mid (2 blocks), up0 (2 layers x 2 blocks): 8 blocks x 4 heads
+    assert feats.cross_attention[8].shape == (2, 8, 8, 8 * 4, 77)
