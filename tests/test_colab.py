@@ -4,11 +4,15 @@
 `stable_diffusion_tpu.ipynb` runs with its parameters cell pointed at a tiny random diffusers-format
 SD and a tiny fake VOC folder (its install and download cells are guarded by IN_COLAB and skip).
 The kernel inherits this process's environment: CPU, 2 host devices and the persistent compile cache.
+The install cell itself (what Colab runs) is executed here with a stand-in ``google.colab`` and pip.
 """
 
 import json
 import os
 import re
+import subprocess
+import sys
+import types
 
 import nbformat
 import pytest
@@ -76,12 +80,33 @@ def _downloads_guarded(name: str) -> None:
             assert "if IN_COLAB" in c.source, f"{name}: an install/download cell runs outside Colab"
 
 
+@pytest.mark.parametrize("name, extra", [("quickstart.ipynb", "cpu"), ("stable_diffusion_tpu.ipynb", "tpu")])
+def test_colab_install_cell(name, extra, monkeypatch, tmp_path):
+    """In Colab the setup cell stops with a clear message while REPO_URL is unset, and otherwise
+    pip-installs the package from it with the extra that pins JAX ([cpu] or [tpu])."""
+    nb = nbformat.read(os.path.join(COLAB, name), as_version=4)
+    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])][0]
+    setup = [c for c in nb.cells if c.cell_type == "code" and "google.colab" in c.source]
+    assert len(setup) == 1 and nb.cells.index(params) < nb.cells.index(setup[0])
+    assert re.search(r'^REPO_URL = ""', params.source, re.M)
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    monkeypatch.setattr(subprocess, "check_call", lambda cmd: calls.append(cmd))
+    with pytest.raises(RuntimeError, match="REPO_URL is not set: in the parameters cell above"):
+        exec(setup[0].source, {"REPO_URL": ""})
+    assert calls == []
+    url = "https://example.org/datasetdm-jax.git@v0.1.0"
+    exec(setup[0].source, {"REPO_URL": url})
+    assert calls == [[sys.executable, "-m", "pip", "install", "-q", f"datasetdm-jax[{extra}] @ git+{url}"]]
+
+
 def test_stable_diffusion_tpu_notebook(tmp_path):
     _downloads_guarded("stable_diffusion_tpu.ipynb")
     model = pretrained.save_pipeline(smoke.random_pipeline(tmp_path / "src"), tmp_path / "model")
     workdir = tmp_path / "run"
     nb = _execute("stable_diffusion_tpu.ipynb", dict(
-        MODEL_PATH=str(model), VOC_ROOT=write_fake_voc(str(tmp_path / "VOC2012")), VOC_SPLIT="train_aug",
+        MODEL=str(model), VOC_ROOT=write_fake_voc(str(tmp_path / "VOC2012")), VOC_SPLIT="train_aug",
         WORKDIR=str(workdir), IMAGE_SIZE=32, PER_CLASS=1, MIN_PIXELS=100, BATCH_PER_DEVICE=1, TRAIN_STEPS=3,
         NUM_POINTS=64, DECODER=TINY_DECODER, EVAL_IMAGES=2, NUM_IMAGES=4, SAMPLER_STEPS=2), timeout=600)
     text = "".join(_outputs(nb, "text"))

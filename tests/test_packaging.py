@@ -1,0 +1,78 @@
+"""The wheel: the repository's configs/ ship as ``datasetdm_jax.configs`` beside the shapes-world
+model, and an installed copy finds both with no checkout around (the wheel is built from a copy of
+the sources, unpacked onto PYTHONPATH and used from an empty folder). Needs setuptools >= 69 (the
+[test] extra) to build without network."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+SOURCES = ("pyproject.toml", "setup.py", "README.md", "datasetdm_jax", "configs")
+
+CHECK = r"""
+import json, os, sys
+root = sys.argv[1]
+import datasetdm_jax
+from datasetdm_jax import assets, config_utils, demo, pretrained
+
+out = {"package": datasetdm_jax.__file__, "configs_dir": config_utils.configs_dir(), "demo": demo.CONFIGS_DIR,
+       "model": assets.shapes_sd_path()}
+for spec in ("voc_semantic", "shapes_demo.py:small", "configs/shapes_semantic.py:tiny", "downstream_shapes"):
+    out[spec] = config_utils.resolve_config(spec.split(":")[0])
+    config_utils.load_config(spec)
+out["small_images"] = int(config_utils.load_config("shapes_demo:small").generate.num_images)
+pipe = pretrained.load_pipeline(assets.shapes_sd_path())
+out["unet_sample_size"] = int(pipe.configs["unet"]["sample_size"])
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    src = tmp_path_factory.mktemp("src")
+    for name in SOURCES:
+        path = os.path.join(ROOT, name)
+        if os.path.isdir(path):
+            shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy(path, src / name)
+    out = tmp_path_factory.mktemp("dist")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
+                    str(src)], check=True, cwd=out)
+    (whl,) = out.glob("datasetdm_jax-*.whl")
+    return whl
+
+
+def test_wheel_holds_the_configs_and_the_model(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    configs = sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py"))
+    assert {f"datasetdm_jax/configs/{f}" for f in configs} <= names
+    assert "datasetdm_jax/assets/shapes_sd/unet/diffusion_pytorch_model.safetensors" in names
+    assert not any(n.startswith(("configs/", "tests/")) for n in names)  # no stray top-level packages
+
+
+def test_installed_copy_finds_configs_and_model_without_a_checkout(wheel, tmp_path):
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    empty = tmp_path / "elsewhere"
+    empty.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(site), JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-c", CHECK, str(site)], cwd=empty, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    package = str(site / "datasetdm_jax")
+    for key in ("package", "configs_dir", "demo", "model", "voc_semantic", "shapes_demo.py:small",
+                "configs/shapes_semantic.py:tiny", "downstream_shapes"):
+        assert out[key].startswith(package), (key, out[key])
+    assert out["configs_dir"] == os.path.join(package, "configs")
+    assert out["small_images"] > 0 and out["unet_sample_size"] > 0
+    cli = subprocess.run([sys.executable, "-m", "datasetdm_jax.cli", "demo", "--help"], cwd=empty, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0 and "--config" in cli.stdout, cli.stderr[-2000:]
