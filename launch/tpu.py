@@ -46,7 +46,8 @@ RUNTIMES = {
     "v6e": "v2-alpha-tpuv6e",             # Trillium
 }
 # Pins of the CPU test environment that have no place on a TPU VM (jax comes as jax[tpu]).
-_NOT_ON_TPU = {"jax", "torch", "diffusers", "nbclient", "nbformat", "ipykernel", "pytest", "pytest-xdist"}
+_NOT_ON_TPU = {"jax", "torch", "diffusers", "nbclient", "nbformat", "ipykernel", "pytest", "pytest-xdist",
+               "gcp-storage-emulator"}
 UV = "~/.local/bin/uv"
 LOST_STATES = {"PREEMPTED", "TERMINATED", "SUSPENDED", "SUSPENDING", "FAILED", "DELETING", "STOPPED", "STOPPING"}
 
