@@ -76,3 +76,31 @@ def test_installed_copy_finds_configs_and_model_without_a_checkout(wheel, tmp_pa
     cli = subprocess.run([sys.executable, "-m", "datasetdm_jax.cli", "demo", "--help"], cwd=empty, env=env,
                          capture_output=True, text=True, timeout=300)
     assert cli.returncode == 0 and "--config" in cli.stdout, cli.stderr[-2000:]
+
+
+def test_readme_commands_match_ci_and_the_plain_install_has_no_torch():
+    """README line 1 installs only the package; line 2 is what .ci/run runs, less its pinned file."""
+    import tomllib
+
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().splitlines()
+    assert readme[2] == "```bash" and readme[5] == "```"
+    demo, tests = readme[3], readme[4]
+    assert demo == "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/datasetdm demo"
+    ci = [line for line in open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") if line.startswith("python3 ")]
+    assert len(ci) == 1 and ci[0].strip().replace(" -q -r requirements-ci.txt", "") == tests
+    deps = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]["dependencies"]
+    assert not [d for d in deps if d.split(">")[0].split("=")[0].split("[")[0] in ("torch", "diffusers", "pytest")]
+
+
+def test_demo_imports_no_torch():
+    code = ("import sys\n"
+            "import datasetdm_jax.demo, datasetdm_jax.cli\n"
+            "from datasetdm_jax import dataset_writer, export, generate, hub, pretrained, train\n"
+            "from datasetdm_jax.data import records\n"
+            "from datasetdm_jax.downstream import compare, data\n"
+            "from datasetdm_jax.labelers import composite, decoder\n"
+            "print(sorted(m for m in ('torch', 'diffusers', 'tensorflow') if m in sys.modules))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "[]"
