@@ -481,13 +481,14 @@ def _saved_config(name: str, config: Mapping) -> dict:
     explicit `dtype=` still overrides it for every component.
     """
     out = dict(config)
-    if name == "text_encoder":
+    if name in ("text_encoder", "text_encoder_2"):
         out["dtype"] = out["torch_dtype"] = "float32"
     return out
 
 
 def save_pipeline(pipe: Pipeline, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Writes `pipe` as a diffusers-format folder that `StableDiffusionPipeline.from_pretrained` loads.
+    """Writes `pipe` as a diffusers-format folder that `StableDiffusionPipeline.from_pretrained` loads
+    (an SDXL pipeline: `StableDiffusionXLPipeline`, with text_encoder_2/ and tokenizer_2/).
 
     The weights keep the pipeline's dtype (float32, bfloat16 or float16); the folder loads and samples
     in diffusers/transformers with their default calls, no dtype argument (see `_saved_config`).
@@ -504,18 +505,22 @@ def save_pipeline(pipe: Pipeline, path: str | os.PathLike, *, overwrite: bool = 
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     os.chmod(tmp, 0o755)
     try:
-        for name, (_, library) in _COMPONENTS.items():
+        components = {**_COMPONENTS, **(_SDXL_COMPONENTS if pipe.is_sdxl else {})}
+        for name, (_, library) in components.items():
             sub = tmp / name
             sub.mkdir()
             _write_json(sub / "config.json", _saved_config(name, pipe.configs[name]))
             weights = "model.safetensors" if library == "transformers" else "diffusion_pytorch_model.safetensors"
             save_file(convert.to_torch_state_dict(pipe.module(name)), str(sub / weights), metadata={"format": "pt"})
-        tok_dir = tmp / "tokenizer"
-        src = Path(pipe.tokenizer_path) if pipe.tokenizer_path else None
-        if src is not None and src.is_dir():
-            shutil.copytree(src, tok_dir)
-        else:
-            pipe.tokenizer.save_pretrained(str(tok_dir))
+        tokenizers = [("tokenizer", pipe.tokenizer, pipe.tokenizer_path)]
+        if pipe.is_sdxl:
+            tokenizers.append(("tokenizer_2", pipe.tokenizer_2, pipe.tokenizer_2_path))
+        for tok_name, tokenizer, tok_path in tokenizers:
+            src = Path(tok_path) if tok_path else None
+            if src is not None and src.is_dir():
+                shutil.copytree(src, tmp / tok_name)
+            else:
+                tokenizer.save_pretrained(str(tmp / tok_name))
         (tmp / "scheduler").mkdir()
         _write_json(tmp / "scheduler" / "scheduler_config.json", pipe.scheduler_config)
         index = {
@@ -530,6 +535,13 @@ def save_pipeline(pipe: Pipeline, path: str | os.PathLike, *, overwrite: bool = 
             "feature_extractor": [None, None],
             "requires_safety_checker": False,
         }
+        if pipe.is_sdxl:
+            for key in ("safety_checker", "requires_safety_checker"):
+                del index[key]
+            index.update(_class_name="StableDiffusionXLPipeline", image_encoder=[None, None],
+                         text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                         tokenizer_2=["transformers", "CLIPTokenizer"],
+                         force_zeros_for_empty_prompt=pipe.model_index.get("force_zeros_for_empty_prompt", True))
         _write_json(tmp / "model_index.json", index)
         if path.exists():
             old = path.with_name(f".{path.name}.old")

@@ -319,3 +319,20 @@ def test_sample_with_features_sdxl(sdxl_pipe):
     assert feats.maps[16].shape == (2, 16, 16, 2 * (32 + 32 + 64 + 32 + 32))
     # 8x8: down1 (1 layer x 2 blocks), mid (2 blocks), up0 (2 layers x 2 blocks): 8 blocks x 4 heads
     assert feats.cross_attention[8].shape == (2, 8, 8, 8 * 4, 77)
+
+
+def test_save_pipeline_round_trip_sdxl(sdxl_pipe, tmp_path):
+    """Our saved SDXL folder loads in diffusers' StableDiffusionXLPipeline and in load_pipeline."""
+    from datasetdm_jax.pretrained import load_pipeline, save_pipeline
+    import tiny_sdxl
+
+    out = save_pipeline(sdxl_pipe, tmp_path / "saved")
+    theirs = tiny_sdxl.torch_pipeline(out)
+    assert type(theirs).__name__ == "StableDiffusionXLPipeline"
+    with torch.no_grad():
+        hidden, _, pooled, _ = theirs.encode_prompt(PROMPTS, do_classifier_free_guidance=False)
+    emb = sdxl_pipe.encode_prompt(PROMPTS)
+    assert rel_err(emb.hidden, hidden.numpy()) < 1e-4 and rel_err(emb.pooled, pooled.numpy()) < 1e-4
+    again = load_pipeline(out)
+    assert again.is_sdxl and again.scaling_factor == sdxl_pipe.scaling_factor
+    np.testing.assert_array_equal(again.tokenize(PROMPTS), sdxl_pipe.tokenize(PROMPTS))
