@@ -29,6 +29,17 @@ from typing import IO, Iterator
 
 os.environ.setdefault("EPATH_USE_TF", "false")  # before etils picks a gs:// backend (it caches the choice)
 
+
+def _fresh_listings() -> None:
+    """gcsfs keeps folder listings forever by default; other processes (other hosts) write to the
+    same prefix, so a listing must be read from the bucket each time (resume, gathering summaries)."""
+    import fsspec.config
+
+    fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
+
+
+_fresh_listings()
+
 __all__ = ["StorageError", "SCHEMES", "scheme", "is_remote", "check", "path", "join", "basename", "exists",
            "isdir", "listdir", "makedirs", "read_bytes", "read_text", "write_bytes", "open_file", "remove",
            "upload", "download", "local_copy", "staging_dir", "sha256"]
