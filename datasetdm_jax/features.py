@@ -20,8 +20,17 @@ SD 1.5 with a 64x64 latent (the paper's setting), `datasetdm` preset, 77 tokens,
 | 16 | 16640 | down1.downsample, down2.layer0/1, up0.upsample, up1.layer0/1/2 | 40 x 77 (3080) |
 | 8  | 17920 | down2.downsample, down3.layer0/1, mid, up0.layer0/1/2 | 8 x 77 (616) |
 
+The presets read any UNet's taps, so they serve SDXL unchanged: its three levels at 1024 px (128x128
+latents; no cross-attention at the first level, 10 transformer layers of 20 heads at the last):
+
+| res | maps channels (`datasetdm`) | tensors | cross-attention L*H x T |
+|---|---|---|---|
+| 128 | 5120  | conv_in, down0.layer0/1, up1.upsample, up2.layer0/1/2 | none |
+| 64  | 9600  | down0.downsample, down1.layer0/1, up0.upsample, up1.layer0/1/2 | 100 x 77 (7700) |
+| 32  | 16640 | down1.downsample, down2.layer0/1, mid, up0.layer0/1/2 | 1200 x 77 (92400) |
+
 The `lean` preset keeps only the up blocks' layer outputs and the mid block (64: 1920,
-32: 3840, 16: 7680, 8: 10240 channels for SD 1.5) and averages the cross-attention over layers
+32: 3840, 16: 7680, 8: 10240 channels for SD 1.5; 128: 1920, 64: 3840, 32: 10240 for SDXL) and averages the cross-attention over layers
 and heads: (B, res, res, 1, T).
 
 Resolutions are keyed by the feature height; for non-square latents maps are (B, h, w, C).
