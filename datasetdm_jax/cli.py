@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 
 def _enable_compilation_cache() -> None:
@@ -216,17 +215,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    from datasetdm_jax import devices
+# What Ctrl-C leaves behind, per command: how to go on.
+_INTERRUPTED = {
+    "generate": "finished shards are kept: rerun the same command to resume",
+    "export": "the --out folder is incomplete (it holds an INCOMPLETE file): rerun the same command to redo it",
+    "train": "rerun the same command to resume from the last checkpoint",
+    "pretrain": "rerun the same command to resume from the last checkpoint",
+}
 
-    devices.use_host_cores()  # before any JAX work: one XLA device per core on CPU hosts
-    _enable_compilation_cache()
-    try:
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse ``argv`` and run the command inside the error boundary (``errors.boundary``): a user
+    error prints one line ``datasetdm CMD: error: ...`` and exits 2, Ctrl-C exits 130 with how to go
+    on, a bug shows its traceback and says it is one."""
+    from datasetdm_jax import errors
+
+    args = build_parser().parse_args(argv)
+    name = "datasetdm " + args.command + (f" {args.experiment}" if args.command == "exp" else "")
+    with errors.boundary(name, interrupted_hint=_INTERRUPTED.get(args.command, "rerun the same command")):
+        from datasetdm_jax import devices
+
+        devices.use_host_cores()  # before any JAX work: one XLA device per core on CPU hosts
+        _enable_compilation_cache()
         args.fn(args)
-    except (ValueError, FileNotFoundError) as e:  # user errors: one line, no traceback
-        name = args.command + (f" {args.experiment}" if args.command == "exp" else "")
-        sys.exit(f"datasetdm {name}: error: {e}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from datasetdm_jax.errors import UserError
+
 __all__ = ["load_config", "apply_overrides", "parse_value", "configs_dir", "shipped_configs", "resolve_config"]
 
 
@@ -66,9 +68,14 @@ def _import_file(path: str):
     name = "_datasetdm_config_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:  # a broken config file: name the file and line, no traceback
+        raise UserError(f"config file {path}, line {e.lineno}: {e.msg}; fix the file") from None
+    except (ImportError, NameError) as e:
+        raise UserError(f"config file {path}: {type(e).__name__}: {e}; fix the file") from None
     if not hasattr(module, "get_config"):
-        raise ValueError(f"{path} has no get_config(arg=None) function")
+        raise UserError(f"config file {path} has no get_config(arg=None) function")
     return module
 
 
@@ -114,9 +121,23 @@ def apply_overrides(config: ml_collections.ConfigDict,
             if not isinstance(value, dict):
                 raise ValueError(f"override {key!r}: a sub-config needs a dict value")
             value = ml_collections.ConfigDict(value)
-        with node.unlocked() if hasattr(node, "unlocked") else _nullcontext():
-            node[leaf] = value
+        try:
+            with node.unlocked() if hasattr(node, "unlocked") else _nullcontext():
+                node[leaf] = value
+        except TypeError:  # ml_collections keeps a field's type: 'abc' cannot become an int
+            raise UserError(f"override {key}={text.strip()}: {key} takes {_type_name(current)} "
+                            f"(e.g. {key}={_example(current)}), got {type(value).__name__} {value!r}") from None
     return config
+
+
+def _type_name(value: Any) -> str:
+    kinds = {bool: "true/false (True or False)", int: "an integer", float: "a number", str: "a string",
+             tuple: "a tuple", list: "a list"}
+    return kinds.get(type(value), f"a {type(value).__name__}")
+
+
+def _example(value: Any) -> str:
+    return repr(value) if not isinstance(value, str) else value
 
 
 class _nullcontext:

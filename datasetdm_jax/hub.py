@@ -17,12 +17,18 @@ import os
 import re
 from typing import Iterable
 
-__all__ = ["HubError", "MODEL_HINT", "is_repo_id", "parse_repo_id", "allow_patterns", "pick_variant", "resolve",
+__all__ = ["HubError", "MODEL_HINT", "model_hint", "is_repo_id", "parse_repo_id", "allow_patterns", "pick_variant", "resolve",
            "cached_folder"]
 
 MODEL_HINT = ("pipeline= takes a local diffusers-format folder (model_index.json, unet/, vae/, text_encoder/, "
               "tokenizer/, scheduler/) or a Hugging Face repo id such as stable-diffusion-v1-5/stable-diffusion-v1-5; "
-              "the shapes-world model is made by `datasetdm pretrain --config configs/shapes_sd.py`")
+              "the shapes-world model (shapes configs) is made by `datasetdm pretrain --config configs/shapes_sd.py`")
+# Folder names the shipped configs use for real models -> the Hub repo that holds that model.
+KNOWN_REPOS = {"stable-diffusion-v1-4": "CompVis/stable-diffusion-v1-4",
+               "stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+               "stable-diffusion-2-1-base": "stabilityai/stable-diffusion-2-1-base",
+               "stable-diffusion-2-1": "stabilityai/stable-diffusion-2-1",
+               "stable-diffusion-xl-base-1.0": "stabilityai/stable-diffusion-xl-base-1.0"}
 CONVERT_HINT = ("convert once where torch is installed: python -c \"from diffusers import StableDiffusionPipeline as P; "
                 "P.from_pretrained('ORG/NAME').save_pretrained('OUT', safe_serialization=True)\", then pipeline=OUT")
 # The folders the loader reads (SD 1.x / 2.x, and SDXL's second text encoder); others, such as
@@ -36,6 +42,17 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 class HubError(ValueError):
     """A model cannot be found or fetched: the one-line message says why and what to do."""
+
+
+def model_hint(spec: str | os.PathLike = "") -> str:
+    """What to do about a missing model ``spec``: for a folder named after a known model (the paper
+    configs' ``models/stable-diffusion-v1-4``), the repo id that fetches it; else `MODEL_HINT`."""
+    name = os.path.basename(os.fspath(spec).rstrip("/\\"))
+    repo = KNOWN_REPOS.get(name)
+    if repo is None:
+        return MODEL_HINT
+    return (f"set pipeline={repo} to fetch this model from the Hugging Face Hub (needs access to huggingface.co), "
+            f"or put a diffusers-format copy of {repo} (safetensors) at {os.fspath(spec)}")
 
 
 def is_repo_id(spec: str) -> bool:
@@ -112,9 +129,9 @@ def resolve(spec: str | os.PathLike, *, variant: str | None = None) -> str:
     if os.path.isdir(spec):
         return spec
     if os.path.exists(spec):
-        raise HubError(f"{spec}: not a folder; {MODEL_HINT}")
+        raise HubError(f"{spec}: not a folder; {model_hint(spec)}")
     if not is_repo_id(spec):
-        raise HubError(f"{spec}: no such folder; {MODEL_HINT}")
+        raise HubError(f"{spec}: no such folder; {model_hint(spec)}")
     repo, revision = parse_repo_id(spec)
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub import errors
@@ -129,7 +146,7 @@ def resolve(spec: str | os.PathLike, *, variant: str | None = None) -> str:
                                  local_files_only=offline)
     except errors.RepositoryNotFoundError:
         raise HubError(f"{spec}: no such local folder, and no such repo on the Hugging Face Hub (or it is private: "
-                       f"`hf auth login`); {MODEL_HINT}") from None
+                       f"`hf auth login`); {model_hint(spec)}") from None
     except errors.GatedRepoError:
         raise HubError(f"{where}: a gated repo; accept its licence on huggingface.co, then `hf auth login`") from None
     except errors.RevisionNotFoundError:
@@ -138,7 +155,7 @@ def resolve(spec: str | os.PathLike, *, variant: str | None = None) -> str:
         why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
         raise HubError(f"{spec}: no such local folder, and as a Hugging Face repo id not (completely) in the cache "
                        f"({cache_dir or 'the default cache'}) while {why} ({type(e).__name__}); download it once "
-                       f"online, or {MODEL_HINT}") from None
+                       f"online, or {model_hint(spec)}") from None
     except (errors.HfHubHTTPError, OSError) as e:
         msg = " ".join(str(e).split())[:200]
         raise HubError(f"{where}: download from the Hugging Face Hub failed: {msg}") from None
@@ -157,5 +174,5 @@ def cached_folder(spec: str | os.PathLike) -> str:
         return snapshot_download(repo, revision=revision, cache_dir=os.environ.get("HF_HUB_CACHE") or None,
                                  allow_patterns=["model_index.json"], local_files_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to find the cached snapshot reads the same
-        raise HubError(f"{spec}: not in the Hugging Face cache ({type(e).__name__}); load it once "
-                       "(pretrained.load_pipeline) to fetch it") from None
+        raise HubError(f"{spec}: no such local folder, and as a Hugging Face repo id not in the cache "
+                       f"({type(e).__name__}); {model_hint(spec)}") from None

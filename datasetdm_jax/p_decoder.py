@@ -50,7 +50,7 @@ def load_frozen_pipeline(path: str) -> pretrained.Pipeline:
         from datasetdm_jax.assets import shapes_sd_path
         path = shapes_sd_path()
     if not os.path.isfile(os.path.join(path, "model_index.json")) and not hub.is_repo_id(path):
-        raise FileNotFoundError(f"no Stable Diffusion model at {path}; {hub.MODEL_HINT}")
+        raise FileNotFoundError(f"no Stable Diffusion model at {path}; {hub.model_hint(path)}")
     return pretrained.load_pipeline(path, dtype=jnp.float32)
 
 

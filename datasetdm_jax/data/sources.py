@@ -198,4 +198,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from datasetdm_jax import errors
+
+    with errors.boundary("python -m datasetdm_jax.data.sources"):  # dataset faults: one line naming the file
+        main()
