@@ -5,7 +5,7 @@ its message is one line that names the file or key and says what to do. ``bounda
 (and the other user errors below) into ``PROG: error: MESSAGE`` and exit code 2, Ctrl-C into exit
 code 130 with the resume hint, and anything else into its traceback plus a line saying it is a bug.
 
-User errors are: ``UserError``; the ``ValueError`` subclasses the modules define for bad input
+User errors are: ``UserError`` and ``RunStopped``; a diverged training loss; the ``ValueError`` subclasses the modules define for bad input
 (``DatasetError``, ``PretrainedError``, ``HubError``, ``StorageError``, ...) and any ``ValueError``
 raised by this package's own code (a check on the user's input); the ``OSError`` kinds that are
 about a path the user named (``USER_OS_ERRORS``). A ``ValueError`` raised inside a third-party
@@ -21,7 +21,7 @@ import sys
 import traceback
 from typing import Any, Iterator
 
-__all__ = ["UserError", "USER_OS_ERRORS", "EXIT_USER", "EXIT_INTERRUPTED", "is_user_error", "one_line",
+__all__ = ["UserError", "RunStopped", "USER_OS_ERRORS", "EXIT_USER", "EXIT_INTERRUPTED", "is_user_error", "one_line",
            "boundary", "check_output_dir", "check_number"]
 
 EXIT_USER = 2          # as argparse's own usage errors
@@ -32,6 +32,11 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 class UserError(ValueError):
     """Bad user input (config value, path, corrupt file): a one-line message naming the file or key."""
+
+
+class RunStopped(RuntimeError):
+    """A run stopped by something outside it (a peer process died, the job was cut short): what is
+    finished is kept, and the one-line message says how to go on. Reported like a user error."""
 
 
 def _raised_here(exc: BaseException) -> bool:
@@ -45,10 +50,12 @@ def _raised_here(exc: BaseException) -> bool:
 
 
 def is_user_error(exc: BaseException) -> bool:
-    if isinstance(exc, UserError) or isinstance(exc, USER_OS_ERRORS):
+    if isinstance(exc, (UserError, RunStopped)) or isinstance(exc, USER_OS_ERRORS):
         return True
     if isinstance(exc, ValueError):  # the package's own input checks raise ValueError (or a subclass)
         return type(exc) is not ValueError or _raised_here(exc)
+    if isinstance(exc, FloatingPointError):  # training_state.check_finite: a diverged loss (lower the lr)
+        return _raised_here(exc)
     return False
 
 
