@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from datasetdm_jax import pretrained
+from datasetdm_jax import pretrained, storage
 from datasetdm_jax.config_utils import load_config
 from datasetdm_jax.data import pipeline, sources
 from datasetdm_jax.decoders import tasks
@@ -110,7 +110,8 @@ class _Summaries:
     def __init__(self, workdir: str, start: int):
         from tensorboardX import SummaryWriter
         self.workdir = workdir
-        self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start if start > 0 else None)
+        # tensorboardX writes gs:// event files itself (google-cloud-storage)
+        self.tb = SummaryWriter(storage.join(workdir, "tb"), purge_step=start if start > 0 else None)
 
     def write(self, step: int, values: dict[str, float], prefix: str = "") -> None:
         append_metrics(self.workdir, {"stage": STAGE, "step": step, **{prefix + k: v for k, v in values.items()},
@@ -133,10 +134,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *, pipe: 
     """
     from tqdm.auto import tqdm
 
-    workdir = workdir or str(config.workdir)
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json(indent=2))
+    workdir = storage.check(workdir or str(config.workdir))  # local or gs://; another scheme: one line, at once
+    storage.makedirs(workdir)
+    storage.write_bytes(storage.join(workdir, "config.json"), config.to_json(indent=2))
     trainer = trainer or Trainer(config, pipe)
     total = int(config.steps)
     budget = int(max_steps if max_steps is not None else config.max_steps)
@@ -155,7 +155,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *, pipe: 
             data=ocp.args.JsonRestore(),
             params=ocp.args.StandardRestore(state["params"]),
             train=ocp.args.StandardRestore({"step": state["step"], "opt": state["opt"]}),
-            **best.restore_args(os.path.join(workdir, STAGE, str(latest)), state["params"])))
+            **best.restore_args(storage.join(workdir, STAGE, str(latest)), state["params"])))
         state = {"step": r["train"]["step"], "params": r["params"], "opt": r["train"]["opt"]}
         data_state = r["data"]
         best.restored(r)
@@ -172,7 +172,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *, pipe: 
             force=True)
         mngr.wait_until_finished()
 
-    if bool(config.get("cache_features", False)):
+    if bool(config.get("cache_features", False)) and start < total:  # a finished run needs no bank
         bank = jax.device_put(trainer.feature_bank(train_source(config)), repl)
         bank_step = jax.jit(trainer.bank_step, in_shardings=(repl, repl, data_sh), out_shardings=(repl, repl))
         step_fn = lambda st, b, _frozen: bank_step(st, bank, b)  # noqa: E731
@@ -187,7 +187,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *, pipe: 
                 batch = jax.device_put(trainer.host_batch(next(it), step), data_sh)
                 new_state, m = step_fn(state, batch, frozen)
                 m = jax.device_get(m)
-                check_finite("train", m["loss"], step + 1, mngr.latest_step(), os.path.join(workdir, STAGE))
+                check_finite("train", m["loss"], step + 1, mngr.latest_step(), storage.join(workdir, STAGE))
                 state, data_state = new_state, it.get_state()
                 done, done_here = step + 1, done_here + 1
                 bar.update(1)
@@ -207,15 +207,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *, pipe: 
                 if stop_now and done < total:
                     return False, trainer, state["params"]
         final = best.params_or(state["params"])
-        if not os.path.isfile(os.path.join(workdir, RESULTS_FILE)) or start < total:
+        if not storage.exists(storage.join(workdir, RESULTS_FILE)) or start < total:
             res = evaluate(trainer, final)
             summaries.write(total, res, prefix="test/")
-            tmp = os.path.join(workdir, RESULTS_FILE + ".tmp")
-            with open(tmp, "w") as f:
-                json.dump({"task": trainer.task, "step": total, "split": str(config.eval.split),
-                           "num_images": int(config.eval.num_images), "decoder_params": trainer.num_params,
-                           **best.summary(total), **res}, f, indent=2)
-            os.replace(tmp, os.path.join(workdir, RESULTS_FILE))
+            storage.write_bytes(storage.join(workdir, RESULTS_FILE), json.dumps(
+                {"task": trainer.task, "step": total, "split": str(config.eval.split),
+                 "num_images": int(config.eval.num_images), "decoder_params": trainer.num_params,
+                 **best.summary(total), **res}, indent=2))
     except KeyboardInterrupt:
         on_interrupt("train", int(state["step"]), start, mngr.latest_step(), save)
         raise
@@ -229,16 +227,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *, pipe: 
 def main_train(config_path: str, workdir: str | None = None, overrides: Sequence[str] | None = None) -> bool:
     """CLI body of ``datasetdm train --config configs/<task>.py[:arg] [--workdir DIR] [key=value ...]``."""
     config = load_config(config_path, overrides)
-    wd = workdir or str(config.workdir)
-    os.makedirs(wd, exist_ok=True)
+    wd = storage.check(workdir or str(config.workdir))  # local or gs://; another scheme: one line, at once
+    storage.makedirs(wd)
     cmd = " ".join(["datasetdm train --config", config_path] + (["--workdir", workdir] if workdir else [])
                    + list(overrides or ()))
-    with open(os.path.join(wd, COMMAND_FILE), "w") as f:
-        f.write(cmd + "\n")
+    storage.write_bytes(storage.join(wd, COMMAND_FILE), cmd + "\n")
     done, trainer, params = run(config, workdir)
     if done:
-        with open(os.path.join(wd, RESULTS_FILE)) as f:
-            res = json.load(f)
+        res = json.loads(storage.read_bytes(storage.join(wd, RESULTS_FILE)))
         print(f"train: finished; test ({res['split']}, {res['num_images']} images): "
               + ", ".join(f"{k}={v:.4g}" for k, v in res.items() if isinstance(v, float)))
     else:
@@ -252,12 +248,11 @@ def _config_and_workdir(config: ml_collections.ConfigDict | str, workdir: str | 
     if isinstance(config, ml_collections.ConfigDict):
         return config, workdir or str(config.workdir)
     path = str(config)
-    if os.path.isdir(path):
-        cfg_file = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_file):
+    if storage.is_remote(path) or os.path.isdir(path):
+        cfg_file = storage.join(path, "config.json")
+        if not storage.exists(cfg_file):
             raise FileNotFoundError(f"{path} is not a `datasetdm train` workdir (no config.json)")
-        with open(cfg_file) as f:
-            return ml_collections.ConfigDict(json.load(f)), workdir or path
+        return ml_collections.ConfigDict(json.loads(storage.read_bytes(cfg_file))), workdir or path
     cfg = load_config(path)
     return cfg, workdir or str(cfg.workdir)
 
@@ -274,16 +269,16 @@ def load_trained_decoder(config: ml_collections.ConfigDict | str, workdir: str |
     loaded frozen pipeline (else ``config.pipeline`` is loaded). A missing checkpoint is a one-line
     FileNotFoundError naming the train command that makes it.
     """
-    if isinstance(config, str) and config_path is None and not os.path.isdir(config):
+    if isinstance(config, str) and config_path is None and not storage.is_remote(config) and not os.path.isdir(config):
         config_path = config
     config, workdir = _config_and_workdir(config, workdir)
-    folder = os.path.abspath(os.path.join(workdir, STAGE))
-    steps = sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
+    folder = storage.join(storage.check(workdir), STAGE)  # a local folder or gs://
+    folder = folder if storage.is_remote(folder) else os.path.abspath(folder)
+    steps = sorted(int(n) for n in storage.listdir(folder) if n.isdigit())
     if not steps:
-        cmd_file = os.path.join(workdir, COMMAND_FILE)
-        if config_path is None and os.path.isfile(cmd_file):
-            with open(cmd_file) as f:
-                cmd = f.read().strip()
+        cmd_file = storage.join(workdir, COMMAND_FILE)
+        if config_path is None and storage.exists(cmd_file):
+            cmd = storage.read_text(cmd_file).strip()
         else:
             cmd = f"datasetdm train --config {config_path or 'configs/' + str(config.name) + '.py'}"
             if workdir != str(config.workdir):
@@ -298,7 +293,7 @@ def load_trained_decoder(config: ml_collections.ConfigDict | str, workdir: str |
         multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})))
     try:
         step = mngr.latest_step()
-        selected = os.path.isdir(os.path.join(folder, str(step), "best"))
+        selected = storage.isdir(storage.join(folder, str(step), "best"))
         item = "best" if selected else "params"
         args = {item: ocp.args.StandardRestore(trainer.init_params)}
         if selected:
