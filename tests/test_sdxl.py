@@ -336,3 +336,19 @@ def test_save_pipeline_round_trip_sdxl(sdxl_pipe, tmp_path):
     again = load_pipeline(out)
     assert again.is_sdxl and again.scaling_factor == sdxl_pipe.scaling_factor
     np.testing.assert_array_equal(again.tokenize(PROMPTS), sdxl_pipe.tokenize(PROMPTS))
+
+
+def test_bench_programs_compile_tiny():
+    """The compile-only SDXL report (`bench/sdxl.py`) on the tiny architecture: every program compiles
+    from abstract weights and reports memory and FLOPs; the guided UNet's FLOPs grow with the batch."""
+    import tiny_sdxl
+    from datasetdm_jax.bench import sdxl
+
+    text = lambda c: {**c, "vocab_size": 300}  # noqa: E731
+    configs = {"unet": tiny_sdxl.UNET_CONFIG, "text_encoder": text(tiny_sdxl.TEXT_CONFIG),
+               "text_encoder_2": text(tiny_sdxl.TEXT_CONFIG_2), "vae": {**tiny_sdxl.VAE_CONFIG, "force_upcast": True}}
+    rows = (sdxl.report(32, [1], jnp.float32, ["unet_cfg", "text", "vae_decode"], configs)
+            + sdxl.report(32, [2], jnp.float32, ["unet_cfg"], configs))
+    by = {(r["program"], r["batch"]): r for r in rows}
+    assert len(by) == 4 and all(r["peak_gib"] > 0 and r["gflop"] > 0 for r in rows)
+    assert 1.8 < by["unet_cfg", 2]["gflop"] / by["unet_cfg", 1]["gflop"] < 2.2
