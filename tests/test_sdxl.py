@@ -284,20 +284,24 @@ def test_sharded_fp16_variant_folder(sdxl_dir, sdxl_pipe, tmp_path):
 
 # --- sampling ------------------------------------------------------------------------------------
 
-def test_sample_matches_diffusers_sdxl(sdxl_pipe, sdxl_torch):
+@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
+def test_sample_matches_diffusers_sdxl(sdxl_pipe, sdxl_torch, scheduler):
     """The whole guided sampling loop against StableDiffusionXLPipeline with the same scheduler
-    (DDIM here; the folder's own is Euler, which we do not implement), prompts and x_T."""
+    (DDIM set on both; Euler, the folder's own), prompts and x_T."""
     import diffusers
     from datasetdm_jax import generate
     from tiny_sd import nchw
 
     steps, guidance, seed = 3, 5.0, 2
-    ours = generate.sample(sdxl_pipe, PROMPTS, steps=steps, guidance=guidance, scheduler="ddim", seed=seed,
+    ours = generate.sample(sdxl_pipe, PROMPTS, steps=steps, guidance=guidance, scheduler=scheduler, seed=seed,
                            negative_prompt="a square")
     x_T = generate.initial_noise(seed, np.arange(len(PROMPTS)), (16, 16, 4))
-    ddim = diffusers.DDIMScheduler.from_config(sdxl_torch.scheduler.config, clip_sample=False,
-                                               set_alpha_to_one=False)
-    pipe = type(sdxl_torch)(**{**sdxl_torch.components, "scheduler": ddim})
+    if scheduler == "ddim":
+        sch = diffusers.DDIMScheduler.from_config(sdxl_torch.scheduler.config, clip_sample=False,
+                                                  set_alpha_to_one=False)
+    else:  # diffusers scales x_T by init_noise_sigma itself
+        sch = diffusers.EulerDiscreteScheduler.from_config(sdxl_torch.scheduler.config)
+    pipe = type(sdxl_torch)(**{**sdxl_torch.components, "scheduler": sch})
     pipe.watermark = None
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
@@ -352,3 +356,28 @@ def test_bench_programs_compile_tiny():
     by = {(r["program"], r["batch"]): r for r in rows}
     assert len(by) == 4 and all(r["peak_gib"] > 0 and r["gflop"] > 0 for r in rows)
     assert 1.8 < by["unet_cfg", 2]["gflop"] / by["unet_cfg", 1]["gflop"] < 2.2
+
+
+def test_euler_loop_matches_diffusers():
+    """The euler sampler (y = x / sqrt(sigma^2 + 1) carried) against EulerDiscreteScheduler's loop
+    with its init_noise_sigma and scale_model_input, on a stand-in model."""
+    import tiny_sdxl
+    from datasetdm_jax import schedulers as S
+
+    cfg_dict = tiny_sdxl.EULER_CONFIG
+    rng = np.random.default_rng(0)
+    r, x_T = rng.standard_normal((2, 2, 4, 8, 8)).astype(np.float32)
+    fake = lambda x, t, xp: 0.1 * x + xp.cos(t / 137.0) * r  # noqa: E731
+    sch = diffusers.EulerDiscreteScheduler.from_config(cfg_dict)
+    sch.set_timesteps(10)
+    x = torch.from_numpy(x_T) * sch.init_noise_sigma
+    for t in sch.timesteps:
+        x = sch.step(fake(sch.scale_model_input(x, t), t.to(torch.float32), torch), t, x).prev_sample
+    cfg = S.ScheduleConfig.from_dict(cfg_dict)
+    assert S.default_sampler_name(cfg) == "euler"
+    sampler = S.get_sampler("euler")
+    np.testing.assert_array_equal(sampler.timesteps(cfg, 10), sch.timesteps.numpy())
+    ours = jax.jit(lambda x: S.sample_loop(sampler, cfg, 10, lambda y, t: fake(y, t.astype(jnp.float32), jnp), x))(x_T)
+    assert rel_err(ours, x.numpy()) < 1e-5
+    with pytest.raises(ValueError, match="timestep_spacing"):
+        sampler.timesteps(S.ScheduleConfig.from_dict({**cfg_dict, "timestep_spacing": "trailing"}), 10)
