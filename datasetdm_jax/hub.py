@@ -49,7 +49,7 @@ def model_hint(spec: str | os.PathLike = "") -> str:
     configs' ``models/stable-diffusion-v1-4``), the repo id that fetches it; else `MODEL_HINT`."""
     name = os.path.basename(os.fspath(spec).rstrip("/\\"))
     repo = KNOWN_REPOS.get(name)
-    if repo is None:
+    if repo is None or parse_repo_id(os.fspath(spec))[0] == repo:  # unknown, or already that repo id
         return MODEL_HINT
     return (f"set pipeline={repo} to fetch this model from the Hugging Face Hub (needs access to huggingface.co), "
             f"or put a diffusers-format copy of {repo} (safetensors) at {os.fspath(spec)}")
@@ -133,17 +133,24 @@ def resolve(spec: str | os.PathLike, *, variant: str | None = None) -> str:
     if not is_repo_id(spec):
         raise HubError(f"{spec}: no such folder; {model_hint(spec)}")
     repo, revision = parse_repo_id(spec)
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub import errors
+    from huggingface_hub import HfApi, constants, errors, snapshot_download
 
     cache_dir = os.environ.get("HF_HUB_CACHE") or None  # read now, as HF_HUB_OFFLINE
     offline = _offline()
     where = f"{repo}" + (f"@{revision}" if revision else "")
     try:
+        unreachable = offline
         if not offline:
-            variant = pick_variant(where, HfApi().list_repo_files(repo, revision=revision), variant)
+            try:
+                files = HfApi().list_repo_files(repo, revision=revision)
+            except (errors.RepositoryNotFoundError, errors.GatedRepoError, errors.RevisionNotFoundError):
+                raise
+            except Exception:  # noqa: BLE001 - no network, a proxy, the Hub down: the cache may still hold it
+                unreachable = True
+            else:
+                variant = pick_variant(where, files, variant)
         return snapshot_download(repo, revision=revision, cache_dir=cache_dir, allow_patterns=allow_patterns(variant),
-                                 local_files_only=offline)
+                                 local_files_only=unreachable)
     except errors.RepositoryNotFoundError:
         raise HubError(f"{spec}: no such local folder, and no such repo on the Hugging Face Hub (or it is private: "
                        f"`hf auth login`); {model_hint(spec)}") from None
@@ -154,7 +161,7 @@ def resolve(spec: str | os.PathLike, *, variant: str | None = None) -> str:
     except (errors.LocalEntryNotFoundError, errors.IncompleteSnapshotError, errors.OfflineModeIsEnabled) as e:
         why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
         raise HubError(f"{spec}: no such local folder, and as a Hugging Face repo id not (completely) in the cache "
-                       f"({cache_dir or 'the default cache'}) while {why} ({type(e).__name__}); download it once "
+                       f"({cache_dir or constants.HF_HUB_CACHE}) while {why} ({type(e).__name__}); download it once "
                        f"online, or {model_hint(spec)}") from None
     except (errors.HfHubHTTPError, OSError) as e:
         msg = " ".join(str(e).split())[:200]

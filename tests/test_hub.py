@@ -100,8 +100,10 @@ def test_missing_repo_offline_is_one_line(offline):
     with pytest.raises(pretrained.PretrainedError) as e:
         pretrained.load_pipeline("org/absent")
     msg = str(e.value)
-    assert "\n" not in msg and "HF_HUB_OFFLINE is set" in msg
+    assert "\n" not in msg and "HF_HUB_OFFLINE is set" in msg and str(offline) in msg
     assert "local diffusers-format folder" in msg and "stable-diffusion-v1-5/stable-diffusion-v1-5" in msg
+    with pytest.raises(pretrained.PretrainedError, match="HF_HUB_OFFLINE is set.*pipeline= takes a local"):
+        pretrained.load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5")  # no "put a copy at <repo id>"
 
 
 def test_missing_local_folder_names_both_options(tmp_path):
@@ -117,3 +119,18 @@ def test_dataset_fingerprint_of_a_repo_id_reads_the_cached_snapshot(offline):
     by_id = dataset_writer._model_fingerprint("org/tiny-sd")
     local = dataset_writer._model_fingerprint(hub.cached_folder("org/tiny-sd"))
     assert by_id["path"] == "org/tiny-sd" and by_id["configs_sha256"] == local["configs_sha256"]
+
+
+def test_unreachable_hub_falls_back_to_the_cache(hf_cache, monkeypatch):
+    """Online mode with no network: a cached repo loads, a missing one is a one-line error."""
+    import huggingface_hub
+
+    def no_network(self, *args, **kwargs):
+        raise ConnectionRefusedError("no network")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", no_network)
+    monkeypatch.setenv("HF_HUB_CACHE", str(hf_cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert os.path.samefile(hub.resolve("org/tiny-sd"), hf_cache / "models--org--tiny-sd" / "snapshots" / COMMIT)
+    with pytest.raises(hub.HubError, match="the Hub cannot be reached"):
+        hub.resolve("org/absent")
