@@ -20,6 +20,21 @@ with their captions (per-class IoU of the label with the object / with its compl
 ``calibrate=True`` (default here) picks the threshold on the 100 labelled real images
 (`attention.calibrate_thresholds`); ``labeler_config.class_tokens=class_prompt`` restores the
 official keys.
+
+On generated images (64, the demo's 15 dpmpp_2m steps at guidance 3, captions not appended),
+against the trained P-Decoder's labels of the same images (14.6% foreground): foreground share,
+mIoU against the P-Decoder, and mIoU on 64 real test scenes at timestep 400:
+
+- per-class min-max, all steps, calibrated at t=400: 35.4% / 44.3 / 56.5
+- the same with max_timestep 600: 33.3% / 45.8 / 56.5
+- normalisation "peak", all steps, calibrated at t=400: 18.2% / 50.7 / 52.2
+- "peak", max_timestep 600, calibrated at those steps (shipped): 16.8-18.4% / 50.6-51.5 / 51.9-52.4
+
+A quarter of the named classes are barely drawn in generated images; min-max stretched them over
+the background. ``normalisation: peak`` (each class against the strongest named one) fixes that;
+``max_timestep: 600`` drops the noisiest steps (6 of the 15, t 621-931) and ``calibration_timestep:
+None`` calibrates on the real images averaged over the same steps (threshold 0.55 or 0.60, tied
+there). Real scenes name only classes they show, so min-max suits them better (56.5 vs 52.4).
 """
 
 import os
@@ -33,7 +48,8 @@ def labeler_config(append_class_names=True):
 
     return ml_collections.ConfigDict(dict(tau=1, threshold=0.6, uncertainty_threshold=0.5, self_res=16, cross_res=8,
                                           append_class_names=append_class_names, class_tokens="caption",
-                                          calibrate=True, calibration_timestep=400))
+                                          calibrate=True, calibration_timestep=None, max_timestep=600,
+                                          normalisation="peak"))
 
 
 def get_config(arg=None):

@@ -123,6 +123,24 @@ def test_thresholds_normalisation_and_padding():
     np.testing.assert_array_equal(norm[1], 0)  # constant map: background, not NaN
 
 
+def test_peak_normalisation_keeps_a_weak_class_low():
+    """Per-class min-max stretches a class the image barely shows to 1; "peak" divides every class by
+    the strongest named class's range, so the weak one stays below the threshold."""
+    maps = np.zeros((1, 2, 2, 3), np.float32)
+    maps[0, ..., 0] = [[0.0, 0.2], [0.1, 0.4]]    # strong: range 0.4
+    maps[0, ..., 1] = [[0.1, 0.12], [0.11, 0.1]]  # weak: range 0.02
+    maps[0, ..., 2] = 5.0                         # padding: ignored
+    valid = jnp.asarray([[True, True, False]])
+    minmax = np.asarray(refine.normalise(jnp.asarray(maps), valid, "minmax"))
+    peak = np.asarray(refine.normalise(jnp.asarray(maps), valid, "peak"))
+    assert minmax[0, ..., 1].max() == pytest.approx(1)
+    np.testing.assert_allclose(peak[0, ..., 0], minmax[0, ..., 0])  # the strongest class is unchanged
+    np.testing.assert_allclose(peak[0, ..., 1], (maps[0, ..., 1] - 0.1) / 0.4, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(refine.normalise(jnp.ones((1, 2, 2, 2)), valid[:, :2], "peak")), 0)
+    with pytest.raises(ValueError, match="normalisation"):
+        refine.normalise(jnp.asarray(maps), valid, "l2")
+
+
 # --- capture inside the UNet -----------------------------------------------------------------------
 
 class _Recorder:
@@ -184,8 +202,9 @@ def labelled(sharp_pipe):
                                  scheduler="pndm", return_attention=True)
 
 
-def _host_reference(pipe, unet_attention, prompts):
-    """Mean attention over heads, layers and steps, accumulated on the host one UNet call at a time."""
+def _host_reference(pipe, unet_attention, prompts, max_timestep=None):
+    """Mean attention over heads, layers and steps (those at timesteps <= `max_timestep`),
+    accumulated on the host one UNet call at a time."""
     b = len(prompts)
     ids, w = class_prompts.class_prompt_tokens(pipe.tokenizer, NAMES, pipe.max_length, max_classes=4)
     emb = pipe.encode_ids(np.concatenate([pipe.tokenize([""] * b), pipe.tokenize(prompts)]))
@@ -194,15 +213,17 @@ def _host_reference(pipe, unet_attention, prompts):
     x = generate.initial_noise(0, jnp.asarray(INDICES), (LATENT_SIZE, LATENT_SIZE, 4))
     st = sampler.init(pipe.schedule, STEPS, x)
     n = int(st["timesteps"].shape[0])
-    acc_s, acc_c = 0.0, 0.0
+    acc_s, acc_c, calls = 0.0, 0.0, 0
     for i in range(n):
         t = jnp.full((2 * b,), st["timesteps"][i], jnp.float32)
         eps, att = unet_attention(pipe.params["unet"], jnp.concatenate([x, x]), t, emb, ctx)
-        acc_s = acc_s + np.mean(np.stack(att["self_attention"]), 0)
-        acc_c = acc_c + np.mean(np.stack(att["class_attention"]), 0)
+        if max_timestep is None or int(st["timesteps"][i]) <= max_timestep:
+            acc_s = acc_s + np.mean(np.stack(att["self_attention"]), 0)
+            acc_c = acc_c + np.mean(np.stack(att["class_attention"]), 0)
+            calls += 1
         uncond, cond = jnp.split(eps, 2)
         x, st = sampler.step(st, uncond + 7.5 * (cond - uncond), i, x)
-    return acc_s / n, acc_c / n, w
+    return acc_s / calls, acc_c / calls, w
 
 
 def test_labeller_sums_every_step_inside_the_jit(sharp_pipe, unet_attention, labelled):
@@ -216,6 +237,21 @@ def test_labeller_sums_every_step_inside_the_jit(sharp_pipe, unet_attention, lab
                                   jnp.asarray([[7, 1, 0, 0], [2, 0, 0, 0]]), jnp.asarray(w.sum(-1) > 0),
                                   self_hw=(8, 8), cross_hw=(4, 4), image_hw=(32, 32))
     assert np.mean(np.asarray(ref) == batch.labels) > 0.99
+
+
+def test_max_timestep_averages_only_the_late_steps(sharp_pipe, unet_attention, labelled):
+    ts = attention.averaged_timesteps(sharp_pipe, "pndm", STEPS, None)
+    late = attention.averaged_timesteps(sharp_pipe, "pndm", STEPS, 500)
+    assert 0 < len(late) < len(ts) and max(late) <= 500
+    batch, maps = attention.label_batch(sharp_pipe, CAPTIONS, NAMES, INDICES, seed=0, class_ids=IDS, steps=STEPS,
+                                        scheduler="pndm", config={"max_timestep": 500}, return_attention=True)
+    want_s, want_c, _ = _host_reference(sharp_pipe, unet_attention, batch.prompts, max_timestep=500)
+    assert rel_err(maps["self_attention"], want_s) < 1e-4 and rel_err(maps["class_attention"], want_c) < 1e-4
+    assert rel_err(maps["class_attention"], labelled[1]["class_attention"]) > 1e-3  # not the all-step mean
+    np.testing.assert_allclose(batch.images, labelled[0].images, atol=1e-6)  # the images do not change
+    with pytest.raises(ValueError, match="max_timestep=0: no pndm step"):
+        attention.label_batch(sharp_pipe, CAPTIONS, NAMES, INDICES, steps=STEPS, scheduler="pndm",
+                              config={"max_timestep": 0})
 
 
 def test_labels_and_images(sharp_pipe, labelled):
@@ -244,6 +280,9 @@ def test_labeller_registry_and_config_errors(pipe):
         attention.label_batch(pipe, CAPTIONS, NAMES[:1], [0, 1])
     with pytest.raises(ValueError, match="class ids"):
         attention.label_batch(pipe, CAPTIONS[:1], NAMES[:1], [0], class_ids=[[1]])
+    for bad in ({"normalisation": "l2"}, {"max_timestep": -1}, {"max_timestep": 1.5}, {"calibration_timestep": "t"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            AttentionLabelConfig.from_dict(bad)
 
 
 # --- caption keys and the shipped shapes-world model ----------------------------------------------
@@ -285,13 +324,13 @@ def shapes_attention():
     keys, w, cls, valid = attention.class_inputs(shapes_pipe, names, ids, prompts=captions,
                                                  class_tokens=cfg.class_tokens)
     s, c = attention.real_attention(shapes_pipe, np.stack([it["image"] for it in items]), captions, keys,
-                                    self_hw=self_hw, cross_hw=cross_hw, timestep=cfg.calibration_timestep)
+                                    self_hw=self_hw, cross_hw=cross_hw, timestep=400)
     labels = refine.attention_labels(jnp.asarray(s), jnp.asarray(c), jnp.asarray(w), jnp.asarray(cls),
                                      jnp.asarray(valid), self_hw=self_hw, cross_hw=cross_hw, image_hw=(64, 64),
                                      tau=cfg.tau, threshold=cfg.threshold,
-                                     uncertainty_threshold=cfg.uncertainty_threshold)
+                                     uncertainty_threshold=cfg.uncertainty_threshold, normalisation=cfg.normalisation)
     return dict(pipe=shapes_pipe, cfg=cfg, items=items, truth=truth, ids=ids, names=names, captions=captions,
-                labels=np.asarray(labels))
+                labels=np.asarray(labels), keys=keys, self_hw=self_hw, cross_hw=cross_hw)
 
 
 def test_shapes_attention_labels_the_objects_not_the_background(shapes_attention):
@@ -313,7 +352,7 @@ def test_shapes_attention_labels_the_objects_not_the_background(shapes_attention
 
 def test_calibration_picks_the_best_threshold(shapes_attention):
     d = shapes_attention
-    cfg = dataclasses.replace(d["cfg"], threshold=0.5, uncertainty_threshold=0.4)
+    cfg = dataclasses.replace(d["cfg"], threshold=0.5, uncertainty_threshold=0.4, calibration_timestep=400)
     out, report = attention.calibrate_thresholds(d["pipe"], np.stack([it["image"] for it in d["items"]]),
                                                  d["captions"], d["names"], d["ids"], d["truth"], cfg,
                                                  grid=(0.1, 0.6, 0.95))
@@ -321,3 +360,22 @@ def test_calibration_picks_the_best_threshold(shapes_attention):
     assert out.threshold == report["threshold"] == max(report["miou"], key=report["miou"].get) == 0.6
     assert out.uncertainty_threshold == pytest.approx(0.5)  # the band's width is kept
     assert report["miou"][0.6] > 0.4 and report["miou"][0.1] < report["miou"][0.6]
+
+
+def test_calibration_at_several_timesteps_averages_them(shapes_attention):
+    """calibration_timestep=None: real images read at each of the sampler's timesteps (one noise
+    per image), the maps averaged as the sampler averages them."""
+    d = shapes_attention
+    images = np.stack([it["image"] for it in d["items"][:4]])
+    kw = dict(self_hw=d["self_hw"], cross_hw=d["cross_hw"])
+    s2, c2 = attention.real_attention(d["pipe"], images, d["captions"][:4], d["keys"][:4], timestep=[400, 200], **kw)
+    one = [attention.real_attention(d["pipe"], images, d["captions"][:4], d["keys"][:4], timestep=t, **kw)
+           for t in (400, 200)]
+    assert rel_err(s2, (one[0][0] + one[1][0]) / 2) < 1e-5 and rel_err(c2, (one[0][1] + one[1][1]) / 2) < 1e-5
+    cfg = dataclasses.replace(d["cfg"], calibration_timestep=None)
+    with pytest.raises(ValueError, match="pass `timesteps`"):
+        attention.calibrate_thresholds(d["pipe"], images, d["captions"][:4], d["names"][:4], d["ids"][:4],
+                                       d["truth"][:4], cfg)
+    _, report = attention.calibrate_thresholds(d["pipe"], images, d["captions"][:4], d["names"][:4], d["ids"][:4],
+                                               d["truth"][:4], cfg, timesteps=[400, 200], grid=(0.6,))
+    assert report["timesteps"] == [400, 200]

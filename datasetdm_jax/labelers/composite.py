@@ -38,7 +38,8 @@ def consensus_labels(decoder: np.ndarray, attention: np.ndarray) -> np.ndarray:
 def build_sampler_fn(pipe, *, steps: int, guidance: float, scheduler: str, latent_hw: tuple[int, int],
                      capture: str, self_hw: tuple[int, int], cross_hw: tuple[int, int], tau: int, threshold: float,
                      uncertainty_threshold: float, feature_passes: Sequence[int | None] = (None,),
-                     vae_features: Sequence[int] = ()):
+                     vae_features: Sequence[int] = (), max_timestep: int | None = None,
+                     normalisation: str = "minmax"):
     """A pure function (params, cond_ids, uncond_ids, indices, seed, extra) -> (images in [0, 1],
     features per feature pass, {ATTENTION_KEY: (B, H, W) uint8}); ``extra`` is `attention.class_inputs`.
 
@@ -48,7 +49,8 @@ def build_sampler_fn(pipe, *, steps: int, guidance: float, scheduler: str, laten
     labeller = attention.build_labeller_fn(
         pipe, steps=steps, guidance=guidance, scheduler=scheduler, latent_hw=latent_hw, self_hw=self_hw,
         cross_hw=cross_hw, tau=tau, threshold=threshold, uncertainty_threshold=uncertainty_threshold, capture=capture,
-        feature_passes=feature_passes, vae_features=vae_features)
+        feature_passes=feature_passes, vae_features=vae_features, max_timestep=max_timestep,
+        normalisation=normalisation)
 
     def run(params, cond_ids, uncond_ids, indices, seed, extra):
         class_tok, weights, class_ids, valid = extra
@@ -91,7 +93,8 @@ class DecoderAttentionLabeler(DecoderLabeler):
         return build_sampler_fn(pipe, steps=int(g.steps), guidance=float(g.guidance), scheduler=str(g.scheduler),
                                 latent_hw=latent_hw, capture=capture, self_hw=self_hw, cross_hw=cross_hw, tau=a.tau,
                                 threshold=float(a.threshold), uncertainty_threshold=float(a.uncertainty_threshold),
-                                feature_passes=self.feature_passes, vae_features=self.vae_features)
+                                feature_passes=self.feature_passes, vae_features=self.vae_features,
+                                max_timestep=a.max_timestep, normalisation=a.normalisation)
 
     def _inputs(self, prompts, batch: int) -> tuple[list[str], Any]:
         names = [list(p.classes) for p in prompts]

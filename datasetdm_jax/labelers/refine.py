@@ -3,7 +3,9 @@
 Per image, with K class names: the class-prompt cross-attention is upsampled (bicubic) to the
 self-attention grid, each class's map is the mean of its tokens' maps, the map is propagated
 `tau` times through the self-attention matrix S (rows: query pixels, columns: key pixels),
-min-max normalised per class, upsampled bicubically to the image size, and thresholded:
+normalised (`normalise`: per class min-max as the official code, or ``"peak"``: each class less
+its minimum over the strongest named class's range, so a class the image barely shows stays low
+instead of being stretched to 1), upsampled bicubically to the image size, and thresholded:
 max >= `threshold` -> the argmax class id, [`uncertainty_threshold`, `threshold`) -> 255 (ignore),
 below -> 0 (background).
 """
@@ -45,10 +47,24 @@ def propagate(self_attention: jax.Array, maps: jax.Array, tau: int) -> jax.Array
     return x.reshape(b, h, w, k)
 
 
-def normalise(maps: jax.Array) -> jax.Array:
-    """Min-max normalises each (image, class) map to [0, 1]; a constant map becomes 0 (official: NaN)."""
+NORMALISATIONS = ("minmax", "peak")
+
+
+def normalise(maps: jax.Array, valid: jax.Array | None = None, how: str = "minmax") -> jax.Array:
+    """(B, h, w, K) class maps -> scores in [0, 1].
+
+    ``"minmax"`` (official): each (image, class) map to [0, 1] on its own; a constant map becomes 0
+    (official: NaN). ``"peak"``: each map less its own minimum, divided by the largest such range
+    among the image's named classes (`valid`, (B, K); None: all), so only the strongest class
+    reaches 1 and a class that is weak or absent in the image keeps its small range.
+    """
     lo = maps.min(axis=(1, 2), keepdims=True)
     span = maps.max(axis=(1, 2), keepdims=True) - lo
+    if how == "peak":
+        named = jnp.ones(span.shape, bool) if valid is None else valid[:, None, None, :]
+        span = jnp.where(named, span, 0).max(axis=-1, keepdims=True)
+    elif how != "minmax":
+        raise ValueError(f"normalisation {how!r}: expected one of {NORMALISATIONS}")
     return jnp.where(span > 0, (maps - lo) / jnp.where(span > 0, span, 1), 0.0)
 
 
@@ -67,16 +83,18 @@ def threshold_labels(maps: jax.Array, class_ids: jax.Array, valid: jax.Array, *,
 
 
 def class_scores(self_attention: jax.Array, cross: jax.Array, weights: jax.Array, *, self_hw: tuple[int, int],
-                 cross_hw: tuple[int, int], image_hw: tuple[int, int], tau: int = 4) -> jax.Array:
-    """Averaged attention -> (B, H, W, K) per-class scores of the image size, each min-max normalised."""
+                 cross_hw: tuple[int, int], image_hw: tuple[int, int], tau: int = 4, normalisation: str = "minmax",
+                 valid: jax.Array | None = None) -> jax.Array:
+    """Averaged attention -> (B, H, W, K) per-class scores of the image size, normalised (`normalise`)."""
     maps = propagate(self_attention, class_maps(cross, weights, cross_hw, self_hw), tau)
-    return resize_bicubic(normalise(maps), image_hw)
+    return resize_bicubic(normalise(maps, valid, normalisation), image_hw)
 
 
 def attention_labels(self_attention: jax.Array, cross: jax.Array, weights: jax.Array, class_ids: jax.Array,
                      valid: jax.Array, *, self_hw: tuple[int, int], cross_hw: tuple[int, int],
                      image_hw: tuple[int, int], tau: int = 4, threshold: float = 0.6,
-                     uncertainty_threshold: float = 0.5) -> jax.Array:
+                     uncertainty_threshold: float = 0.5, normalisation: str = "minmax") -> jax.Array:
     """The whole post-processing: averaged attention -> (B, H, W) uint8 label maps of the image size."""
-    maps = class_scores(self_attention, cross, weights, self_hw=self_hw, cross_hw=cross_hw, image_hw=image_hw, tau=tau)
+    maps = class_scores(self_attention, cross, weights, self_hw=self_hw, cross_hw=cross_hw, image_hw=image_hw, tau=tau,
+                        normalisation=normalisation, valid=valid)
     return threshold_labels(maps, class_ids, valid, threshold=threshold, uncertainty_threshold=uncertainty_threshold)
