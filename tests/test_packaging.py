@@ -104,3 +104,20 @@ def test_demo_imports_no_torch():
                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_config_names_resolve_from_any_directory(tmp_path, monkeypatch):
+    from datasetdm_jax import config_utils
+
+    monkeypatch.chdir(tmp_path)
+    shipped = config_utils.configs_dir()
+    for spec, name in (("voc_semantic", "voc_semantic.py"), ("voc_semantic.py", "voc_semantic.py"),
+                       ("configs/shapes_sd.py", "shapes_sd.py"), ("shapes_demo", "shapes_demo.py")):
+        assert config_utils.resolve_config(spec) == os.path.join(shipped, name)
+    assert config_utils.load_config("shapes_sd:tiny").to_dict() == config_utils.load_config(
+        os.path.join(shipped, "shapes_sd.py:tiny")).to_dict()
+    (tmp_path / "voc_semantic.py").write_text("import ml_collections\n\ndef get_config(arg=None):\n"
+                                              "    return ml_collections.ConfigDict({'mine': arg})\n")
+    assert config_utils.load_config("voc_semantic.py:x").mine == "x"  # a file where it points wins
+    with pytest.raises(FileNotFoundError, match="not a file here, nor a shipped config: .*voc_semantic"):
+        config_utils.load_config("no_such_config:small")
