@@ -4,7 +4,15 @@ Global example i lives in shard i // shard_size; shard s is made by process s % 
 in fixed batches of `batch_size` global indices (the last one padded), so what an example
 becomes depends on its index only: reruns, resumed runs and runs on other process counts write
 the same bytes. A shard is complete once its summary NAME.json exists (written after the data
-files, each by temp file + fsync + rename); the manifest is written last, by process 0.
+files, each by temp file + fsync + rename, or by one upload to a bucket); the manifest is written
+last, by process 0.
+
+``--out`` is a local folder or ``gs://BUCKET/PREFIX`` (``datasetdm_jax.storage``); every process
+writes its shards there, and what is already there is what a rerun skips. Several processes meet at
+``jax.experimental.multihost_utils.sync_global_devices`` barriers: once after process 0 recorded
+the spec, once when every shard is written (process 0 then reads all summaries back from ``--out``)
+and once after the manifest. Each process appends its progress (images and shards done, images/s)
+to ``OUT/logs/process-K.jsonl`` after every shard.
 """
 
 from __future__ import annotations
@@ -19,11 +27,12 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
-from datasetdm_jax import labelers
+from datasetdm_jax import labelers, storage
 
-__all__ = ["SPEC_FILE", "FORMAT", "TRAINING_ONLY_KEYS", "generate_dataset", "main_generate"]
+__all__ = ["SPEC_FILE", "LOG_DIR", "FORMAT", "TRAINING_ONLY_KEYS", "generate_dataset", "main_generate"]
 
 SPEC_FILE = "spec.json"
+LOG_DIR = "logs"   # OUT/logs/process-K.jsonl: per-process progress, not part of the dataset's bytes
 FORMAT = "datasetdm-jax/generated-v1"
 
 
@@ -74,11 +83,10 @@ def _generation_view(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _stored_spec(out: str) -> dict[str, Any] | None:
-    path = os.path.join(out, SPEC_FILE)
-    if not os.path.isfile(path):
+    try:
+        return json.loads(storage.read_bytes(storage.join(out, SPEC_FILE)))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def _check_spec(out: str, spec: dict[str, Any], stored: dict[str, Any] | None) -> dict[str, Any]:
@@ -92,11 +100,11 @@ def _check_spec(out: str, spec: dict[str, Any], stored: dict[str, Any] | None) -
             raise ValueError(f"{out} holds a dataset made with a different setting ({_first_difference(old, new)}); "
                              "choose a new --out, or rerun the command that made it to resume")
         return stored
-    if os.path.isdir(out) and [n for n in os.listdir(out) if not n.startswith(".")]:
+    if [n for n in storage.listdir(out) if not n.startswith(".")]:
         raise ValueError(f"{out} is not empty and has no {SPEC_FILE}: not a dataset of `datasetdm generate`; "
                          "choose a new --out")
-    os.makedirs(out, exist_ok=True)
-    records.atomic_write(os.path.join(out, SPEC_FILE), json.dumps(spec, indent=1, sort_keys=True))
+    storage.makedirs(out)
+    records.atomic_write(storage.join(out, SPEC_FILE), json.dumps(spec, indent=1, sort_keys=True))
     return spec
 
 
@@ -115,21 +123,65 @@ def _shard_stats(labels: list[dict[str, Any]], num_classes: int | None) -> dict[
     return stats
 
 
-def _gather_summaries(mine: list[dict[str, Any]], run_key: str) -> list[dict[str, Any]] | None:
-    """Process 0 gets every process's shard summaries (through jax.distributed's key-value store,
-    so per-host local disks work); other processes get None."""
+def _barrier(name: str) -> None:
+    """All processes meet here (``sync_global_devices``; a no-op for one process). It waits as long
+    as the slowest process needs; a process that died makes it fail (its peers' connections drop, or
+    jax.distributed's heartbeat timeout, 100 s by default, stops the survivors) with this message."""
     if jax.process_count() == 1:
-        return mine
-    from jax._src import distributed  # the coordinator's key-value store; no public API yet
+        return
+    from jax.experimental import multihost_utils
 
-    client = distributed.global_state.client
-    client.key_value_set(f"{run_key}/{jax.process_index()}", json.dumps(mine))
+    try:
+        multihost_utils.sync_global_devices(name)
+    except Exception as e:  # noqa: BLE001 - gloo / runtime errors have no common type
+        raise errors.RunStopped(
+            f"generate: process {jax.process_index()}: another process of this run failed or died before "
+            f"'{name}' ({type(e).__name__}: {str(e).splitlines()[0][:200]}); finished shards are kept: "
+            "rerun every process with the same command to finish the dataset") from e
+
+
+def _gather_summaries(out: str, names: Sequence[str]) -> list[dict[str, Any]] | None:
+    """Process 0 gets every shard's summary, read back from ``out`` itself (the shared folder or
+    bucket every process wrote its ``NAME.json`` to) once all processes passed the barrier; other
+    processes get None."""
+    _barrier("datasetdm_generate_shards")
     if jax.process_index() != 0:
         return None
-    out = []
-    for p in range(jax.process_count()):
-        out += json.loads(client.blocking_key_value_get(f"{run_key}/{p}", 3_600_000))
-    return out
+    present = set(storage.listdir(out))
+    missing = [n for n in names if n + ".json" not in present]
+    if missing:
+        raise errors.RunStopped(f"generate: {len(missing)} shard(s) missing from {out} after every process finished "
+                           f"(first: {missing[0]}); each process must write to the same --out (a bucket "
+                           "or a shared folder, not a per-host local disk); rerun to finish")
+    return [json.loads(storage.read_bytes(storage.join(out, n + ".json"))) for n in names]
+
+
+class _ProgressLog:
+    """``OUT/logs/process-K.jsonl``: one JSON line per event (start, each shard written, done) with
+    images and shards done, images/s; rewritten whole after each line (one small upload to a bucket),
+    so it can be read while the job runs. A rerun appends to the lines already there."""
+
+    def __init__(self, out: str, pid: int, nproc: int, **totals: int):
+        self.path = storage.join(out, LOG_DIR, f"process-{pid}.jsonl")
+        self.base = {"process": pid, "processes": nproc, **totals}
+        storage.makedirs(storage.join(out, LOG_DIR))
+        try:
+            self.text = storage.read_text(self.path)
+        except (FileNotFoundError, IsADirectoryError):
+            self.text = ""
+        self.t0 = time.time()
+
+    def write(self, event: str, **fields: Any) -> None:
+        elapsed = time.time() - self.t0
+        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": event, **self.base, **fields,
+                "elapsed_s": round(elapsed, 3)}
+        made = fields.get("images_made", 0)
+        line["images_per_s"] = round(made / elapsed, 4) if made and elapsed > 0 else 0.0
+        self.text += json.dumps(line, sort_keys=True) + "\n"
+        try:
+            storage.write_bytes(self.path, self.text)
+        except OSError as e:  # progress is advisory: a failed log write must not stop generation
+            print(f"generate: could not write {self.path}: {e}")
 
 
 def generate_dataset(config, num_images: int, out: str, *, config_path: str | None = None, pipe=None,
@@ -141,6 +193,7 @@ def generate_dataset(config, num_images: int, out: str, *, config_path: str | No
     from datasetdm_jax import prompts as prompts_lib
     from datasetdm_jax.data import records, sources
 
+    out = storage.check(out)  # gs://BUCKET/PREFIX or a local folder; any other scheme: one line, nothing written
     g = config.generate
     num_images = int(num_images)
     if num_images < 1:
@@ -153,7 +206,8 @@ def generate_dataset(config, num_images: int, out: str, *, config_path: str | No
     pid, nproc = jax.process_index(), jax.process_count()
     mine = [s for s in range(num_shards) if s % nproc == pid]
     names = [records.shard_name(s, num_shards) for s in range(num_shards)]
-    todo = [s for s in mine if not os.path.isfile(os.path.join(out, names[s] + ".json"))]
+    present = set(storage.listdir(out))  # one listing: what the folder or bucket already holds
+    todo = [s for s in mine if names[s] + ".json" not in present]
     spec = {"format": FORMAT, "config": json.loads(config.to_json()), "num_images": num_images,
             "model": _model_fingerprint(str(config.pipeline)), "prompts": source.describe()}
     labeler = labeler or (labelers.make_labeler(config, pipe=pipe, config_path=config_path) if todo else None)
@@ -162,7 +216,17 @@ def generate_dataset(config, num_images: int, out: str, *, config_path: str | No
         spec["labeler"] = labeler.describe()
     elif stored is not None:  # nothing left to do here: keep the stored labeller
         spec["labeler"] = stored.get("labeler")
-    spec = _check_spec(out, spec, stored)
+    if stored is not None or pid == 0:  # every process checks a stored spec; process 0 records a new one
+        spec = _check_spec(out, spec, stored)
+    _barrier("datasetdm_generate_spec")
+    if stored is None and pid != 0:
+        stored = _stored_spec(out)
+        if stored is None:
+            raise errors.RunStopped(f"generate: process {pid}: no {SPEC_FILE} in {out} after process 0 wrote it; every "
+                               "process must write to the same --out (a bucket or a shared folder)")
+        if labeler is None:
+            spec["labeler"] = stored.get("labeler")
+        spec = _check_spec(out, spec, stored)
 
     def count(s):
         return min(shard_size, num_images - s * shard_size)
@@ -173,6 +237,9 @@ def generate_dataset(config, num_images: int, out: str, *, config_path: str | No
                dynamic_ncols=True, disable=not progress)
     t0, made = time.time(), 0
     bs = int(g.batch_size)
+    log = _ProgressLog(out, pid, nproc, images_total=total, shards_total=len(mine))
+    shards_done = len(mine) - len(todo)
+    log.write("start", images_done=done_before, shards_done=shards_done, images_made=0)
 
     def encode(recs: list[dict]) -> list[bytes]:
         return [records.to_example(r, fmt, class_names=class_names) for r in recs]
@@ -181,10 +248,11 @@ def generate_dataset(config, num_images: int, out: str, *, config_path: str | No
     # results are collected in submission order, so the shards do not depend on timing.
     encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="datasetdm-encode")
     try:
+        stale = [] if storage.is_remote(out) else [n for n in storage.listdir(out) if ".tmp-" in n]
         for s in todo:
-            for stale in os.listdir(out):
-                if stale.startswith(names[s]) and ".tmp-" in stale:
-                    os.remove(os.path.join(out, stale))
+            for n in stale:  # a killed local run's temp files (a bucket gets whole uploads only)
+                if n.startswith(names[s]):
+                    os.remove(os.path.join(out, n))
             encoded, all_labels = [], []
             lo, hi = s * shard_size, s * shard_size + count(s)
             for b0 in range(lo, hi, bs):
@@ -201,28 +269,28 @@ def generate_dataset(config, num_images: int, out: str, *, config_path: str | No
             examples = [e for f in encoded for e in f.result()]
             records.write_shard(out, names[s], examples, formats=formats,
                                 extra={"stats": _shard_stats(all_labels, len(class_names))})
+            shards_done += 1
+            log.write("shard", shard=names[s], images_done=done_before + made, shards_done=shards_done,
+                      images_made=made)
     finally:
         encoder.shutdown(wait=True, cancel_futures=True)
         bar.close()
     elapsed = time.time() - t0
-    summaries = []
-    for s in mine:
-        with open(os.path.join(out, names[s] + ".json")) as f:
-            summaries.append(json.load(f))
-    summaries = _gather_summaries(summaries, "datasetdm_generate/" + hashlib.sha256(
-        _canonical(spec).encode()).hexdigest()[:16])
+    log.write("shards_written", images_done=done_before + made, shards_done=shards_done, images_made=made)
+    summaries = _gather_summaries(out, names)
     if summaries is None:
+        _barrier("datasetdm_generate_manifest")  # returns once process 0 wrote the manifest
         print(f"generate: process {pid} wrote {len(todo)} shard(s), {made} images in {elapsed:.1f} s")
         return None
-    summaries.sort(key=lambda x: x["name"])
     manifest = _manifest(spec, summaries, num_images, shard_size, class_names)
     from datasetdm_jax import export
-    export.write_preview(out, [os.path.join(out, x["files"][formats[0]]["file"]) for x in summaries[:1]],
-                         os.path.join(out, "preview.png"))
+    export.write_preview(out, [storage.join(out, x["files"][formats[0]]["file"]) for x in summaries[:1]],
+                         storage.join(out, "preview.png"))
     if "array_record" in formats:  # tfds.builder_from_directory(out) reads the ArrayRecord shards in place
         from datasetdm_jax.data import records_tfds
         records_tfds.write_metadata(out, summaries)
-    records.atomic_write(os.path.join(out, records.MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
+    records.atomic_write(storage.join(out, records.MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
+    _barrier("datasetdm_generate_manifest")
     rate = made / elapsed if elapsed > 0 and made else 0.0
     print(f"generate: {num_images} images in {num_shards} shard(s) at {out} "
           f"(this process: {made} made now in {elapsed:.1f} s, {rate:.2f} img/s; {done_before} already there)")
@@ -252,6 +320,7 @@ def main_generate(config_path: str, num_images: int, out: str, overrides: Sequen
     """CLI body of ``datasetdm generate --config FILE.py[:arg] --num_images N --out DIR [key=value ...]``."""
     from datasetdm_jax.config_utils import load_config
 
+    storage.check(out)  # before the model loads: an unusable --out fails at once
     config = load_config(config_path, overrides)
     if "generate" not in config:
         raise ValueError(f"{config_path} has no `generate` section")

@@ -6,17 +6,21 @@ format (instances with RLE masks, boxes, scores and person keypoints; a semantic
 one annotation per class region, as COCO-stuff does; a pose-only dataset one keypoint annotation
 per person). Categories are the dataset's own classes (the manifest's ``class_names``), with their
 label values as ids. The export streams: memory stays constant in the number of images.
+``--data`` and ``--out`` are local folders or ``gs://BUCKET/PREFIX`` (``datasetdm_jax.storage``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from datasetdm_jax import storage
 from datasetdm_jax.data import records, shapes
 
 __all__ = ["colorize_depth", "overlay", "preview_grid", "write_preview", "to_coco", "CocoWriter", "dataset_class_names",
@@ -241,12 +245,15 @@ class CocoWriter:
     Image entries go straight into the output (a temporary name until ``close``), annotations into a
     spool file beside it, one JSON line each; ``close`` appends the spooled annotations and the
     categories (label values seen beyond the class list get ``class_K`` names), then renames the file
-    into place. Nothing grows with the number of images but the files on disk.
+    into place (for a gs:// ``path``, both files are local temporaries and ``close`` uploads the
+    result once). Nothing grows with the number of images but the files on disk.
     """
 
     def __init__(self, path: str, class_names: Sequence[str]):
-        self.path, self.class_names = path, tuple(class_names)
-        self._tmp, self._spool_path = f"{path}.tmp-{os.getpid()}", f"{path}.annotations-{os.getpid()}"
+        self.path, self.class_names = storage.check(path), tuple(class_names)
+        self._stage = tempfile.mkdtemp(prefix="datasetdm-coco-") if storage.is_remote(path) else None
+        base = os.path.join(self._stage, "annotations.json") if self._stage else path
+        self._tmp, self._spool_path = f"{base}.tmp-{os.getpid()}", f"{base}.annotations-{os.getpid()}"
         self._out = open(self._tmp, "w", encoding="utf-8")
         self._spool = open(self._spool_path, "w+", encoding="utf-8")
         self._out.write('{"info": ' + json.dumps(_INFO) + ', "images": [')
@@ -275,13 +282,19 @@ class CocoWriter:
         self._out.flush()
         os.fsync(self._out.fileno())
         self._out.close()
-        os.replace(self._tmp, self.path)
+        if self._stage:
+            storage.upload(self._tmp, self.path)
+            shutil.rmtree(self._stage, ignore_errors=True)
+        else:
+            os.replace(self._tmp, self.path)
 
     def abort(self) -> None:
         for f, p in ((self._spool, self._spool_path), (self._out, self._tmp)):
             f.close()
             if os.path.exists(p):
                 os.remove(p)
+        if self._stage:
+            shutil.rmtree(self._stage, ignore_errors=True)
 
 
 def dataset_class_names(data: str) -> tuple[str, ...]:
@@ -310,13 +323,15 @@ def export_folder(data: str, out: str, min_quality: float | None = None, jpeg_qu
     file is written incrementally (``CocoWriter``), so memory does not grow with the dataset. COCO
     categories are the dataset's own classes (the manifest's ``class_names``).
     """
+    data, out = storage.check(data), storage.check(out)  # any other scheme: one line, nothing written
     class_names = dataset_class_names(data)  # also a one-line error for an unfinished or foreign folder
     for sub in ("images", "segmentation", "depth"):
-        os.makedirs(os.path.join(out, sub), exist_ok=True)
+        storage.makedirs(storage.join(out, sub))
     kept = dropped = 0
-    coco = CocoWriter(os.path.join(out, "annotations.json"), class_names)
-    prompts_path = os.path.join(out, "prompts.jsonl")
-    prompts_tmp = f"{prompts_path}.tmp-{os.getpid()}"
+    coco = CocoWriter(storage.join(out, "annotations.json"), class_names)
+    prompts_path = storage.join(out, "prompts.jsonl")
+    prompts_tmp = (f"{prompts_path}.tmp-{os.getpid()}" if not storage.is_remote(out)
+                   else os.path.join(coco._stage, "prompts.jsonl"))
     try:
         with open(prompts_tmp, "w", encoding="utf-8") as prompts_file:
             for ex in records.read_examples(data):
@@ -324,14 +339,14 @@ def export_folder(data: str, out: str, min_quality: float | None = None, jpeg_qu
                     dropped += 1
                     continue
                 stem = f"{ex['index']:08d}"
-                records.atomic_write(os.path.join(out, "images", stem + ".jpg"),
+                records.atomic_write(storage.join(out, "images", stem + ".jpg"),
                                      records.encode_jpeg(ex["image"], jpeg_quality))
                 if "segmentation" in ex:
-                    records.atomic_write(os.path.join(out, "segmentation", stem + ".png"),
+                    records.atomic_write(storage.join(out, "segmentation", stem + ".png"),
                                          records.encode_png(ex["segmentation"].astype(np.uint8)))
                 if "depth" in ex:
                     mm = np.clip(np.round(ex["depth"] / records.DEPTH_SCALE), 0, 65535).astype(np.uint16)
-                    records.atomic_write(os.path.join(out, "depth", stem + ".png"), records.encode_png(mm))
+                    records.atomic_write(storage.join(out, "depth", stem + ".png"), records.encode_png(mm))
                 prompts_file.write(json.dumps({"file_name": stem + ".jpg", "prompt": ex["prompt"],
                                                "index": ex["index"]}) + "\n")
                 coco.add(ex, f"images/{stem}.jpg")
@@ -343,8 +358,11 @@ def export_folder(data: str, out: str, min_quality: float | None = None, jpeg_qu
         if os.path.exists(prompts_tmp):
             os.remove(prompts_tmp)
         raise
+    if storage.is_remote(out):
+        storage.upload(prompts_tmp, prompts_path)  # before close() removes the staging folder
     coco.close()
-    os.replace(prompts_tmp, prompts_path)
+    if not storage.is_remote(out):
+        os.replace(prompts_tmp, prompts_path)
     return {"images": kept, "dropped": dropped, "annotations": coco.num_annotations}
 
 

@@ -45,7 +45,8 @@ def setup(tmp_path_factory):
 
 
 def _files(folder):
-    return {n: (folder / n).read_bytes() for n in sorted(os.listdir(folder))}
+    """The dataset's files (``logs/``, each process's progress, is not part of its bytes)."""
+    return {n: (folder / n).read_bytes() for n in sorted(os.listdir(folder)) if n != dataset_writer.LOG_DIR}
 
 
 def _cli(root, args, extra_env=None):
@@ -57,7 +58,8 @@ def _cli(root, args, extra_env=None):
 def test_records_manifest_and_preview(setup):
     root, _, config, _, ref, manifest = setup
     names = sorted(os.listdir(ref))
-    assert names == sorted([records.MANIFEST, dataset_writer.SPEC_FILE, "preview.png", "dataset_info.json", "features.json"] + [
+    assert names == sorted([records.MANIFEST, dataset_writer.SPEC_FILE, "preview.png", "dataset_info.json", "features.json",
+                            dataset_writer.LOG_DIR] + [
         f"data-0000{s}-of-00003{ext}" for s in range(3) for ext in (".tfrecord", ".array_record", ".json")])
     assert manifest["counts"]["images"] == NUM and manifest["num_shards"] == 3
     assert [s["num_records"] for s in manifest["shards"]] == [3, 3, 2]

@@ -33,8 +33,10 @@ labels come from ``decoders/postprocess.py`` (score threshold, instance cap, joi
 Folders written before the segmentation keys took the Model Garden names hold them as
 ``segmentation/class/encoded`` and ``segmentation/attention/encoded``; the readers here take both.
 
-A shard is written to a temporary name, fsynced and renamed, so a killed run leaves either a
-complete shard or none; TFRecord framing uses masked CRC32C (``google-crc32c``) as ``tf.data``
+Files go through ``datasetdm_jax.storage`` (a local folder or ``gs://BUCKET/PREFIX``). A shard is
+written to a temporary name, fsynced and renamed (into a local staging folder for a bucket, then
+published with one upload per file), and its summary ``NAME.json`` written last, so a killed run
+leaves either a complete shard or none; TFRecord framing uses masked CRC32C (``google-crc32c``) as ``tf.data``
 expects. Shards are written as TFRecord, ArrayRecord or both (``FORMATS``). ``grain_source``
 (ArrayRecord), ``read_tfrecords`` (TFRecord) and ``read_examples`` (whichever the folder has) read a
 dataset back as numpy dicts.
@@ -44,7 +46,6 @@ Longer than 400 lines: one on-disk format, its writer and its readers, kept side
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -54,9 +55,11 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from datasetdm_jax import storage
+
 __all__ = ["encode_png", "encode_jpeg", "decode_image", "to_example", "from_example", "serialize_example",
            "parse_example", "tfrecord_frame", "read_tfrecord", "write_shard", "atomic_write", "sha256_file",
-           "shard_name", "read_manifest", "grain_source", "read_tfrecords", "read_examples", "read_array_record", "shard_records", "check_formats",
+           "shard_name", "read_manifest", "grain_source", "local_shards", "read_tfrecords", "read_examples", "read_array_record", "shard_records", "check_formats",
            "MANIFEST", "DEPTH_SCALE", "FORMATS", "SEGMENTATION_KEY", "ATTENTION_KEY"]
 
 MANIFEST = "manifest.json"
@@ -263,8 +266,9 @@ def tfrecord_frame(data: bytes) -> bytes:
 
 
 def read_tfrecord(path: str) -> Iterator[bytes]:
-    """Records of a TFRecord file, CRC-checked; a truncated or corrupt file is a one-line error."""
-    with open(path, "rb") as f:
+    """Records of a TFRecord file (local or gs://), CRC-checked; a truncated or corrupt file is a
+    one-line error."""
+    with storage.open_file(path, "rb") as f:
         while True:
             header = f.read(12)
             if not header:
@@ -298,22 +302,13 @@ def _tmp(path: str) -> str:
 
 
 def atomic_write(path: str, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` via a temp file + fsync + rename (readers never see a partial file)."""
-    tmp = _tmp(path)
-    with open(tmp, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(os.path.dirname(os.path.abspath(path)))
+    """Write ``data`` to ``path`` whole (``storage.write_bytes``: temp file + fsync + rename, or one
+    upload to a bucket); readers never see a partial file."""
+    storage.write_bytes(path, data)
 
 
 def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return storage.sha256(path)
 
 
 def shard_name(shard: int, num_shards: int) -> str:
@@ -333,39 +328,45 @@ def write_shard(folder: str, name: str, examples: Sequence[bytes], formats: Sequ
                 extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write one shard in each format atomically, then a ``NAME.json`` summary (the completion mark).
 
+    ``folder`` local: each file is written to a temp name, fsynced and renamed. ``folder`` in a bucket:
+    each file is finished in a local staging folder, then published with one upload; the summary is
+    uploaded last, so a shard whose ``NAME.json`` exists is complete.
     Returns the summary: name, number of records, per file its name and sha256, and ``extra``.
     """
     files = {}
-    for fmt in check_formats(formats):
-        path = os.path.join(folder, name + FORMATS[fmt])
-        tmp = _tmp(path)
-        if fmt == "tfrecord":
-            with open(tmp, "wb") as f:
+    with storage.staging_dir(folder) as stage:
+        for fmt in check_formats(formats):
+            local = os.path.join(stage, name + FORMATS[fmt])
+            tmp = _tmp(local)
+            if fmt == "tfrecord":
+                with open(tmp, "wb") as f:
+                    for ex in examples:
+                        f.write(tfrecord_frame(ex))
+                    f.flush()
+                    os.fsync(f.fileno())
+            else:
+                from array_record.python.array_record_module import ArrayRecordWriter
+                w = ArrayRecordWriter(tmp, "group_size:1")
                 for ex in examples:
-                    f.write(tfrecord_frame(ex))
-                f.flush()
-                os.fsync(f.fileno())
-        else:
-            from array_record.python.array_record_module import ArrayRecordWriter
-            w = ArrayRecordWriter(tmp, "group_size:1")
-            for ex in examples:
-                w.write(ex)
-            w.close()
-            _fsync(tmp)
-        os.replace(tmp, path)
-        files[fmt] = {"file": os.path.basename(path), "sha256": sha256_file(path)}
+                    w.write(ex)
+                w.close()
+                _fsync(tmp)
+            os.replace(tmp, local)
+            files[fmt] = {"file": os.path.basename(local), "sha256": sha256_file(local)}
+            if storage.is_remote(folder):
+                storage.upload(local, storage.join(folder, name + FORMATS[fmt]))
     summary = {"name": name, "num_records": len(examples), "files": files, **dict(extra or {})}
-    atomic_write(os.path.join(folder, name + ".json"), json.dumps(summary, indent=1, sort_keys=True))
+    atomic_write(storage.join(folder, name + ".json"), json.dumps(summary, indent=1, sort_keys=True))
     return summary
 
 
 def read_manifest(folder: str) -> dict[str, Any]:
-    path = os.path.join(folder, MANIFEST)
-    if not os.path.isfile(path):
+    path = storage.join(folder, MANIFEST)
+    try:
+        return json.loads(storage.read_bytes(path))
+    except (FileNotFoundError, IsADirectoryError):
         raise FileNotFoundError(f"no {MANIFEST} in {folder}: not a finished generated dataset "
-                                "(rerun the `datasetdm generate` command that made it to finish it)")
-    with open(path) as f:
-        return json.load(f)
+                                "(rerun the `datasetdm generate` command that made it to finish it)") from None
 
 
 def _shard_paths(folder: str, fmt: str) -> list[str]:
@@ -374,7 +375,7 @@ def _shard_paths(folder: str, fmt: str) -> list[str]:
     if any(fmt not in s["files"] for s in shards):
         have = sorted({f for s in shards for f in s["files"]})
         raise ValueError(f"{folder}: no {fmt} shards (generate.formats of this folder: {have})")
-    return [os.path.join(folder, s["files"][fmt]["file"]) for s in shards]
+    return [storage.join(folder, s["files"][fmt]["file"]) for s in shards]
 
 
 def read_tfrecords(folder: str) -> Iterator[dict[str, Any]]:
@@ -385,16 +386,18 @@ def read_tfrecords(folder: str) -> Iterator[dict[str, Any]]:
 
 
 def read_array_record(path: str) -> Iterator[bytes]:
-    """Records of one ArrayRecord file, in order, read a block at a time (constant memory)."""
+    """Records of one ArrayRecord file, in order, read a block at a time (constant memory; a gs://
+    file is first downloaded to a temporary file: the reader opens local files only)."""
     from array_record.python.array_record_module import ArrayRecordReader
 
-    reader = ArrayRecordReader(path)
-    try:
-        n, step = reader.num_records(), 64
-        for lo in range(0, n, step):
-            yield from reader.read(list(range(lo, min(lo + step, n))))
-    finally:
-        reader.close()
+    with storage.local_copy(path) as local:
+        reader = ArrayRecordReader(local)
+        try:
+            n, step = reader.num_records(), 64
+            for lo in range(0, n, step):
+                yield from reader.read(list(range(lo, min(lo + step, n))))
+        finally:
+            reader.close()
 
 
 def shard_records(path: str) -> Iterator[bytes]:
@@ -420,12 +423,37 @@ class _Decode:
         return from_example(data)
 
 
+def local_shards(folder: str, fmt: str = "array_record", cache: str | None = None) -> list[str]:
+    """Local paths of a finished dataset's ``fmt`` shards: the files themselves for a local folder;
+    for a gs:// one, copies in ``cache`` (default ``$DATASETDM_DATA_CACHE`` or
+    ``~/.cache/datasetdm_jax/data``, under BUCKET/PREFIX), downloaded once and checked against the
+    manifest's sha256."""
+    paths = _shard_paths(folder, fmt)
+    if not storage.is_remote(folder):
+        return paths
+    cache = cache or os.environ.get("DATASETDM_DATA_CACHE", os.path.expanduser("~/.cache/datasetdm_jax/data"))
+    local_dir = os.path.join(cache, storage.scheme(folder), folder.split("://", 1)[1].strip("/"))
+    os.makedirs(local_dir, exist_ok=True)
+    want = {s["files"][fmt]["file"]: s["files"][fmt]["sha256"] for s in read_manifest(folder)["shards"]}
+    out = []
+    for p in paths:
+        local = os.path.join(local_dir, storage.basename(p))
+        if not os.path.isfile(local) or sha256_file(local) != want[os.path.basename(local)]:
+            storage.download(p, local + ".part")
+            os.replace(local + ".part", local)
+            if sha256_file(local) != want[os.path.basename(local)]:
+                raise ValueError(f"{p}: sha256 differs from the manifest's")
+        out.append(local)
+    return out
+
+
 def grain_source(folder: str):
     """A ``grain.MapDataset`` over the ArrayRecord shards (random access), decoded to numpy dicts.
 
     e.g. ``grain_source(out).shuffle(seed=0).batch(8)``; ragged keys (instances) need a custom batch fn.
+    A gs:// folder's shards are read from a local copy (``local_shards``): the reader opens local files.
     """
     import grain
 
-    src = grain.sources.ArrayRecordDataSource(_shard_paths(folder, "array_record"))
+    src = grain.sources.ArrayRecordDataSource(local_shards(folder, "array_record"))
     return grain.MapDataset.source(src).map(_Decode())

@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from datasetdm_jax import storage
 from datasetdm_jax.data import records
 
 __all__ = ["DATASET_NAME", "SPLIT", "FILE_TEMPLATE", "features", "write_metadata", "from_tfds", "tfds_source"]
@@ -91,7 +92,7 @@ def write_metadata(folder: str, shards: Sequence[Mapping[str, Any]] | None = Non
     if not shards or "array_record" not in shards[0]["files"]:
         raise ValueError(f"{folder}: no ArrayRecord shards to describe for tfds")
     fmt = "tfrecord" if "tfrecord" in shards[0]["files"] else "array_record"
-    first = os.path.join(folder, shards[0]["files"][fmt]["file"])
+    first = storage.join(folder, shards[0]["files"][fmt]["file"])  # a local folder or gs:// (tfds: etils.epath)
     keys = list(records.parse_example(next(iter(records.shard_records(first)))))
     template = naming.ShardedFileTemplate(data_dir=folder, template=FILE_TEMPLATE, dataset_name=DATASET_NAME,
                                           split=SPLIT, filetype_suffix="array_record")
@@ -153,7 +154,7 @@ def tfds_source(folder: str):
     import grain
     import tensorflow_datasets as tfds
 
-    if not os.path.isfile(os.path.join(folder, "dataset_info.json")):
+    if not storage.exists(storage.join(folder, "dataset_info.json")):
         raise FileNotFoundError(f"no dataset_info.json in {folder}: run "
                                 f"`python -c \"from datasetdm_jax.data import records_tfds; "
                                 f"records_tfds.write_metadata('{folder}')\"` first")
