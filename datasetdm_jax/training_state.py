@@ -11,6 +11,9 @@
 - ``check_finite``: a non-finite loss stops the run with ``TrainingDiverged``, nothing newer saved;
 - ``BestCheckpoint``: the parameters of the best validation score so far, saved in every
   checkpoint so that a resumed run selects what an uninterrupted one would.
+
+A workdir is a local folder or ``gs://BUCKET/PREFIX`` (``datasetdm_jax.storage``; orbax writes
+checkpoint arrays through tensorstore's GCS client, the rest through etils.epath).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from datasetdm_jax import storage
+
 __all__ = ["METRICS_FILE", "RESUME_HINT", "TrainingDiverged", "checkpoint_manager", "append_metrics",
            "truncate_metrics", "StopFlag", "on_interrupt", "check_finite", "BestCheckpoint"]
 
@@ -39,34 +44,43 @@ class TrainingDiverged(FloatingPointError):
 
 def checkpoint_manager(workdir: str, stage: str, keep: int) -> ocp.CheckpointManager:
     """The stage's checkpoints in ``<workdir>/<stage>/``, the newest ``keep`` kept."""
+    folder = storage.join(workdir, stage)
     return ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, stage)),
+        folder if storage.is_remote(folder) else os.path.abspath(folder),
         options=ocp.CheckpointManagerOptions(max_to_keep=int(keep), create=True,
                                              enable_async_checkpointing=False))
 
 
 def append_metrics(workdir: str, record: dict) -> None:
-    with open(os.path.join(workdir, METRICS_FILE), "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """One line more; in a bucket (no appends there) the small file is uploaded whole again."""
+    path, line = storage.join(workdir, METRICS_FILE), json.dumps(record) + "\n"
+    if not storage.is_remote(path):
+        with open(path, "a") as f:
+            f.write(line)
+        return
+    try:
+        old = storage.read_text(path)
+    except FileNotFoundError:
+        old = ""
+    storage.write_bytes(path, old + line)
 
 
 def truncate_metrics(workdir: str, stage: str, step: int) -> None:
     """On resume, drop records of this stage newer than the checkpoint (those steps are redone)."""
-    path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.isfile(path):
+    path = storage.join(workdir, METRICS_FILE)
+    try:
+        lines = storage.read_text(path).splitlines(keepends=True)
+    except FileNotFoundError:
         return
     keep = []
-    with open(path) as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not (r.get("stage") == stage and r.get("step", 0) > step):
-                keep.append(line if line.endswith("\n") else line + "\n")
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
+    for line in lines:
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not (r.get("stage") == stage and r.get("step", 0) > step):
+            keep.append(line if line.endswith("\n") else line + "\n")
+    storage.write_bytes(path, "".join(keep))
 
 
 class StopFlag:
@@ -147,7 +161,7 @@ class BestCheckpoint:
 
     def restore_args(self, checkpoint_dir: str, target: Any) -> dict[str, Any]:
         """Restore items for a checkpoint written before any validation too (it has no 'best')."""
-        if not self.metric or not os.path.isdir(os.path.join(checkpoint_dir, "best")):
+        if not self.metric or not storage.isdir(storage.join(checkpoint_dir, "best")):
             return {}
         return {"best": ocp.args.StandardRestore(target), "best_meta": ocp.args.JsonRestore()}
 

@@ -5,11 +5,11 @@ generated records plus real data, evaluate on the real test splits, print the ta
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Sequence
 
 import ml_collections
 
+from datasetdm_jax import storage
 from datasetdm_jax.config_utils import load_config
 from datasetdm_jax.downstream.compare import ROWS, format_table, jsonable, run_comparison
 from datasetdm_jax.downstream.data import real_arrays, records_arrays
@@ -57,7 +57,7 @@ def _check_classes(config: ml_collections.ConfigDict) -> None:
 def main_downstream(config_path: str, workdir: str | None = None,
                     overrides: Sequence[str] | None = None) -> dict[str, Any]:
     config = load_config(config_path, overrides)
-    workdir = workdir or str(config.workdir)
+    workdir = storage.check(workdir or str(config.workdir))  # local or gs://; another scheme: one line, at once
     counts: dict[str, Any] = {}
     real, synthetic, tests = load_data(config, counts)
     result = run_comparison(real, synthetic, tests, config)
@@ -67,10 +67,9 @@ def main_downstream(config_path: str, workdir: str | None = None,
               f"(min_quality {counts['min_quality']:g}, {counts['dropped']} dropped)")
     table = format_table(result)
     print(table)
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "report.json"), "w") as f:
-        json.dump({"config": config.to_dict(), **jsonable(result)}, f, indent=1, default=str)
-    with open(os.path.join(workdir, "table.txt"), "w") as f:
-        f.write(table + "\n")
-    print(f"report: {os.path.join(workdir, 'report.json')}")
+    storage.makedirs(workdir)
+    storage.write_bytes(storage.join(workdir, "report.json"),
+                        json.dumps({"config": config.to_dict(), **jsonable(result)}, indent=1, default=str))
+    storage.write_bytes(storage.join(workdir, "table.txt"), table + "\n")
+    print(f"report: {storage.join(workdir, 'report.json')}")
     return result
