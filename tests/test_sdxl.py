@@ -284,23 +284,21 @@ def test_sharded_fp16_variant_folder(sdxl_dir, sdxl_pipe, tmp_path):
 
 # --- sampling ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
-def test_sample_matches_diffusers_sdxl(sdxl_pipe, sdxl_torch, scheduler):
-    """The whole guided sampling loop against StableDiffusionXLPipeline with the same scheduler
-    (DDIM set on both; Euler, the folder's own), prompts and x_T."""
+def test_sample_matches_diffusers_sdxl(sdxl_pipe, sdxl_torch):
+    """The whole guided sampling loop against StableDiffusionXLPipeline with the folder's own
+    scheduler (Euler), the same prompts, negative prompts and x_T. (The other samplers' loops are
+    checked on SD; what is SDXL's here is the conditioning of both CFG halves.)"""
     import diffusers
     from datasetdm_jax import generate
     from tiny_sd import nchw
 
     steps, guidance, seed = 3, 5.0, 2
-    ours = generate.sample(sdxl_pipe, PROMPTS, steps=steps, guidance=guidance, scheduler=scheduler, seed=seed,
+    ours = generate.sample(sdxl_pipe, PROMPTS, steps=steps, guidance=guidance, scheduler="euler", seed=seed,
                            negative_prompt="a square")
     x_T = generate.initial_noise(seed, np.arange(len(PROMPTS)), (16, 16, 4))
-    if scheduler == "ddim":
-        sch = diffusers.DDIMScheduler.from_config(sdxl_torch.scheduler.config, clip_sample=False,
-                                                  set_alpha_to_one=False)
-    else:  # diffusers scales x_T by init_noise_sigma itself
-        sch = diffusers.EulerDiscreteScheduler.from_config(sdxl_torch.scheduler.config)
+    # A fresh pipeline object: the session's keeps its scheduler state. diffusers scales x_T by
+    # Euler's init_noise_sigma itself.
+    sch = diffusers.EulerDiscreteScheduler.from_config(sdxl_torch.scheduler.config)
     pipe = type(sdxl_torch)(**{**sdxl_torch.components, "scheduler": sch})
     pipe.watermark = None
     pipe.set_progress_bar_config(disable=True)
@@ -343,18 +341,17 @@ def test_save_pipeline_round_trip_sdxl(sdxl_pipe, tmp_path):
 
 
 def test_bench_programs_compile_tiny():
-    """The compile-only SDXL report (`bench/sdxl.py`) on the tiny architecture: every program compiles
-    from abstract weights and reports memory and FLOPs; the guided UNet's FLOPs grow with the batch."""
+    """The compile-only SDXL report (`bench/sdxl.py`) on the tiny architecture: the guided UNet step
+    compiles from abstract weights and reports memory and FLOPs."""
     import tiny_sdxl
     from datasetdm_jax.bench import sdxl
 
     text = lambda c: {**c, "vocab_size": 300}  # noqa: E731
     configs = {"unet": tiny_sdxl.UNET_CONFIG, "text_encoder": text(tiny_sdxl.TEXT_CONFIG),
                "text_encoder_2": text(tiny_sdxl.TEXT_CONFIG_2), "vae": {**tiny_sdxl.VAE_CONFIG, "force_upcast": True}}
-    rows = (sdxl.report(32, [1], jnp.float32, ["unet_cfg", "text", "vae_decode"], configs)
-            + sdxl.report(32, [2], jnp.float32, ["unet_cfg"], configs))
-    by = {(r["program"], r["batch"]): r for r in rows}
-    assert len(by) == 4 and all(r["peak_gib"] > 0 and r["gflop"] > 0 for r in rows)
+    (row,) = sdxl.report(32, [2], jnp.float32, ["unet_cfg"], configs)
+    assert row["batch"] == 2 and row["peak_gib"] > 0 and row["gflop"] > 0
+    assert set(sdxl.programs(32, 1, jnp.float32, configs)) == {"unet_cfg", "unet_cfg_capture", "text", "vae_decode"}
     assert 1.8 < by["unet_cfg", 2]["gflop"] / by["unet_cfg", 1]["gflop"] < 2.2
 
 
