@@ -27,9 +27,10 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
-from datasetdm_jax import labelers, storage
+from datasetdm_jax import errors, labelers, storage
+from datasetdm_jax.errors import UserError
 
-__all__ = ["SPEC_FILE", "LOG_DIR", "FORMAT", "TRAINING_ONLY_KEYS", "generate_dataset", "main_generate"]
+__all__ = ["SPEC_FILE", "LOG_DIR", "FORMAT", "TRAINING_ONLY_KEYS", "check_settings", "generate_dataset", "main_generate"]
 
 SPEC_FILE = "spec.json"
 LOG_DIR = "logs"   # OUT/logs/process-K.jsonl: per-process progress, not part of the dataset's bytes
@@ -83,10 +84,49 @@ def _generation_view(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _stored_spec(out: str) -> dict[str, Any] | None:
+    path = storage.join(out, SPEC_FILE)
     try:
-        return json.loads(storage.read_bytes(storage.join(out, SPEC_FILE)))
+        return json.loads(storage.read_bytes(path))
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is corrupt ({e}); it records how the dataset in {out} was made: restore it, "
+                        "or choose a new --out") from None
+
+
+def _has_shards(out: str) -> bool:
+    """Whether ``out`` holds a finished shard (its summary ``data-*.json``) or a manifest."""
+    from datasetdm_jax.data import records
+
+    return any(n == records.MANIFEST or (n.startswith("data-") and n.endswith(".json")) for n in storage.listdir(out))
+
+
+def check_settings(config, num_images: int) -> None:
+    """The ``generate`` section and ``num_images``, checked before a model loads or a file is written
+    (one-line ``UserError`` naming the key and what it takes)."""
+    from datasetdm_jax import generate, schedulers
+    from datasetdm_jax.data import records
+    from datasetdm_jax.labelers import grounding
+
+    if "generate" not in config:
+        raise UserError("the config has no `generate` section: pick a config made for `datasetdm generate`")
+    g = config.generate
+    errors.check_number("--num_images", num_images, integer=True, low=1)
+    for key in ("steps", "batch_size", "shard_size"):
+        errors.check_number(f"generate.{key}", g.get(key), integer=True, low=1)
+    errors.check_number("generate.seed", g.get("seed", 0), integer=True, low=0)
+    errors.check_number("generate.guidance", g.get("guidance", 1.0))
+    choices = {"scheduler": tuple(schedulers.SAMPLERS), "image_format": ("png", "jpeg"),
+               "labeler": tuple(labelers.LABELERS), "feature_pass": generate.FEATURE_PASSES,
+               "grounding": grounding.MODES}
+    for key, known in choices.items():
+        if key in g and str(g[key]).lower() not in known:
+            raise UserError(f"generate.{key}={g[key]!r}: expected one of {', '.join(known)}")
+    try:
+        records.check_formats(g.get("formats", ("tfrecord", "array_record")))
+        grounding.settings(g)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def _check_spec(out: str, spec: dict[str, Any], stored: dict[str, Any] | None) -> dict[str, Any]:
@@ -96,10 +136,17 @@ def _check_spec(out: str, spec: dict[str, Any], stored: dict[str, Any] | None) -
 
     if stored is not None:
         old, new = _generation_view(stored), _generation_view(spec)
-        if _canonical(old) != _canonical(new):
-            raise ValueError(f"{out} holds a dataset made with a different setting ({_first_difference(old, new)}); "
-                             "choose a new --out, or rerun the command that made it to resume")
-        return stored
+        if _canonical(old) == _canonical(new):
+            return stored
+        if _has_shards(out):
+            raise UserError(f"{out} holds a dataset made with a different setting ({_first_difference(old, new)}); "
+                            "choose a new --out, or rerun the command that made it to resume")
+        # A run that failed before finishing any shard made nothing: its spec does not lock the folder.
+        if jax.process_index() == 0:
+            print(f"generate: {out} holds no finished shard; its {SPEC_FILE} (from a run that stopped before "
+                  f"writing any) is replaced ({_first_difference(old, new)})")
+            records.atomic_write(storage.join(out, SPEC_FILE), json.dumps(spec, indent=1, sort_keys=True))
+        return spec
     if [n for n in storage.listdir(out) if not n.startswith(".")]:
         raise ValueError(f"{out} is not empty and has no {SPEC_FILE}: not a dataset of `datasetdm generate`; "
                          "choose a new --out")
@@ -193,11 +240,12 @@ def generate_dataset(config, num_images: int, out: str, *, config_path: str | No
     from datasetdm_jax import prompts as prompts_lib
     from datasetdm_jax.data import records, sources
 
-    out = storage.check(out)  # gs://BUCKET/PREFIX or a local folder; any other scheme: one line, nothing written
+    # gs://BUCKET/PREFIX or a local folder (not a file, not below one, writable); any other scheme,
+    # and any bad setting: one line, before a model loads or anything is written
+    out = errors.check_output_dir(out)
+    check_settings(config, num_images)
     g = config.generate
     num_images = int(num_images)
-    if num_images < 1:
-        raise ValueError(f"--num_images must be >= 1, got {num_images}")
     class_names = tuple(sources.class_names(config.data))  # the decoder's label values, e.g. VOC's 21
     source = prompts_lib.from_config(g.prompts, known_classes=class_names)
     shard_size, seed, fmt = int(g.shard_size), int(g.seed), str(g.image_format)
@@ -320,8 +368,9 @@ def main_generate(config_path: str, num_images: int, out: str, overrides: Sequen
     """CLI body of ``datasetdm generate --config FILE.py[:arg] --num_images N --out DIR [key=value ...]``."""
     from datasetdm_jax.config_utils import load_config
 
-    storage.check(out)  # before the model loads: an unusable --out fails at once
+    errors.check_output_dir(out)  # before the model loads: an unusable --out fails at once
     config = load_config(config_path, overrides)
     if "generate" not in config:
-        raise ValueError(f"{config_path} has no `generate` section")
+        raise UserError(f"{config_path} has no `generate` section: pick a config made for `datasetdm generate`")
+    check_settings(config, num_images)
     generate_dataset(config, num_images, out, config_path=config_path.split(":")[0])

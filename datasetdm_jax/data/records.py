@@ -49,6 +49,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import struct
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -56,6 +57,7 @@ import numpy as np
 from PIL import Image
 
 from datasetdm_jax import storage
+from datasetdm_jax.errors import UserError
 
 __all__ = ["encode_png", "encode_jpeg", "decode_image", "to_example", "from_example", "serialize_example",
            "parse_example", "tfrecord_frame", "read_tfrecord", "write_shard", "atomic_write", "sha256_file",
@@ -274,16 +276,23 @@ def read_tfrecord(path: str) -> Iterator[bytes]:
             if not header:
                 return
             if len(header) < 12:
-                raise ValueError(f"{path}: truncated TFRecord header")
+                raise _damaged(path, "truncated TFRecord header")
             (n,), (hcrc,) = struct.unpack("<Q", header[:8]), struct.unpack("<I", header[8:])
             if _masked_crc(header[:8]) != hcrc:
-                raise ValueError(f"{path}: corrupt TFRecord length CRC")
+                raise _damaged(path, "corrupt TFRecord length CRC")
             body = f.read(n + 4)
             if len(body) < n + 4:
-                raise ValueError(f"{path}: truncated TFRecord")
+                raise _damaged(path, "truncated TFRecord")
             if _masked_crc(body[:n]) != struct.unpack("<I", body[n:])[0]:
-                raise ValueError(f"{path}: corrupt TFRecord data CRC")
+                raise _damaged(path, "corrupt TFRecord data CRC")
             yield body[:n]
+
+
+def _damaged(path: str, what: str) -> UserError:
+    """A damaged shard file: one line naming it, and how to make it again."""
+    stem = re.sub(r"\.(tfrecord|array_record)$", "", storage.basename(path))
+    return UserError(f"{path}: {what}; the file is damaged: delete it and {stem}.json, then rerun the "
+                     "`datasetdm generate` command that made the dataset to write that shard again")
 
 
 # -- atomic shard and manifest writes ----------------------------------------------------------
@@ -363,10 +372,16 @@ def write_shard(folder: str, name: str, examples: Sequence[bytes], formats: Sequ
 def read_manifest(folder: str) -> dict[str, Any]:
     path = storage.join(folder, MANIFEST)
     try:
-        return json.loads(storage.read_bytes(path))
-    except (FileNotFoundError, IsADirectoryError):
+        manifest = json.loads(storage.read_bytes(path))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise FileNotFoundError(f"no {MANIFEST} in {folder}: not a finished generated dataset "
                                 "(rerun the `datasetdm generate` command that made it to finish it)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is corrupt ({e}): delete it and rerun the `datasetdm generate` command that "
+                        "made the dataset (it rewrites the manifest from the finished shards)") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise UserError(f"{path} has no list of shards: not a manifest of `datasetdm generate`")
+    return manifest
 
 
 def _shard_paths(folder: str, fmt: str) -> list[str]:
@@ -391,11 +406,18 @@ def read_array_record(path: str) -> Iterator[bytes]:
     from array_record.python.array_record_module import ArrayRecordReader
 
     with storage.local_copy(path) as local:
-        reader = ArrayRecordReader(local)
+        try:
+            reader = ArrayRecordReader(local)
+        except (RuntimeError, ValueError) as e:  # the C++ reader's errors (bad header, not a Riegeli file)
+            raise _damaged(path, f"unreadable ArrayRecord ({' '.join(str(e).split())[:200]})") from None
         try:
             n, step = reader.num_records(), 64
             for lo in range(0, n, step):
-                yield from reader.read(list(range(lo, min(lo + step, n))))
+                try:
+                    block = reader.read(list(range(lo, min(lo + step, n))))
+                except (RuntimeError, ValueError) as e:  # e.g. "chunk data hash mismatch"
+                    raise _damaged(path, f"corrupt ArrayRecord ({' '.join(str(e).split())[:200]})") from None
+                yield from block
         finally:
             reader.close()
 
