@@ -6,13 +6,20 @@ format (instances with RLE masks, boxes, scores and person keypoints; a semantic
 one annotation per class region, as COCO-stuff does; a pose-only dataset one keypoint annotation
 per person). Categories are the dataset's own classes (the manifest's ``class_names``), with their
 label values as ids. The export streams: memory stays constant in the number of images.
+``OUT/INCOMPLETE`` exists while an export runs (and after one that failed or was stopped);
+``OUT/export.json``, written last, records which dataset (its manifest's sha256) the folder is an
+export of. A non-empty ``--out`` is refused unless it is an export of the same data, which is then
+replaced whole (never mixed with the new files). Not a temporary folder swapped in at the end: a
+bucket has no rename, and a swap would need twice the disk space of a large export.
 ``--data`` and ``--out`` are local folders or ``gs://BUCKET/PREFIX`` (``datasetdm_jax.storage``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Any, Iterable, Sequence
@@ -20,11 +27,12 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from datasetdm_jax import storage
+from datasetdm_jax import errors, storage
 from datasetdm_jax.data import records, shapes
+from datasetdm_jax.errors import UserError
 
 __all__ = ["colorize_depth", "overlay", "preview_grid", "write_preview", "to_coco", "CocoWriter", "dataset_class_names",
-           "export_folder", "main_export"]
+           "export_folder", "main_export", "EXPORT_FILE", "INCOMPLETE_FILE"]
 
 # A perceptually ordered colour ramp (dark purple -> blue -> green -> yellow) for depth maps.
 _RAMP = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], np.float32)
@@ -316,16 +324,77 @@ def dataset_class_names(data: str) -> tuple[str, ...]:
     return ()
 
 
+EXPORT_FILE = "export.json"    # written last: what this folder is an export of (--data's manifest hash)
+INCOMPLETE_FILE = "INCOMPLETE"  # written first, removed last: present = the export did not finish
+_SUBDIRS = ("images", "segmentation", "depth")
+_OWN_FILES = ("annotations.json", "prompts.jsonl", EXPORT_FILE, INCOMPLETE_FILE)
+_OWN_NAME = re.compile(r"^\d{8,}\.(jpg|png)(\.tmp-\d+)?$")
+_OWN_TEMP = re.compile(r"^(annotations\.json|prompts\.jsonl)\.(tmp|annotations)-\d+$")  # of a killed run
+
+
+def _data_id(data: str) -> dict[str, str]:
+    """What identifies a generated dataset: its manifest's sha256 (which lists every shard's), and
+    where it was read from (for messages only)."""
+    manifest = storage.read_bytes(storage.join(data, records.MANIFEST))
+    return {"data": data if storage.is_remote(data) else os.path.abspath(data),
+            "manifest_sha256": hashlib.sha256(manifest).hexdigest()}
+
+
+def _prepare_out(data_id: dict[str, str], out: str) -> None:
+    """``out`` may be new, empty, or an earlier export of the same data (its ``export.json`` or
+    ``INCOMPLETE`` records the data's manifest hash), whose files are then removed so that nothing of
+    it stays beside the new export. Anything else is refused: exports are never mixed."""
+    names = [n for n in storage.listdir(out) if not n.startswith(".")]
+    if not names:
+        return
+    mark = next((n for n in (INCOMPLETE_FILE, EXPORT_FILE) if n in names), None)
+    if mark is None:
+        raise UserError(f"--out {out} is not empty and holds no export ({EXPORT_FILE} missing): choose a new or "
+                        "empty folder (an export is never written beside other files)")
+    try:
+        old = json.loads(storage.read_bytes(storage.join(out, mark)))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{storage.join(out, mark)} is corrupt ({e}); choose a new --out or delete {out}") from None
+    if old.get("manifest_sha256") != data_id["manifest_sha256"]:
+        raise UserError(f"--out {out} holds an export of another dataset ({old.get('data')}), not of "
+                        f"{data_id['data']}: choose a new --out, or delete {out} first")
+    stale = []
+    for sub in _SUBDIRS:
+        for n in storage.listdir(storage.join(out, sub)):
+            if not _OWN_NAME.match(n):
+                raise UserError(f"--out {out}: {storage.join(out, sub, n)} was not written by `datasetdm export`; "
+                                "choose a new --out, or remove that file")
+            stale.append(storage.join(out, sub, n))
+    stale += [storage.join(out, n) for n in names
+              if (n in _OWN_FILES and n != INCOMPLETE_FILE) or _OWN_TEMP.match(n)]
+    for p in stale:  # the earlier export of the same data: replaced whole, never mixed
+        storage.remove(p)
+
+
 def export_folder(data: str, out: str, min_quality: float | None = None, jpeg_quality: int = 95) -> dict[str, int]:
     """Write the plain folder and ``annotations.json``; examples below ``min_quality`` are left out.
 
     Streams: one record is decoded, written and dropped at a time (records.read_examples); the COCO
     file is written incrementally (``CocoWriter``), so memory does not grow with the dataset. COCO
     categories are the dataset's own classes (the manifest's ``class_names``).
+
+    ``out`` must be new, empty or an earlier export of the same ``data`` (replaced whole); an
+    ``INCOMPLETE`` file marks it until the export finishes, ``export.json`` (written last) records
+    what it is an export of. ``min_quality``: a number in [0, 1].
     """
-    data, out = storage.check(data), storage.check(out)  # any other scheme: one line, nothing written
+    data = storage.check(data)  # any other scheme: one line, nothing written
+    out = errors.check_output_dir(out)  # not a file, not below one, writable; before any work
+    if min_quality is not None:
+        min_quality = errors.check_number("--min_quality", min_quality, low=0.0, high=1.0)
     class_names = dataset_class_names(data)  # also a one-line error for an unfinished or foreign folder
-    for sub in ("images", "segmentation", "depth"):
+    data_id = _data_id(data)
+    _prepare_out(data_id, out)
+    storage.makedirs(out)
+    records.atomic_write(storage.join(out, INCOMPLETE_FILE), json.dumps(
+        {**data_id, "note": f"this export did not finish: rerun `datasetdm export --data {data} --out {out}` "
+                            "to redo it"}, indent=1))
+    best = None  # the highest quality seen, for the message when nothing reaches min_quality
+    for sub in _SUBDIRS:
         storage.makedirs(storage.join(out, sub))
     kept = dropped = 0
     coco = CocoWriter(storage.join(out, "annotations.json"), class_names)
@@ -337,6 +406,8 @@ def export_folder(data: str, out: str, min_quality: float | None = None, jpeg_qu
             for ex in records.read_examples(data):
                 if min_quality is not None and ex.get("quality", 1.0) < min_quality:
                     dropped += 1
+                    q = float(ex.get("quality", 1.0))
+                    best = q if best is None or q > best else best
                     continue
                 stem = f"{ex['index']:08d}"
                 records.atomic_write(storage.join(out, "images", stem + ".jpg"),
@@ -353,6 +424,9 @@ def export_folder(data: str, out: str, min_quality: float | None = None, jpeg_qu
                 kept += 1
             prompts_file.flush()
             os.fsync(prompts_file.fileno())
+        if not kept and dropped:
+            raise UserError(f"--min_quality {min_quality:g} leaves out all {dropped} examples of {data} (the highest "
+                            f"quality is {best:.3g}): nothing exported; choose a lower --min_quality")
     except BaseException:
         coco.abort()
         if os.path.exists(prompts_tmp):
@@ -363,7 +437,11 @@ def export_folder(data: str, out: str, min_quality: float | None = None, jpeg_qu
     coco.close()
     if not storage.is_remote(out):
         os.replace(prompts_tmp, prompts_path)
-    return {"images": kept, "dropped": dropped, "annotations": coco.num_annotations}
+    stats = {"images": kept, "dropped": dropped, "annotations": coco.num_annotations}
+    records.atomic_write(storage.join(out, EXPORT_FILE), json.dumps(
+        {**data_id, "min_quality": min_quality, **stats}, indent=1, sort_keys=True))
+    storage.remove(storage.join(out, INCOMPLETE_FILE))  # last: the export is complete
+    return stats
 
 
 def main_export(data: str, out: str, min_quality: float | None = None) -> None:

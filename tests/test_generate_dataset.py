@@ -164,8 +164,8 @@ def test_export_folder_and_coco(setup):
         np.testing.assert_array_equal(coco.annToMask(ann).astype(bool), seg == ann["category_id"])
     prompts_lines = (out / "prompts.jsonl").read_text().splitlines()
     assert json.loads(prompts_lines[3])["prompt"] == exs[3]["prompt"]
-    cut = export.export_folder(str(ref), str(root / "export_q"), min_quality=1.1)
-    assert cut == {"images": 0, "dropped": NUM, "annotations": 0}
+    with pytest.raises(ValueError, match=r"--min_quality=1.1: expected a number in \[0, 1\]"):
+        export.export_folder(str(ref), str(root / "export_q"), min_quality=1.1)
 
 
 def test_preview_has_depth_colour_rows():
