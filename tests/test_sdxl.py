@@ -352,7 +352,6 @@ def test_bench_programs_compile_tiny():
     (row,) = sdxl.report(32, [2], jnp.float32, ["unet_cfg"], configs)
     assert row["batch"] == 2 and row["peak_gib"] > 0 and row["gflop"] > 0
     assert set(sdxl.programs(32, 1, jnp.float32, configs)) == {"unet_cfg", "unet_cfg_capture", "text", "vae_decode"}
-    assert 1.8 < by["unet_cfg", 2]["gflop"] / by["unet_cfg", 1]["gflop"] < 2.2
 
 
 def test_euler_loop_matches_diffusers():
