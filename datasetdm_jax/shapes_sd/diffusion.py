@@ -155,9 +155,11 @@ def _fidelity_eval(config: ml_collections.ConfigDict, tokens: sd_data.Tokens, pa
     pipe = sd_export.assemble_pipeline(config, tokens, parts, jnp.float32)
 
     def run(weights) -> dict:
-        for name in ("unet", "text_encoder"):
-            graph, _, rest, _ = parts[name]
-            pipe.params[name] = nnx.split(nnx.merge(graph, weights[name], rest))[1]
+        # A new params dict, not an in-place swap: generation places a pipeline's parameters once per
+        # dict (``generate``), so the weights must arrive as a dict it has not seen.
+        swapped = {name: nnx.split(nnx.merge(parts[name][0], weights[name], parts[name][2]))[1]
+                   for name in ("unet", "text_encoder")}
+        pipe.params = {**pipe.params, **swapped}
         r = judge_lib.fidelity(pipe, judge, num_prompts=int(dcfg.fidelity_prompts), steps=int(dcfg.fidelity_steps),
                                guidance=float(dcfg.fidelity_guidance), scheduler="pndm", seed=0)
         return {"class_fidelity": r["single"]["class"], "colour_fidelity": r["single"]["colour"],
