@@ -66,3 +66,19 @@ def test_class_names_appended_and_unknown_classes_refused(setup, pipe):
     assert ids[0, :n].tolist() == [shapes.CLASSES.index(c) for c in ps[0].classes]
     with pytest.raises(ValueError, match="'dragon' is not a label class"):
         appended._inputs([prompts.Prompt("a dragon", ("dragon",))], 2)
+
+
+def test_attention_settings_reach_the_sampler(setup, pipe, monkeypatch):
+    """max_timestep and normalisation go from the attention config into the one-pass sampler."""
+    _, config, _, _, _, _ = setup
+    seen = {}
+
+    def record(pipe, **kw):
+        seen.update(kw)
+        raise RuntimeError("built")
+
+    monkeypatch.setattr(composite.attention, "build_labeller_fn", record)
+    with pytest.raises(RuntimeError, match="built"):
+        composite.DecoderAttentionLabeler(config, pipe=pipe, attention_config={**ATTENTION, "max_timestep": 500,
+                                                                               "normalisation": "peak"})
+    assert seen["max_timestep"] == 500 and seen["normalisation"] == "peak"
