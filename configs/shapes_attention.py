@@ -35,6 +35,9 @@ the background. ``normalisation: peak`` (each class against the strongest named 
 ``max_timestep: 600`` drops the noisiest steps (6 of the 15, t 621-931) and ``calibration_timestep:
 None`` calibrates on the real images averaged over the same steps (threshold 0.55 or 0.60, tied
 there). Real scenes name only classes they show, so min-max suits them better (56.5 vs 52.4).
+A segmenter trained on those 64 images alone (300 / 600 steps, mIoU on 128 real test scenes)
+reaches 0.87 / 0.92 of the P-Decoder-labelled one with the min-max labels and 0.94 / 0.89 with
+the shipped ones: at this size the downstream difference is within run-to-run noise.
 """
 
 import os
