@@ -19,7 +19,6 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from datasetdm_jax import devices, features, schedulers
-from datasetdm_jax.decoders import postprocess
 
 
 def initial_noise(seed: int, indices: jax.Array, shape: tuple[int, ...], dtype=jnp.float32,
@@ -164,12 +163,12 @@ def _compiled(pipe, mesh: Mesh, **settings):
 
 def _replicated_params(pipe, mesh: Mesh):
     """``pipe.params`` on every device of ``mesh``, placed once per parameter set."""
-    key = (id(pipe.params), tuple(d.id for d in mesh.devices.flat))
-    hit = _REPLICATED.get(pipe)
-    if hit is None or hit[0] != key:
-        hit = (key, jax.device_put(pipe.params, devices.data_shardings(mesh)[0]))
+    params, placement = pipe.params, tuple(d.id for d in mesh.devices.flat)
+    hit = _REPLICATED.get(pipe)  # (the parameter dict itself, placement, its copy): identity, not id()
+    if hit is None or hit[0] is not params or hit[1] != placement:
+        hit = (params, placement, jax.device_put(params, devices.data_shardings(mesh)[0]))
         _REPLICATED[pipe] = hit
-    return hit[1]
+    return hit[2]
 
 
 FEATURE_PASSES = ("last_step", "renoise")

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from datasetdm_jax import export
+from datasetdm_jax import coco_format, export
 from datasetdm_jax.data import records, shapes
 from datasetdm_jax.decoders import postprocess
 
@@ -204,7 +204,7 @@ def test_coco_export_pairs_keypoints_with_person_masks(tmp_path):
     off_grid = full["keypoints"].copy()                    # sub-pixel joints, as DARK decoding makes
     off_grid[..., :2] += np.float32(0.10517)
     pose_only["keypoints"] = off_grid
-    coco = export.to_coco([full, empty, pose_only])
+    coco = coco_format.to_coco([full, empty, pose_only])
     path = tmp_path / "ann.json"
     path.write_text(json.dumps(coco))
     api = COCO(str(path))

@@ -25,7 +25,7 @@ the keys of the TF Model Garden's segmentation decoder and the TF object-detecti
 =========================================  ================================================
 
 Instances and persons are separate lists: a pose dataset has keypoints and no masks, and where
-both exist ``export.to_coco`` pairs each person with the person mask holding most of its joints.
+both exist ``coco_format.to_coco`` pairs each person with the person mask holding most of its joints.
 An image with no instance or no person keeps the keys with empty lists of the right kind (int64,
 float), so ``tf.io.parse_example`` with ``VarLenFeature`` reads every record alike. Generated
 labels come from ``decoders/postprocess.py`` (score threshold, instance cap, joint threshold).
