@@ -18,7 +18,7 @@ with their captions (per-class IoU of the label with the object / with its compl
 - tau 1: the 16x16 self-attention is already smooth; tau 4 gives 0.56.
 
 ``calibrate=True`` (default here) picks the threshold on the 100 labelled real images
-(`attention.calibrate_thresholds`); ``labeler_config.class_tokens=class_prompt`` restores the
+(`calibration.calibrate_thresholds`); ``labeler_config.class_tokens=class_prompt`` restores the
 official keys.
 
 On generated images (64, the demo's 15 dpmpp_2m steps at guidance 3, captions not appended),

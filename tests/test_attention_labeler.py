@@ -12,7 +12,7 @@ import torch
 from flax import nnx
 
 from datasetdm_jax import generate, schedulers
-from datasetdm_jax.labelers import LABELERS, attention, class_prompts, make_labeler, refine
+from datasetdm_jax.labelers import LABELERS, attention, calibration, class_prompts, make_labeler, refine
 from datasetdm_jax.labelers.attention import AttentionLabelConfig
 from datasetdm_jax.labelers.resize import resize_bicubic
 from datasetdm_jax.models.unet_blocks import AttentionCapture
@@ -323,7 +323,7 @@ def shapes_attention():
     self_hw, cross_hw = attention.feature_grids(shapes_pipe, (16, 16), cfg)
     keys, w, cls, valid = attention.class_inputs(shapes_pipe, names, ids, prompts=captions,
                                                  class_tokens=cfg.class_tokens)
-    s, c = attention.real_attention(shapes_pipe, np.stack([it["image"] for it in items]), captions, keys,
+    s, c = calibration.real_attention(shapes_pipe, np.stack([it["image"] for it in items]), captions, keys,
                                     self_hw=self_hw, cross_hw=cross_hw, timestep=400)
     labels = refine.attention_labels(jnp.asarray(s), jnp.asarray(c), jnp.asarray(w), jnp.asarray(cls),
                                      jnp.asarray(valid), self_hw=self_hw, cross_hw=cross_hw, image_hw=(64, 64),
@@ -353,7 +353,7 @@ def test_shapes_attention_labels_the_objects_not_the_background(shapes_attention
 def test_calibration_picks_the_best_threshold(shapes_attention):
     d = shapes_attention
     cfg = dataclasses.replace(d["cfg"], threshold=0.5, uncertainty_threshold=0.4, calibration_timestep=400)
-    out, report = attention.calibrate_thresholds(d["pipe"], np.stack([it["image"] for it in d["items"]]),
+    out, report = calibration.calibrate_thresholds(d["pipe"], np.stack([it["image"] for it in d["items"]]),
                                                  d["captions"], d["names"], d["ids"], d["truth"], cfg,
                                                  grid=(0.1, 0.6, 0.95))
     assert set(report["miou"]) == {0.1, 0.6, 0.95}
@@ -368,14 +368,14 @@ def test_calibration_at_several_timesteps_averages_them(shapes_attention):
     d = shapes_attention
     images = np.stack([it["image"] for it in d["items"][:4]])
     kw = dict(self_hw=d["self_hw"], cross_hw=d["cross_hw"])
-    s2, c2 = attention.real_attention(d["pipe"], images, d["captions"][:4], d["keys"][:4], timestep=[400, 200], **kw)
-    one = [attention.real_attention(d["pipe"], images, d["captions"][:4], d["keys"][:4], timestep=t, **kw)
+    s2, c2 = calibration.real_attention(d["pipe"], images, d["captions"][:4], d["keys"][:4], timestep=[400, 200], **kw)
+    one = [calibration.real_attention(d["pipe"], images, d["captions"][:4], d["keys"][:4], timestep=t, **kw)
            for t in (400, 200)]
     assert rel_err(s2, (one[0][0] + one[1][0]) / 2) < 1e-5 and rel_err(c2, (one[0][1] + one[1][1]) / 2) < 1e-5
     cfg = dataclasses.replace(d["cfg"], calibration_timestep=None)
     with pytest.raises(ValueError, match="pass `timesteps`"):
-        attention.calibrate_thresholds(d["pipe"], images, d["captions"][:4], d["names"][:4], d["ids"][:4],
+        calibration.calibrate_thresholds(d["pipe"], images, d["captions"][:4], d["names"][:4], d["ids"][:4],
                                        d["truth"][:4], cfg)
-    _, report = attention.calibrate_thresholds(d["pipe"], images, d["captions"][:4], d["names"][:4], d["ids"][:4],
+    _, report = calibration.calibrate_thresholds(d["pipe"], images, d["captions"][:4], d["names"][:4], d["ids"][:4],
                                                d["truth"][:4], cfg, timesteps=[400, 200], grid=(0.6,))
     assert report["timesteps"] == [400, 200]

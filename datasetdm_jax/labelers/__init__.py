@@ -32,8 +32,8 @@ class AttentionLabeler:
         self.config = config
         self.pipe = pipe or train.load_frozen_pipeline(str(config.pipeline))
         self.class_names = tuple(sources.class_names(config.data))
-        from datasetdm_jax.labelers import attention  # thresholds calibrated once here when the config asks
-        self.settings, self.calibration = attention.configured(
+        from datasetdm_jax.labelers import calibration  # thresholds calibrated once here when the config asks
+        self.settings, self.calibration = calibration.configured(
             config, self.pipe, config.generate.get("labeler_config", None), self.class_names)
 
     def __call__(self, prompts, indices: np.ndarray, seed: int) -> LabelledExamples:

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from datasetdm_jax import generate
-from datasetdm_jax.labelers import attention, class_prompts
+from datasetdm_jax.labelers import attention, calibration, class_prompts
 from datasetdm_jax.labelers.decoder import DecoderLabeler
 
 ATTENTION_KEY = "attention_label"
@@ -83,7 +83,7 @@ class DecoderAttentionLabeler(DecoderLabeler):
             if pipe is None:
                 from datasetdm_jax import train
                 pipe = train.load_frozen_pipeline(str(config.pipeline))
-            self.attention, self.calibration = attention.configured(config, pipe, self.attention, self.class_names)
+            self.attention, self.calibration = calibration.configured(config, pipe, self.attention, self.class_names)
         super().__init__(config, pipe, config_path, also=also)
 
     def _build_sampler(self, pipe, g, capture: str):
