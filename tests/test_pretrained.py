@@ -204,7 +204,7 @@ def test_missing_unet_folder(broken):
 
 
 def test_missing_folder_and_bad_json(broken, tmp_path):
-    with pytest.raises(PretrainedError, match="not found"):
+    with pytest.raises(PretrainedError, match="no such folder"):
         load_pipeline(tmp_path / "nope")
     (broken / "vae" / "config.json").write_text("{not json")
     with pytest.raises(PretrainedError, match=r"vae/config.json: invalid JSON") as e:
