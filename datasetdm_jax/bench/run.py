@@ -67,6 +67,8 @@ def _generation(cfg: BenchConfig, pipe, size: int, batch: int, peak: float, torc
     # The documented Python API, as a notebook user calls it: tokenizes, splits the batch over the
     # local devices and returns host arrays; it should run at the CLI program's speed.
     from datasetdm_jax import generate
+    api_devices = min(cfg.devices or jax.local_device_count(), jax.local_device_count())
+    comp[f"generate.sample b{batch}"] = (None, 0.0, api_devices)  # timed only (its program is "generate bN")
     calls[f"generate.sample b{batch}"] = lambda: generate.sample(
         pipe, [programs.PROMPT] * batch, steps=cfg.steps, guidance=cfg.guidance, scheduler=cfg.scheduler,
         height=size, width=size, num_devices=cfg.devices)
