@@ -32,7 +32,7 @@ def _with_attention(base, att, real_att):
         row["test_shifted"] = {"rel": 0.3}
     base = {**base, "rows": ["real", "real+synthetic"], "test_splits": ["test", "test_shifted"], "num_real": 100,
             "num_synthetic": 64, "train": {"semantic": {}, "depth": {}}}
-    return demo.add_attention_rows(base, attention)
+    return demo.add_rows(base, attention, demo.ATTENTION_ROWS)
 
 
 def test_attention_rows_are_merged_compared_and_tabled():
@@ -45,8 +45,9 @@ def test_attention_rows_are_merged_compared_and_tabled():
     assert result["semantic"]["attention"]["test"]["miou"] == 0.25 and "attention" not in result["depth"]
     assert "attention" not in base["semantic"]  # the (a)-(c) result is not modified
     claims = demo.check_claims(result, min_gain=5.0)
-    assert [c["holds"] for c in claims] == [True, True, True, None, None]
-    assert claims[3]["measured"] == {"attention": {"test": 25.0, "test_shifted": 20.0},
+    # (d) 25.0 is 71% of (b) 35.0: below the 80% bar
+    assert [c["holds"] for c in claims] == [True, True, True, False, None]
+    assert claims[3]["measured"] == {"ratio": 0.714, "attention": {"test": 25.0, "test_shifted": 20.0},
                                      "p_decoder": {"test": 35.0, "test_shifted": 33.0}}
     assert claims[4]["measured"]["attention"] == {"test": 45.0, "test_shifted": 36.0}
     assert claims[4]["measured"]["real"] == {"test": 40.0, "test_shifted": 30.0}
@@ -54,6 +55,26 @@ def test_attention_rows_are_merged_compared_and_tabled():
     assert lines[3].split()[:2] == ["(d)", "synth.,"]
     assert lines[3].split()[-6:] == ["-", "64", "25.0", "20.0", "-", "-"]  # no depth from attention
     assert lines[4].split()[-6:] == ["100", "64", "45.0", "36.0", "-", "-"]
+    # a close attention row holds the claim; the consensus row (f) is merged and reported as measured
+    sem = lambda t, u: {"test": {"miou": t}, "test_shifted": {"miou": u}}
+    consensus = {"rows": ["synthetic"], "semantic": {"synthetic": sem(0.37, 0.34)},
+                 "train": {"semantic": {"synthetic": {"steps": 1}}}}
+    close = demo.add_rows(_with_attention(base, (0.30, 0.28), (0.45, 0.36)), consensus, demo.CONSENSUS_ROWS)
+    assert close["rows"][-1] == "consensus"
+    claims = demo.check_claims(close, min_gain=5.0)
+    assert [c["holds"] for c in claims] == [True, True, True, True, None, None]
+    assert claims[5]["measured"]["consensus"] == {"test": 37.0, "test_shifted": 34.0}
+    assert compare.format_table(close).splitlines()[5].split()[:2] == ["(f)", "synth.,"]
+
+
+def test_consensus_keeps_only_where_both_labellers_agree():
+    import numpy as np
+
+    from datasetdm_jax.labelers.composite import consensus_labels
+
+    decoder = np.array([[0, 1, 2, 255]], np.uint8)
+    attention = np.array([[0, 1, 3, 255]], np.uint8)
+    assert consensus_labels(decoder, attention).tolist() == [[0, 1, 255, 255]]
 
 
 def test_figure_shows_both_label_sets(tmp_path):
@@ -73,7 +94,7 @@ def test_figure_shows_both_label_sets(tmp_path):
     (tmp_path / records.MANIFEST).write_text(json.dumps({"shards": [summary]}))
     result = _with_attention(_result(0.40, 0.47, 0.30, 0.40, 0.20, 0.15), (0.25, 0.20), (0.45, 0.36))
     demo._figure(str(tmp_path / "figure.png"), str(tmp_path), result)
-    assert Image.open(tmp_path / "figure.png").size[1] == 1100  # four rows of images: 2.5 in each at 110 dpi
+    assert Image.open(tmp_path / "figure.png").size[1] == 1375  # five rows of images: 2.5 in each at 110 dpi
     # odd examples are all uncertain; even ones all background, where 1/3 of the P-Decoder pixels are 0
     segs = [ex["segmentation"] for ex in records.read_tfrecords(str(tmp_path))]
     expected = np.mean([(s == 0).mean() for s in segs[::2]])
