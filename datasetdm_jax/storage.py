@@ -42,7 +42,7 @@ _fresh_listings()
 
 __all__ = ["StorageError", "SCHEMES", "scheme", "is_remote", "check", "path", "join", "basename", "exists",
            "isdir", "listdir", "makedirs", "read_bytes", "read_text", "write_bytes", "open_file", "remove",
-           "upload", "download", "local_copy", "staging_dir", "sha256"]
+           "upload", "download", "local_copy", "staging_dir", "sha256", "fsync"]
 
 # scheme -> the Python package that serves it (fsspec implementation behind etils.epath)
 SCHEMES = {"gs": "gcsfs"}
@@ -134,8 +134,9 @@ def open_file(p, mode: str = "rb") -> IO:
     return path(p).open(mode)
 
 
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def fsync(local_path: str) -> None:
+    """fsync a local file or folder (a folder's entry list makes a rename durable)."""
+    fd = os.open(local_path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -156,7 +157,7 @@ def write_bytes(p, data: bytes | str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, p)
-    _fsync_dir(os.path.dirname(os.path.abspath(p)))
+    fsync(os.path.dirname(os.path.abspath(p)))
 
 
 def remove(p) -> None:
@@ -173,7 +174,7 @@ def upload(local: str, dst) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, dst)
-        _fsync_dir(os.path.dirname(os.path.abspath(dst)))
+        fsync(os.path.dirname(os.path.abspath(dst)))
         return
     out = path(dst).open("wb")
     try:

@@ -297,15 +297,6 @@ def _damaged(path: str, what: str) -> UserError:
 
 # -- atomic shard and manifest writes ----------------------------------------------------------
 
-def _fsync(path: str) -> None:
-    """fsync a file or a folder (a folder's entry list makes a rename durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _tmp(path: str) -> str:
     return f"{path}.tmp-{os.getpid()}"
 
@@ -359,7 +350,7 @@ def write_shard(folder: str, name: str, examples: Sequence[bytes], formats: Sequ
                 for ex in examples:
                     w.write(ex)
                 w.close()
-                _fsync(tmp)
+                storage.fsync(tmp)
             os.replace(tmp, local)
             files[fmt] = {"file": os.path.basename(local), "sha256": sha256_file(local)}
             if storage.is_remote(folder):
