@@ -234,7 +234,7 @@ def test_sampler_specific_refusals():
     with pytest.raises(ValueError, match="prediction_type"):
         S.get_sampler("pndm").timesteps(S.ScheduleConfig.from_dict(CONFIGS["cosine_sample_clip"]), 10)
     with pytest.raises(ValueError, match="unknown sampler"):
-        S.get_sampler("euler")
+        S.get_sampler("heun")  # not implemented here
     with pytest.raises(ValueError, match="num_steps"):
         S.get_sampler("ddim").timesteps(S.ScheduleConfig.from_dict(CONFIGS["sd15"]), 0)
 
