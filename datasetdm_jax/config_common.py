@@ -34,6 +34,7 @@ def shapes_pdecoder(task: str, **training: Any) -> ConfigDict:
     c.task = task
     c.name = f"shapes_{task}"
     c.pipeline = ""                  # "" = the shipped shapes-world SD (datasetdm_jax/assets/shapes_sd)
+    c.dtype = "auto"                 # the frozen SD's: bfloat16 on TPU/GPU, float32 on CPU (pretrained.DTYPES)
     c.workdir = f"runs/shapes_{task}"
     c.capture = "datasetdm"          # features preset: 'datasetdm' or 'lean'
     c.vae_features = ()              # VAE-decoder map resolutions added above the latent's (features.vae_maps)
@@ -110,7 +111,9 @@ def sd14_pdecoder(task: str, name: str, *, steps: int, eval_every: int, data: di
     c = ConfigDict()
     c.task = task
     c.name = name
-    c.pipeline = "models/stable-diffusion-v1-4"  # official: CompVis/stable-diffusion-v1-4
+    # A Hugging Face repo id (safetensors fetched once into the HF cache) or a local diffusers folder.
+    c.pipeline = "CompVis/stable-diffusion-v1-4"  # official
+    c.dtype = "auto"                 # the frozen SD's: bfloat16 on TPU/GPU, float32 on CPU (pretrained.DTYPES)
     c.workdir = f"runs/{name}"
     c.capture = "datasetdm"          # official: 28 UNet maps + cond cross-attention of all 16 layers
     c.vae_features = ()              # not in the paper: VAE-decoder maps, e.g. (128,) (features.vae_maps)

@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
-from datasetdm_jax import errors, labelers, storage
+from datasetdm_jax import errors, labelers, pretrained, storage
 from datasetdm_jax.errors import UserError
 
 __all__ = ["SPEC_FILE", "LOG_DIR", "FORMAT", "TRAINING_ONLY_KEYS", "check_settings", "generate_dataset", "main_generate"]
@@ -125,6 +125,7 @@ def check_settings(config, num_images: int) -> None:
     try:
         records.check_formats(g.get("formats", ("tfrecord", "array_record")))
         grounding.settings(g)
+        pretrained.resolve_dtype(config.get("dtype", "auto"))
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -259,6 +260,9 @@ def generate_dataset(config, num_images: int, out: str, *, config_path: str | No
     spec = {"format": FORMAT, "config": json.loads(config.to_json()), "num_images": num_images,
             "model": _model_fingerprint(str(config.pipeline)), "prompts": source.describe()}
     labeler = labeler or (labelers.make_labeler(config, pipe=pipe, config_path=config_path) if todo else None)
+    frozen = pipe if pipe is not None else getattr(labeler, "pipe", None)  # what runs, else what would
+    spec["model"]["dtype"] = str(frozen.dtype if frozen is not None else
+                                 pretrained.resolve_dtype(config.get("dtype", "auto")))
     stored = _stored_spec(out)
     if labeler is not None:
         spec["labeler"] = labeler.describe()

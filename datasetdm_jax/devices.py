@@ -46,6 +46,26 @@ def data_mesh(batch_size: int, devices: int | None = None) -> Mesh:
     return Mesh(np.array(local[:n]), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
+class MeshJit:
+    """``jax.jit(fn, **jit_kwargs)`` traced, compiled and run under ``jax.set_mesh(mesh)``.
+
+    Why: XLA splits ordinary ops over the mesh by itself, but not a Pallas kernel; under the context
+    mesh the splash-attention kernel sees the ``data`` axis and splits itself (``jax.shard_map``),
+    so multi-chip hosts and pods get the fast kernel (models/attention.py).
+    """
+
+    def __init__(self, fn, mesh: Mesh, **jit_kwargs):
+        self.mesh, self.jitted = mesh, jax.jit(fn, **jit_kwargs)
+
+    def __call__(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args)
+
+
 def data_shardings(mesh: Mesh) -> tuple[NamedSharding, NamedSharding]:
     """(replicated, split over ``data`` along the leading axis): the two placements of data-parallel
     work (parameters everywhere, each device its slice of the batch)."""

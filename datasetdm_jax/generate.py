@@ -156,8 +156,8 @@ def _compiled(pipe, mesh: Mesh, **settings):
     cache = _SAMPLERS.setdefault(pipe, {})
     if key not in cache:
         repl, data = devices.data_shardings(mesh)
-        cache[key] = jax.jit(build_sampler_fn(pipe, **settings), in_shardings=(repl, data, data, data, repl),
-                             out_shardings=data)
+        cache[key] = devices.MeshJit(build_sampler_fn(pipe, **settings), mesh,
+                                     in_shardings=(repl, data, data, data, repl), out_shardings=data)
     return cache[key]
 
 

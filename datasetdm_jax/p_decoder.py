@@ -23,12 +23,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from datasetdm_jax import devices, hub, pretrained, schedulers
+from datasetdm_jax import devices, generate, hub, pretrained, schedulers
 from datasetdm_jax.data import pipeline
 from datasetdm_jax.decoders import feature_spec
 from datasetdm_jax.decoders import tasks
 
-__all__ = ["Trainer", "load_frozen_pipeline", "TASK_KEYS", "BATCH_DTYPES", "PRETRAIN_HINT"]
+__all__ = ["Trainer", "load_frozen_pipeline", "frozen_pipeline_for", "TASK_KEYS", "BATCH_DTYPES", "PRETRAIN_HINT"]
 
 PRETRAIN_HINT = "datasetdm pretrain --config configs/shapes_sd.py"
 # Batch keys each task's loss reads (besides image and caption ids); only these go to the devices.
@@ -43,15 +43,22 @@ BATCH_DTYPES = {"segmentation": np.int32, "depth": np.float32, "instances": bool
                 "num_instances": np.int32, "keypoints": np.float32, "num_persons": np.int32}
 
 
-def load_frozen_pipeline(path: str) -> pretrained.Pipeline:
+def load_frozen_pipeline(path: str, dtype: str = "auto") -> pretrained.Pipeline:
     """The frozen SD: a local folder or a Hugging Face repo id (empty path: the shipped shapes-world
-    model); a missing one names both options and the command that makes the shapes-world one."""
+    model), in ``dtype`` (``pretrained.DTYPES``; "auto": bfloat16 on TPU/GPU, float32 on CPU); a
+    missing one names both options and the command that makes the shapes-world one."""
+    dtype = pretrained.resolve_dtype(dtype)  # a bad value fails before any file is read
     if not path:
         from datasetdm_jax.assets import shapes_sd_path
         path = shapes_sd_path()
     if not os.path.isfile(os.path.join(path, "model_index.json")) and not hub.is_repo_id(path):
         raise FileNotFoundError(f"no Stable Diffusion model at {path}; {hub.model_hint(path)}")
-    return pretrained.load_pipeline(path, dtype=jnp.float32)
+    return pretrained.load_pipeline(path, dtype=dtype)
+
+
+def frozen_pipeline_for(config: ml_collections.ConfigDict) -> pretrained.Pipeline:
+    """The frozen SD a config names (``pipeline``) in its ``dtype`` (default "auto")."""
+    return load_frozen_pipeline(str(config.pipeline), str(config.get("dtype", "auto")))
 
 
 def _timestep(sched: schedulers.ScheduleConfig, t: int) -> int:
@@ -72,19 +79,19 @@ class Trainer:
         self.config = config
         self.task = str(config.task)
         self.spec = tasks.spec_from_config(config)
-        self.pipe = pipe or load_frozen_pipeline(str(config.pipeline))
+        self.pipe = pipe or frozen_pipeline_for(config)
         self.sched = self.pipe.schedule
         self.t = _timestep(self.sched, config.timestep)
         self.capture = str(config.capture)
         self.num_classes = self.spec.num_classes
         # VAE-decoder maps above the latent resolution (features.vae_maps); () = the UNet's alone.
         self.vae_features = tuple(int(r) for r in config.get("vae_features", ()))
-        self.uncond_ids = np.asarray(self.pipe.tokenize([""])[0], np.int32)
+        self.uncond_ids = np.asarray(self.pipe.tokenize([""])[0], np.int32)  # (L,); SDXL (2, L)
         size = int(config.data.image_size)
+        frozen = {k: self.pipe.params[k] for k in ("vae", "unet", *self.pipe.text_encoders)}
         # The decoder's input shapes: `features` on one image, traced, not run.
-        feats = jax.eval_shape(self.features, {k: self.pipe.params[k] for k in ("vae", "unet", "text_encoder")},
-                               jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),
-                               jax.ShapeDtypeStruct((1, self.pipe.max_length), jnp.int32), jax.random.key(0))
+        feats = jax.eval_shape(self.features, frozen, jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),
+                               jax.ShapeDtypeStruct((1, *self.uncond_ids.shape), jnp.int32), jax.random.key(0))
         decoder = tasks.build_decoder(self.spec, feature_spec(feats), config.decoder.to_dict(),
                                       rngs=nnx.Rngs(int(config.seed)))
         self.graph, params, self.rest = nnx.split(decoder, nnx.Param, ...)
@@ -94,12 +101,12 @@ class Trainer:
         self.base_key = jax.random.key(int(config.seed))
         self.mesh = devices.data_mesh(int(config.batch_size))  # local devices: one mesh per process
         self.repl, self.data_sharding = devices.data_shardings(self.mesh)
-        self.frozen = jax.device_put({k: self.pipe.params[k] for k in ("vae", "unet", "text_encoder")}, self.repl)
+        self.frozen = jax.device_put(frozen, self.repl)
         # Two jits per step: the frozen SD's features, then the decoder's update. Split so the big
         # SD half is one compilation whatever the task (the persistent cache shares it between
         # trainers of equal shapes); jitted once per Trainer, so resumed runs in one process reuse it.
-        self.features_fn = jax.jit(self.features, in_shardings=(self.repl, self.data_sharding,
-                                                                 self.data_sharding, self.repl))
+        self.features_fn = devices.MeshJit(self.features, self.mesh, in_shardings=(
+            self.repl, self.data_sharding, self.data_sharding, self.repl))
         self._noise_key = jax.jit(lambda step: jax.random.split(jax.random.fold_in(self.base_key, step))[0])
         self._decoder_step = jax.jit(self.decoder_step, in_shardings=(self.repl, self.data_sharding,
                                                                       self.data_sharding),
@@ -119,13 +126,14 @@ class Trainer:
         return features.vae_maps(taps, self.vae_features)
 
     def features(self, frozen, image, input_ids, key):
-        """(B,H,W,3) in [-1,1], (B,L) caption ids -> captured Features (frozen: no gradient)."""
+        """(B,H,W,3) in [-1,1], caption ids (B,L; SDXL (B,2,L)) -> captured Features (frozen: no
+        gradient). The prompt is encoded as generation encodes it (`generate.prompt_embeddings`)."""
         p = self.pipe
         mean, _ = nnx.merge(p.graphdefs["vae"], frozen["vae"]).encode(image.astype(p.dtype))
         z0 = (mean - p.shift_factor) * p.scaling_factor
         zt = schedulers.add_noise(self.sched, z0, jax.random.normal(key, z0.shape, z0.dtype), self.t)
-        ids = jnp.concatenate([jnp.broadcast_to(jnp.asarray(self.uncond_ids), input_ids.shape), input_ids])
-        emb = nnx.merge(p.graphdefs["text_encoder"], frozen["text_encoder"]).encode(ids, clip_skip=p.clip_skip)
+        uncond = jnp.broadcast_to(jnp.asarray(self.uncond_ids), input_ids.shape)
+        emb = generate.prompt_embeddings(p, p.prompt_encoder(frozen), input_ids, uncond, zt.shape[1:3])
         _, feats = self._unet(frozen["unet"], jnp.concatenate([zt, zt]), emb)
         if self.vae_features:  # decoded from the clean latent, as generation decodes its result
             from datasetdm_jax import features
@@ -133,7 +141,10 @@ class Trainer:
         return jax.lax.stop_gradient(feats)
 
     def apply(self, params, feats):
-        """Raw decoder output on Features (segmentation: all layers' logits and masks)."""
+        """Raw decoder output on Features (segmentation: all layers' logits and masks). The decoder
+        runs in float32 whatever the frozen SD's dtype: bfloat16 features are upcast here, so the
+        feature bank keeps them at half the memory."""
+        feats = jax.tree.map(lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a, feats)
         return nnx.merge(self.graph, params, self.rest)(feats)
 
     def loss(self, params, feats, batch, key):

@@ -45,6 +45,8 @@ __all__ = [
     "read_json",
     "read_weights",
     "check_dtype",
+    "DTYPES",
+    "resolve_dtype",
     "model_classes",
 ]
 
@@ -62,6 +64,22 @@ _COMPONENTS = {
 }
 # SDXL's second text encoder (its tokenizer is `tokenizer_2/`).
 _SDXL_COMPONENTS = {"text_encoder_2": (("CLIPTextModelWithProjection",), "transformers")}
+
+
+# The frozen SD's `dtype` config values: "auto" is bfloat16 on TPU and GPU (what their matrix units
+# run at full rate, and what the memory estimates assume) and float32 on CPU (XLA's CPU backend has
+# no fast bfloat16 convolutions: docs/benchmarks.md).
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_dtype(name: str = "auto") -> jnp.dtype:
+    """A config's `dtype` value -> the dtype the frozen SD's weights and activations use here."""
+    name = str(name).lower()
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name!r}: expected one of {', '.join(DTYPES)}")
+    if name == "auto":
+        return jnp.dtype(jnp.bfloat16 if jax.default_backend() in ("tpu", "gpu") else jnp.float32)
+    return jnp.dtype(name)
 
 
 class PretrainedError(ValueError):
@@ -304,6 +322,11 @@ class Pipeline:
         """Two text encoders and a micro-conditioned UNet (a `StableDiffusionXLPipeline` folder)."""
         return "text_encoder_2" in self.graphdefs
 
+    @property
+    def text_encoders(self) -> tuple[str, ...]:
+        """The `params` keys `prompt_encoder` reads: SDXL's two towers or SD's one."""
+        return ("text_encoder", "text_encoder_2") if self.is_sdxl else ("text_encoder",)
+
     def tokenize(self, prompts: str | Sequence[str]) -> np.ndarray:
         """int32 token ids (B, max_length), truncated with a warning; SDXL: (B, 2, max_length), one
         row per tokenizer (they pad differently)."""
@@ -327,9 +350,8 @@ class Pipeline:
     def encode_ids(self, input_ids: Any) -> jax.Array | PromptEmbeds:
         """`tokenize`'s ids -> (B, L, D) prompt embeddings (honours `clip_skip`); SDXL: `PromptEmbeds`
         (`.hidden` (B, L, D1 + D2), `.pooled` (B, P), `.time_ids` None)."""
-        names = ("text_encoder", "text_encoder_2") if self.is_sdxl else ("text_encoder",)
         fn = self._jit("encode", lambda params, ids: self.prompt_encoder(params).encode(ids, clip_skip=self.clip_skip))
-        return fn({k: self.params[k] for k in names}, jnp.asarray(input_ids, jnp.int32))
+        return fn({k: self.params[k] for k in self.text_encoders}, jnp.asarray(input_ids, jnp.int32))
 
     def encode_prompt(self, prompts: str | Sequence[str]) -> jax.Array | PromptEmbeds:
         """Prompts -> (B, 77, D) embeddings (SDXL: `PromptEmbeds`), as diffusers' `encode_prompt`

@@ -28,15 +28,16 @@ from datasetdm_jax import pretrained, storage
 from datasetdm_jax.config_utils import load_config
 from datasetdm_jax.data import pipeline, sources
 from datasetdm_jax.decoders import tasks
-from datasetdm_jax.p_decoder import BATCH_DTYPES, PRETRAIN_HINT, TASK_KEYS, Trainer, load_frozen_pipeline
+from datasetdm_jax.p_decoder import (BATCH_DTYPES, PRETRAIN_HINT, TASK_KEYS, Trainer, frozen_pipeline_for,
+                                     load_frozen_pipeline)
 from datasetdm_jax.training_state import (METRICS_FILE, RESUME_HINT, BestCheckpoint, StopFlag, TrainingDiverged,
                                           append_metrics, check_finite, checkpoint_manager, on_interrupt,
                                           truncate_metrics)
 
-# Trainer, load_frozen_pipeline, TASK_KEYS, BATCH_DTYPES and PRETRAIN_HINT live in p_decoder; they
-# are named here too because `train.Trainer` / `train.load_frozen_pipeline` are the documented calls.
+# Trainer, load_frozen_pipeline, frozen_pipeline_for, TASK_KEYS, BATCH_DTYPES and PRETRAIN_HINT live
+# in p_decoder; they are named here too because `train.Trainer` / `train.load_frozen_pipeline` are the documented calls.
 __all__ = ["run", "evaluate", "predict_split", "main_train", "load_trained_decoder", "data_source", "train_source",
-           "train_iterator", "Trainer", "load_frozen_pipeline", "TASK_KEYS", "BATCH_DTYPES", "PRETRAIN_HINT",
+           "train_iterator", "Trainer", "load_frozen_pipeline", "frozen_pipeline_for", "TASK_KEYS", "BATCH_DTYPES", "PRETRAIN_HINT",
            "METRICS_FILE", "RESULTS_FILE", "TrainingDiverged"]
 
 STAGE = "decoder"

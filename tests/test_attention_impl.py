@@ -133,3 +133,32 @@ def test_captured_layers_keep_explicit_probabilities(unet):
     assert len(out["self_attention"]) == 3 and out["self_attention"][0].shape == (1, 256, 256)
     ref_eps, ref_out = jax.jit(call("xla", attention=request))(state, x, t, ctx)
     assert rel_err(eps, ref_eps) < TOL and rel_err(out["self_attention"][0], ref_out["self_attention"][0]) < TOL
+
+
+def test_splash_splits_itself_over_the_data_mesh(unet, reference):
+    """Under a 2-device ``data`` mesh (``devices.MeshJit``, as generation and training run) the Pallas
+    kernel runs inside ``shard_map``, one batch slice per device, and the UNet still matches the
+    einsum path; on TPU, "auto" picks splash under such a mesh and not without one (XLA would
+    gather the whole batch onto every device around a Pallas call)."""
+    from datasetdm_jax import devices
+
+    call, state, (x, t, ctx) = unet
+    mesh = devices.data_mesh(2)
+    assert mesh.size == 2
+    repl, data = devices.data_shardings(mesh)
+    fn = devices.MeshJit(call("splash"), mesh, in_shardings=(repl, data, repl, data), out_shardings=data)
+    with jax.set_mesh(mesh):
+        jaxpr = str(jax.make_jaxpr(call("splash"))(state, x, t, ctx))
+    assert jaxpr.count("shard_map") == 3 and "pallas_call" in jaxpr
+    eps = fn(state, x, t, ctx)
+    assert rel_err(eps, reference[0]) < TOL and eps.sharding.spec == jax.sharding.PartitionSpec("data")
+
+
+def test_auto_picks_splash_on_a_tpu_mesh(monkeypatch):
+    from datasetdm_jax import devices
+
+    monkeypatch.setattr(att.jax, "default_backend", lambda: "tpu")
+    monkeypatch.setattr(att.jax, "device_count", lambda: 2)
+    assert att.resolve_impl("auto") == "xla"
+    with jax.set_mesh(devices.data_mesh(2)):
+        assert att.resolve_impl("auto") == "splash"

@@ -64,6 +64,7 @@ def test_records_manifest_and_preview(setup):
     assert manifest["counts"]["images"] == NUM and manifest["num_shards"] == 3
     assert [s["num_records"] for s in manifest["shards"]] == [3, 3, 2]
     assert manifest["prompts"]["kind"] == "shapes" and manifest["labeler"]["name"] == "decoder"
+    assert manifest["model"]["dtype"] == "float32" and manifest["config"]["dtype"] == "auto"  # "auto" on CPU
     assert manifest["labeler"]["grounding"] == "prompt" and manifest["labeler"]["grounding_threshold"] == 0.0
     assert sum(manifest["counts"]["images_with_class"].values()) >= NUM
     for s in manifest["shards"]:

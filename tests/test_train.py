@@ -10,6 +10,7 @@ import os
 import struct
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -225,6 +226,25 @@ def test_deep_supervision_trains(sd):
                             "opt": tr.tx.init(tr.init_params)}, tr.repl)
     state, m = tr.step_fn(state, batch, tr.frozen)
     assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
+
+
+def test_bfloat16_frozen_sd_trains_a_float32_decoder(sd):
+    """``dtype=bfloat16``: the frozen SD loads and runs in bf16, the decoder's weights and Adam state
+    stay fp32, and its loss is finite; "auto" is float32 on this CPU; a bad value is one line."""
+    path, _, _ = sd
+    config = load_config(*tiny("semantic", f"pipeline={path}", "dtype=bfloat16"))
+    tr = train.Trainer(config)
+    assert tr.pipe.dtype == jnp.bfloat16
+    assert {x.dtype for x in jax.tree.leaves(tr.frozen["unet"])} == {jnp.dtype(jnp.bfloat16)}
+    batch = jax.device_put(tr.host_batch(next(train.train_iterator(config, None)), 0), tr.data_sharding)
+    state = jax.device_put({"step": np.zeros((), np.int32), "params": tr.init_params,
+                            "opt": tr.tx.init(tr.init_params)}, tr.repl)
+    state, m = tr.step_fn(state, batch, tr.frozen)
+    assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
+    assert {x.dtype for x in jax.tree.leaves(state["params"])} == {jnp.dtype(jnp.float32)}
+    assert pretrained.resolve_dtype("auto") == (jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"dtype='fp8': expected one of auto, float32, bfloat16, float16"):
+        train.load_frozen_pipeline(path, "fp8")
 
 
 def test_pose_data_holds_exactly_one_person(trainers):

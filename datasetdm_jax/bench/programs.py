@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from datasetdm_jax import features, generate, schedulers
-from datasetdm_jax.devices import data_mesh, data_shardings
+from datasetdm_jax.devices import MeshJit, data_mesh, data_shardings
 from datasetdm_jax.pretrained import Pipeline
 
 PROMPT = "a red circle and a blue person on a light striped background"
@@ -61,7 +61,7 @@ def generation(pipe: Pipeline, batch: int, size: int, *, steps: int, scheduler: 
     uncond = np.asarray(pipe.tokenize([""] * batch), np.int32)
     args = (_put(pipe.params, repl, abstract), _put(cond, data, abstract), _put(uncond, data, abstract),
             _put(np.arange(batch, dtype=np.int32), data, abstract), _put(np.int32(0), repl, abstract))
-    return Program(jax.jit(fn), args, mesh.size)
+    return Program(MeshJit(fn, mesh), args, mesh.size)
 
 
 def loop_trips(pipe: Pipeline, steps: int, scheduler: str, capture: str | None) -> int:
@@ -98,7 +98,7 @@ def unet_forward(pipe: Pipeline, batch: int, size: int, *, capture: str | None =
         return eps, features.extract(taps, capture, batch)
 
     params = _put(pipe.params["unet"], data_shardings(mesh)[0], abstract)
-    return Program(jax.jit(run), (params, x, emb), mesh.size)
+    return Program(MeshJit(run, mesh), (params, x, emb), mesh.size)
 
 
 def sampler_step(pipe: Pipeline, batch: int, size: int, *, steps: int, scheduler: str, guidance: float = 7.5,
@@ -121,4 +121,4 @@ def sampler_step(pipe: Pipeline, batch: int, size: int, *, steps: int, scheduler
 
     params = _put(pipe.params["unet"], data_shardings(mesh)[0], abstract)
     i = jax.ShapeDtypeStruct((), jnp.int32) if abstract else jnp.int32(1)
-    return Program(jax.jit(run), (params, x, emb, state, i), mesh.size)
+    return Program(MeshJit(run, mesh), (params, x, emb, state, i), mesh.size)

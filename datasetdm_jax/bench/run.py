@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from datasetdm_jax import pretrained
 from datasetdm_jax.bench import memory, models, peaks, programs
 from datasetdm_jax.bench.config import BenchConfig
 from datasetdm_jax.bench.timing import compile_fn, make_timing, time_interleaved
@@ -136,7 +137,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "workdir"}
         return {"device": device, "settings": settings, "rows": [], "memory": _memory(cfg, workdir)}
     peak = device["peak_tflops"]
-    dtype = cfg.dtype or ("float32" if device["platform"] == "cpu" else "bfloat16")
+    dtype = str(pretrained.resolve_dtype(cfg.dtype or "auto"))  # as the configs' dtype="auto"
     _log(f"model {cfg.model}")
     pipe, source, folder = models.load_model(cfg.model, f"{workdir}/{cfg.model}", jnp.dtype(dtype))
     size = cfg.size or models.native_size(pipe)

@@ -30,7 +30,7 @@ class AttentionLabeler:
         from datasetdm_jax.data import sources
 
         self.config = config
-        self.pipe = pipe or train.load_frozen_pipeline(str(config.pipeline))
+        self.pipe = pipe or train.frozen_pipeline_for(config)
         self.class_names = tuple(sources.class_names(config.data))
         from datasetdm_jax.labelers import calibration  # thresholds calibrated once here when the config asks
         self.settings, self.calibration = calibration.configured(

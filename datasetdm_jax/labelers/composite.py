@@ -82,7 +82,7 @@ class DecoderAttentionLabeler(DecoderLabeler):
         if self.attention.calibrate:  # thresholds from the labelled real images, before the sampler is built
             if pipe is None:
                 from datasetdm_jax import train
-                pipe = train.load_frozen_pipeline(str(config.pipeline))
+                pipe = train.frozen_pipeline_for(config)
             self.attention, self.calibration = calibration.configured(config, pipe, self.attention, self.class_names)
         super().__init__(config, pipe, config_path, also=also)
 

@@ -62,8 +62,8 @@ class DecoderLabeler:
                 raise ValueError(f"{c.name}: its classes differ from {config.name}'s; decoders grounded in one "
                                  "prompt must share the class list")
         # Its own mesh: the decoder trained at another batch size (the papers' 1) than it labels at.
-        mesh = devices.data_mesh(self.batch_size)
-        self.repl, self.data_sharding = devices.data_shardings(mesh)
+        self.mesh = devices.data_mesh(self.batch_size)
+        self.repl, self.data_sharding = devices.data_shardings(self.mesh)
         self.frozen = jax.device_put(tr.frozen, self.repl)
         self.params = jax.device_put([p for _, p, _, _ in decoders], self.repl)
         passes = [generate.feature_pass(c.generate, t.t) for t, _, _, c in decoders]
@@ -101,7 +101,8 @@ class DecoderLabeler:
             return jnp.round(images * 255).astype(jnp.uint8), finish(labels)
 
         data, repl = self.data_sharding, self.repl
-        self.fn = jax.jit(run, in_shardings=(repl, repl, data, data, data, repl, data, data), out_shardings=data)
+        self.fn = devices.MeshJit(run, self.mesh, in_shardings=(repl, repl, data, data, data, repl, data, data),
+                                  out_shardings=data)
 
     def _build_sampler(self, pipe, g, capture: str):
         """(frozen, cond, uncond, indices, seed, extra) -> (images, features per pass, labels): the

@@ -10,8 +10,12 @@ nobody reads ("impl"):
   shapes and dtypes allow and falls back to XLA elsewhere;
 * "splash": the Pallas TPU splash-attention kernel (interpret mode off TPU, for tests), head dim
   zero-padded to a multiple of 128; used where both sequence lengths are multiples of 128
-  (long self-attention), other calls fall back to "xla";
-* "auto" (default): "splash" on a single TPU device, "dot_product" on GPU, "xla" elsewhere.
+  (long self-attention), other calls fall back to "xla". XLA cannot split a Pallas call over
+  devices, so under a context mesh with a ``data`` axis (``jax.set_mesh``; the project's jitted
+  programs run under their mesh, ``devices.MeshJit``) the kernel runs per device on its slice of
+  the batch (``jax.shard_map``);
+* "auto" (default): "splash" on TPU (one device, or any count under a context mesh),
+  "dot_product" on GPU, "xla" elsewhere.
 
 The default is module-wide (`set_attention_impl`, or the env var DATASETDM_ATTENTION_IMPL) and
 read at trace time: set it before the first jit of a model. Fused kernels, like diffusers' SDPA
@@ -58,7 +62,7 @@ def resolve_impl(impl: Kernel | None = None) -> str:
     if impl != "auto":
         return impl
     backend = jax.default_backend()
-    if backend == "tpu" and jax.device_count() == 1:  # a Pallas call is not split by GSPMD
+    if backend == "tpu" and (jax.device_count() == 1 or _data_axis_size() > 1):  # see splash_attention
         return "splash"
     return "dot_product" if backend == "gpu" else "xla"
 
@@ -111,6 +115,12 @@ def _splash_kernel(heads: int, lq: int, lk: int, interpret: bool):
         return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
+def _data_axis_size() -> int:
+    """The ``data`` axis size of the context mesh being traced under (1: none)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else int(dict(mesh.shape).get("data", 1))
+
+
 def splash_fits(q: jax.Array, k: jax.Array) -> bool:
     """Whether the splash kernel takes these shapes (both sequence lengths multiples of 128)."""
     return q.shape[1] % _SPLASH_LANES == 0 and k.shape[1] % _SPLASH_LANES == 0
@@ -128,8 +138,15 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: boo
     kern = _splash_kernel(q.shape[2], q.shape[1], k.shape[1], interpret)
     prep = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, pad))).transpose(0, 2, 1, 3)  # (B, H, L, D')
     q = (q.astype(jnp.float32) * d ** -0.5).astype(v.dtype)
-    out = jax.vmap(kern)(prep(q), prep(k.astype(v.dtype)), prep(v))
-    return out[..., :d].transpose(0, 2, 1, 3)
+
+    def per_device(q, k, v):
+        return jax.vmap(kern)(prep(q), prep(k.astype(v.dtype)), prep(v))[..., :d].transpose(0, 2, 1, 3)
+
+    n = _data_axis_size()
+    if n > 1 and q.shape[0] % n == 0:  # each device its rows of the batch, as the mesh lays them out
+        spec = jax.sharding.PartitionSpec("data")
+        per_device = jax.shard_map(per_device, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
+    return per_device(q, k, v)
 
 
 def multi_head_attention(q, k, v, *, kernel: Kernel | None = None, upcast: bool = True) -> jax.Array:

@@ -103,9 +103,9 @@ def input_transform(config: ml_collections.ConfigDict) -> Callable[[np.ndarray],
     A control: a scratch model that sees only what the latent keeps, as the P-Decoder does."""
     if not (config.get("baseline") or {}).get("vae_round_trip", False):
         return None
-    from datasetdm_jax.train import load_frozen_pipeline
+    from datasetdm_jax.train import frozen_pipeline_for
 
-    return load_frozen_pipeline(str(config.pipeline)).vae_round_trip
+    return frozen_pipeline_for(config).vae_round_trip
 
 
 class Scratch:
