@@ -11,7 +11,8 @@ shell-quoted, and runs none. Standard library only: runs on any machine with the
 
 * The runtime image follows the accelerator family (v4, v5e = v5litepod-*, v5p, v6e); see
   RUNTIMES. `setup` installs Python 3.11 with uv (the images' system Python is 3.10) and the
-  repository's pinned package set (requirements-ci.txt) with `jax[tpu]` at the pinned version.
+  package with its `tpu` extra (`jax[tpu]` at the tested version), every other dependency pinned
+  at the version requirements-ci.txt tests (another `--jax-version` replaces the extra's jax pin).
 * `--spot` asks for a Spot slice through a queued resource and waits until it is ACTIVE.
 * `generate` starts `datasetdm generate --distributed --out gs://...` detached on every worker
   (launch/worker.sh); each worker's log is copied to LOG_DIR/worker-W.log every minute and its exit
@@ -159,9 +160,13 @@ def delete_commands(args) -> list[list[str]]:
 
 def setup_commands(args) -> list[list[str]]:
     jax, pins = pinned_packages(args.jax_version)
+    # The package's own `tpu` extra, with every other dependency at its tested version; another
+    # --jax-version replaces the extra's pin by that one.
+    package = ".[tpu]" if jax == pinned_packages()[0] else "."
     install = (f"cd datasetdm-jax && ([ -x {UV} ] || curl -LsSf https://astral.sh/uv/install.sh | sh) && "
                f"([ -x .venv/bin/python ] || {UV} venv --python {shlex.quote(args.python)} .venv) && "
-               f"{UV} pip install --python .venv/bin/python -e . " + " ".join(shlex.quote(p) for p in pins))
+               f"{UV} pip install --python .venv/bin/python -e {shlex.quote(package)} "
+               + " ".join(shlex.quote(p) for p in pins))
     if args.repo:  # clone a published repository at a revision
         fetch = (f"[ -d datasetdm-jax ] || git clone -q {shlex.quote(args.repo)} datasetdm-jax; "
                  f"(cd datasetdm-jax && git fetch -q && git checkout -q {shlex.quote(args.revision)}); ")

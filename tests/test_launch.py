@@ -208,6 +208,7 @@ def test_all_dry_run_per_family(tmp_path, accel, runtime, hosts, spot):
     assert "uv venv --python 3.11 .venv" in setup
     jax = _pin("jax")
     assert f"'jax[tpu]=={jax}'" in setup and f"jaxlib=={jax}" in setup
+    assert "-e '.[tpu]' " in setup  # the package's tpu extra, the other pins at their tested versions
     assert f"flax=={_pin('flax')}" in setup and "torch" not in setup and "jax[cpu]" not in setup
     # weights: a gs:// model is pulled directly; a local decoder folder is uploaded once, then pulled
     assert "gs://bk/models/shapes_sd datasetdm-jax/models/shapes_sd" in pull_model
