@@ -37,3 +37,18 @@ def pipe(tiny_dir):
     from datasetdm_jax.pretrained import load_pipeline
 
     return load_pipeline(tiny_dir, dtype=jnp.float32)
+
+
+@pytest.fixture(scope="session")
+def sdxl_dir(tmp_path_factory):
+    """A tiny random SDXL folder (tests/tiny_sdxl.py) written by diffusers itself."""
+    import tiny_sdxl
+
+    return tiny_sdxl.build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl") / "sdxl")
+
+
+@pytest.fixture(scope="session")
+def sdxl_pipe(sdxl_dir):
+    from datasetdm_jax.pretrained import load_pipeline
+
+    return load_pipeline(sdxl_dir, dtype=jnp.float32)

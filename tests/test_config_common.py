@@ -11,8 +11,9 @@ from datasetdm_jax.data import shapes
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 SHAPES = ("semantic", "instance", "depth", "pose")
 VARIANTS = {**{f"shapes_{t}": ("", "tiny") for t in SHAPES}, "downstream_shapes": ("", "tiny"),
-            **{n: ("",) for n in ("voc_semantic", "cityscapes_semantic", "coco_instance", "nyu_depth", "coco_pose",
-                                  "downstream_voc", "downstream_cityscapes", "downstream_nyu")}}
+            **{n: ("",) for n in ("voc_semantic", "voc_semantic_sdxl", "cityscapes_semantic", "coco_instance",
+                                  "nyu_depth", "coco_pose", "downstream_voc", "downstream_cityscapes",
+                                  "downstream_nyu")}}
 
 
 def test_check_variant_names_the_known_ones():

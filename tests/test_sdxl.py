@@ -198,24 +198,10 @@ PROMPTS = ["a red circle on the green background", "a small blue star"]
 
 
 @pytest.fixture(scope="session")
-def sdxl_dir(tmp_path_factory):
-    import tiny_sdxl
-
-    return tiny_sdxl.build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl") / "sdxl")
-
-
-@pytest.fixture(scope="session")
 def sdxl_torch(sdxl_dir):
     import tiny_sdxl
 
     return tiny_sdxl.torch_pipeline(sdxl_dir)
-
-
-@pytest.fixture(scope="session")
-def sdxl_pipe(sdxl_dir):
-    from datasetdm_jax.pretrained import load_pipeline
-
-    return load_pipeline(sdxl_dir, dtype=jnp.float32)
 
 
 def test_vae_config_reads_sdxl_scale():

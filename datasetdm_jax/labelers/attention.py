@@ -155,6 +155,13 @@ def feature_grids(pipe, latent_hw: tuple[int, int],
             _grid(latent_hw, cfg.cross_res or latent_hw[0] // 4, "cross_res", available))
 
 
+def attention_keys(pipe, text, key_ids: jax.Array) -> jax.Array:
+    """The class keys' (B, T, D) context, what the UNet's cross-attention reads keys from: SDXL's
+    is both towers' hidden states (`PromptEmbeds.hidden`), from `class_inputs`' (B, 2, T) ids."""
+    emb = text.encode(key_ids, clip_skip=pipe.clip_skip)
+    return emb.hidden if pipe.is_sdxl else emb
+
+
 def zero_sums(batch: int, ls: int, lc: int, class_tokens: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Running sums (self attention, class-prompt attention, UNet calls) before the first step."""
     return (jnp.zeros((batch, ls, ls), jnp.float32), jnp.zeros((batch, lc, class_tokens), jnp.float32),
@@ -218,8 +225,8 @@ def build_labeller_fn(pipe, *, steps: int, guidance: float, scheduler: str, late
 
     def run(params, cond_ids, uncond_ids, class_prompt_ids, token_weights, class_ids, valid, indices, seed):
         text, unet, vae = generate.sampler_modules(pipe, params)
-        emb = generate.prompt_embeddings(pipe, text, cond_ids, uncond_ids)
-        request = AttentionCapture.request(text.encode(class_prompt_ids, clip_skip=pipe.clip_skip), ls, lc)
+        emb = generate.prompt_embeddings(pipe, text, cond_ids, uncond_ids, latent_hw)
+        request = AttentionCapture.request(attention_keys(pipe, text, class_prompt_ids), ls, lc)
         x_T = generate.latent_noise(pipe, seed, indices, latent_hw)
 
         def model_fn(x, t, sums):
@@ -231,7 +238,7 @@ def build_labeller_fn(pipe, *, steps: int, guidance: float, scheduler: str, late
             sums = accumulate(taps, sums, step_weight(t, max_timestep))
             return eps, features.extract(taps, capture, x.shape[0]), sums
 
-        sums = zero_sums(cond_ids.shape[0], ls, lc, class_prompt_ids.shape[1])
+        sums = zero_sums(cond_ids.shape[0], ls, lc, class_prompt_ids.shape[-1])
         if None in passes:
             z, last, sums = schedulers.sample_loop(sampler, pipe.schedule, steps, model_fn, x_T, last_model_fn, sums)
         else:
@@ -270,21 +277,25 @@ def _class_ids(names: Sequence[Sequence[str]], ids: Sequence[Sequence[int]] | No
 def class_inputs(pipe, class_names: Sequence[Sequence[str]], class_ids: Sequence[Sequence[int]] | None = None,
                  max_classes: int | None = None, *, prompts: Sequence[str] | None = None,
                  class_tokens: str = "class_prompt") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per image (key token ids, (K, T) token weights, K label values, K validity flags), with
+    """Per image (key token ids (T,), SDXL (2, T); (K, T) token weights, K label values, K validity flags), with
     K = `max_classes` or the class count rounded up to a multiple of 4 (few distinct compiles).
 
     The keys are the class prompt's (``class_tokens="class_prompt"``) or, for ``"caption"``, the
     generation `prompts` themselves (encoded again as keys: the same embeddings the UNet reads)."""
     k = max_classes or max(4, -(-max(len(c) for c in class_names) // 4) * 4)
-    if class_tokens == "caption":
-        if prompts is None:
-            raise ValueError("class_tokens='caption' needs the generation prompts")
-        tokens, weights = class_prompts.caption_token_weights(pipe.tokenizer, prompts, class_names,
-                                                              pipe.max_length, k)
-    elif class_tokens == "class_prompt":
-        tokens, weights = class_prompts.class_prompt_tokens(pipe.tokenizer, class_names, pipe.max_length, k)
-    else:
+    if class_tokens not in CLASS_TOKENS:
         raise ValueError(f"class_tokens={class_tokens!r}: expected one of {CLASS_TOKENS}")
+    if class_tokens == "caption" and prompts is None:
+        raise ValueError("class_tokens='caption' needs the generation prompts")
+
+    def keys(tokenizer):
+        if class_tokens == "caption":
+            return class_prompts.caption_token_weights(tokenizer, prompts, class_names, pipe.max_length, k)
+        return class_prompts.class_prompt_tokens(tokenizer, class_names, pipe.max_length, k)
+
+    tokens, weights = keys(pipe.tokenizer)
+    if pipe.is_sdxl:  # (B, 2, T) like `Pipeline.tokenize`: the second tokenizer pads otherwise, same positions
+        tokens = np.stack([tokens, keys(pipe.tokenizer_2)[0]], axis=1)
     return (tokens, weights, *_class_ids(class_names, class_ids, k))
 
 

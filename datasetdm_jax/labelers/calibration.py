@@ -16,8 +16,8 @@ import numpy as np
 
 from datasetdm_jax import generate, schedulers
 from datasetdm_jax.labelers import class_prompts, refine
-from datasetdm_jax.labelers.attention import (AttentionLabelConfig, accumulate, averaged_timesteps, class_inputs,
-                                              feature_grids, mean_maps, zero_sums)
+from datasetdm_jax.labelers.attention import (AttentionLabelConfig, accumulate, attention_keys, averaged_timesteps,
+                                              class_inputs, feature_grids, mean_maps, zero_sums)
 from datasetdm_jax.models.unet_blocks import AttentionCapture
 
 __all__ = ["CALIBRATION_GRID", "real_attention", "calibrate_thresholds", "configured"]
@@ -37,7 +37,7 @@ def real_attention(pipe, images: np.ndarray, prompts: Sequence[str], key_ids: np
     for a in range(0, len(images), batch):
         x = np.asarray(images[a:a + batch], np.float32) / 127.5 - 1.0
         z0 = pipe.vae_encode(x)
-        sums = zero_sums(len(x), ls, lc, key_ids.shape[1])
+        sums = zero_sums(len(x), ls, lc, key_ids.shape[-1])
         for t in timesteps:
             sums = fn(pipe.params, z0, pipe.tokenize(list(prompts[a:a + batch])), jnp.asarray(key_ids[a:a + batch]),
                       jax.random.fold_in(jax.random.PRNGKey(seed), a), jnp.int32(t), sums)
@@ -50,9 +50,9 @@ def real_attention(pipe, images: np.ndarray, prompts: Sequence[str], key_ids: np
 def _real_attention_fn(pipe, ls: int, lc: int):
     def run(params, z0, cond_ids, key_ids, noise_key, timestep, sums):
         text, unet, _ = generate.sampler_modules(pipe, params)
-        emb = text.encode(cond_ids, clip_skip=pipe.clip_skip)
+        emb = pipe.conditioning(text.encode(cond_ids, clip_skip=pipe.clip_skip), z0.shape[1:3])
         zt = schedulers.add_noise(pipe.schedule, z0, jax.random.normal(noise_key, z0.shape, z0.dtype), timestep)
-        request = AttentionCapture.request(text.encode(key_ids, clip_skip=pipe.clip_skip), ls, lc)
+        request = AttentionCapture.request(attention_keys(pipe, text, key_ids), ls, lc)
         _, att = unet(zt, jnp.full((z0.shape[0],), timestep, jnp.float32), emb, attention=request)
         return accumulate(att, sums)
 

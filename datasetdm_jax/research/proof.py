@@ -277,7 +277,7 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True) -> dict[str
     model = str(config.model) or assets.shapes_sd_path()
     fingerprint = model_fingerprint(model)
     pipe = train.load_frozen_pipeline(model)
-    frozen_params = int(sum(np.size(x) for k in ("vae", "unet", "text_encoder")
+    frozen_params = int(sum(np.size(x) for k in ("vae", "unet", *pipe.text_encoders)
                             for x in jax.tree.leaves(pipe.params[k])))
     splits = [str(s) for s in config.eval.splits]
     rows_cfg = config.rows  # 'depth,pose' or a sequence of names
