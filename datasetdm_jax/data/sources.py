@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import ml_collections
 
+from datasetdm_jax.errors import UserError
 from datasetdm_jax.data import real_base as rb
 
 
@@ -165,6 +166,11 @@ def build(data: ml_collections.ConfigDict, split: str | None = None, *, train: b
         return entry.build(data, split, few, int(num if num is not None else data.num_images),
                            int(seed if seed is not None else _get(data, "seed", 0)))
     src = entry.build(data, split, few, num, seed)
+    if len(src) == 0:  # an empty selection would only surface later, as an iterator that stops at once
+        root = _get(data, "root", "")
+        raise UserError(f"{_get(data, 'source', 'shapes')} split {split!r} at {root}: no image "
+                        + ("passes the few-shot selection (data.per_class, data.min_pixels, data.min_area, ...)"
+                           if train else "found") + "; check data.root and those settings")
     return _Head(src, num) if num is not None else src
 
 
