@@ -108,7 +108,7 @@ def test_voc_semantic_sdxl_trains_generates_and_exports(trained, overrides, tmp_
 
 
 def test_attention_labeller_on_sdxl_draws_the_samplers_images(sdxl_pipe):
-    from datasetdm_jax.labelers import attention
+    from datasetdm_jax.labelers import attention, calibration
 
     prompts, names = ["a red circle", "a blue star"], [["circle"], ["star"]]
     # 64 px: a 32x32 latent, not the UNet's sample_size 16, so the time ids must be the image's own;
@@ -121,3 +121,9 @@ def test_attention_labeller_on_sdxl_draws_the_samplers_images(sdxl_pipe):
     np.testing.assert_allclose(batch.images, images, atol=1e-5)  # same conditioning, same images
     tokens, *_ = attention.class_inputs(sdxl_pipe, names)
     assert tokens.shape == (2, 2, 77) and (tokens[:, 0] != tokens[:, 1]).any()  # both towers' ids, own padding
+    # calibration's pass on real images reads the same keys: softmax rows over the 77 class tokens
+    real = np.round(batch.images * 255).astype(np.uint8)
+    s, c = calibration.real_attention(sdxl_pipe, real, batch.prompts, tokens, self_hw=(16, 16), cross_hw=(16, 16),
+                                      timestep=400)
+    assert s.shape == (2, 256, 256) and c.shape == (2, 256, 77)
+    np.testing.assert_allclose(c.sum(-1), 1.0, rtol=1e-4)
