@@ -311,7 +311,9 @@ class Pipeline:
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.configs["vae"].get("block_out_channels", [0] * 4)) - 1)
 
-    def _jit(self, key: Any, fn: Callable) -> Callable:
+    def jit(self, key: Any, fn: Callable) -> Callable:
+        """``jax.jit(fn)`` kept with this pipeline under ``key`` (the first ``fn`` given for a key is the
+        one kept): compiled programs live and die with the weights they were built for."""
         if key not in self._jits:
             self._jits[key] = jax.jit(fn)
         return self._jits[key]
@@ -350,7 +352,7 @@ class Pipeline:
     def encode_ids(self, input_ids: Any) -> jax.Array | PromptEmbeds:
         """`tokenize`'s ids -> (B, L, D) prompt embeddings (honours `clip_skip`); SDXL: `PromptEmbeds`
         (`.hidden` (B, L, D1 + D2), `.pooled` (B, P), `.time_ids` None)."""
-        fn = self._jit("encode", lambda params, ids: self.prompt_encoder(params).encode(ids, clip_skip=self.clip_skip))
+        fn = self.jit("encode", lambda params, ids: self.prompt_encoder(params).encode(ids, clip_skip=self.clip_skip))
         return fn({k: self.params[k] for k in self.text_encoders}, jnp.asarray(input_ids, jnp.int32))
 
     def encode_prompt(self, prompts: str | Sequence[str]) -> jax.Array | PromptEmbeds:
@@ -391,13 +393,13 @@ class Pipeline:
                 mean = sample_latent(mean, logvar, key)
             return (mean - shift) * scale
 
-        fn = self._jit(("vae_encode", key is None), encode)
+        fn = self.jit(("vae_encode", key is None), encode)
         return fn(self.params["vae"], jnp.asarray(images, self.dtype), key)
 
     def vae_decode(self, latents: Any) -> jax.Array:
         """Scaled latents NHWC -> NHWC images, nominally in [-1, 1] (not clipped, as diffusers)."""
         gd, scale, shift = self.graphdefs["vae"], self.scaling_factor, self.shift_factor
-        fn = self._jit("vae_decode", lambda state, z: nnx.merge(gd, state).decode(z / scale + shift))
+        fn = self.jit("vae_decode", lambda state, z: nnx.merge(gd, state).decode(z / scale + shift))
         return fn(self.params["vae"], jnp.asarray(latents, self.dtype))
 
     def vae_round_trip(self, images: Any) -> np.ndarray:
@@ -419,7 +421,7 @@ class Pipeline:
         emb = self.conditioning(emb, latents.shape[1:3], time_ids)
         gd = self.graphdefs["unet"]
         if capture is None:
-            fn = self._jit("unet", lambda state, x, t, c: nnx.merge(gd, state)(x, t, c))
+            fn = self.jit("unet", lambda state, x, t, c: nnx.merge(gd, state)(x, t, c))
             return fn(self.params["unet"], latents, t, emb)
         if latents.shape[0] % 2:
             raise ValueError(f"unet_apply(capture={capture!r}) needs a CFG batch (uncond then cond rows), "
@@ -430,7 +432,7 @@ class Pipeline:
             eps, taps = nnx.merge(gd, state)(x, t, c, capture=True)
             return eps, features.extract(taps, capture, x.shape[0] // 2)
 
-        fn = self._jit(("unet_capture", capture), run)
+        fn = self.jit(("unet_capture", capture), run)
         return fn(self.params["unet"], latents, t, emb)
 
 

@@ -328,7 +328,7 @@ def label_batch(pipe, captions: Sequence[str], class_names: Sequence[Sequence[st
                     self_hw=self_hw, cross_hw=cross_hw, tau=cfg.tau, threshold=float(cfg.threshold),
                     uncertainty_threshold=float(cfg.uncertainty_threshold), max_timestep=cfg.max_timestep,
                     normalisation=cfg.normalisation)
-    fn = pipe._jit(("attention_labels", tuple(sorted(settings.items()))), build_labeller_fn(pipe, **settings))
+    fn = pipe.jit(("attention_labels", tuple(sorted(settings.items()))), build_labeller_fn(pipe, **settings))
     out = fn(pipe.params, pipe.tokenize(prompts), pipe.tokenize([negative_prompt] * len(prompts)), class_tok,
              weights, ids, valid, jnp.asarray(np.asarray(indices, np.int32)), jnp.int32(seed))
     batch = LabelledBatch(np.asarray(out["images"]), np.asarray(out["labels"]), prompts)

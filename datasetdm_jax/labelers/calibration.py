@@ -32,7 +32,7 @@ def real_attention(pipe, images: np.ndarray, prompts: Sequence[str], key_ids: np
     timesteps, the mean over one call at each (one noise per image for all), as the sampler averages."""
     ls, lc = self_hw[0] * self_hw[1], cross_hw[0] * cross_hw[1]
     timesteps = [int(t) for t in np.atleast_1d(timestep)]
-    fn = pipe._jit(("real_attention", ls, lc), _real_attention_fn(pipe, ls, lc))
+    fn = pipe.jit(("real_attention", ls, lc), _real_attention_fn(pipe, ls, lc))
     out_s, out_c = [], []
     for a in range(0, len(images), batch):
         x = np.asarray(images[a:a + batch], np.float32) / 127.5 - 1.0
