@@ -85,6 +85,7 @@ def shapes_generate(prompts: dict[str, Any] | None = None, **labels: Any) -> Con
         feature_pass="renoise",      # the decoders read features at their training timestep (400)
         # labels follow the prompt (datasetdm_jax/labelers/grounding.py); "none": argmax over all classes
         grounding="prompt", grounding_threshold=0.0,
+        param_sharding="replicated",  # or "fsdp": large SD weights split over the devices (sharding.py)
     )
     return ConfigDict({**g, **labels})
 
@@ -164,6 +165,7 @@ def sd14_generate(guidance: float = 5.0, prompts: dict[str, Any] | None = None, 
         shard_size=256,
         image_format="jpeg",          # 512 px photos: JPEG (quality 95); labels are always PNG
         formats=("tfrecord", "array_record"),  # shard files written: either or both
+        param_sharding="replicated",  # or "fsdp": large SD weights split over the devices (sharding.py)
     )
     return ConfigDict({**g, **labels})
 

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from datasetdm_jax import devices, features, schedulers
+from datasetdm_jax import devices, features, schedulers, sharding
 
 
 def initial_noise(seed: int, indices: jax.Array, shape: tuple[int, ...], dtype=jnp.float32,
@@ -144,30 +144,32 @@ def build_sampler_fn(pipe, *, steps: int, guidance: float, scheduler: str, laten
 
 
 # Per pipeline (dropped with it): its jitted samplers by (devices, setting), and its parameters
-# replicated on a mesh's devices (placed once, not copied again on every call).
+# placed on a mesh's devices (once, not copied again on every call).
 _SAMPLERS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
-_REPLICATED: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictionary()
+_PLACED: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictionary()
 
 
-def _compiled(pipe, mesh: Mesh, **settings):
-    """One jit per pipeline, device mesh and setting (steps, guidance, scheduler, size, capture):
-    parameters replicated, the batch split over the mesh's ``data`` axis."""
-    key = (tuple(d.id for d in mesh.devices.flat), tuple(sorted(settings.items())))
+def _compiled(pipe, mesh: Mesh, param_sharding: str, **settings):
+    """One jit per pipeline, device mesh, parameter placement (`sharding.param_shardings`) and
+    setting (steps, guidance, scheduler, size, capture): the batch split over the mesh's ``data`` axis."""
+    key = (tuple(d.id for d in mesh.devices.flat), param_sharding, tuple(sorted(settings.items())))
     cache = _SAMPLERS.setdefault(pipe, {})
     if key not in cache:
         repl, data = devices.data_shardings(mesh)
+        params = sharding.param_shardings(pipe.params, mesh, param_sharding)
         cache[key] = devices.MeshJit(build_sampler_fn(pipe, **settings), mesh,
-                                     in_shardings=(repl, data, data, data, repl), out_shardings=data)
+                                     in_shardings=(params, data, data, data, repl), out_shardings=data)
     return cache[key]
 
 
-def _replicated_params(pipe, mesh: Mesh):
-    """``pipe.params`` on every device of ``mesh``, placed once per parameter set."""
-    params, placement = pipe.params, tuple(d.id for d in mesh.devices.flat)
-    hit = _REPLICATED.get(pipe)  # (the parameter dict itself, placement, its copy): identity, not id()
+def _placed_params(pipe, mesh: Mesh, param_sharding: str):
+    """``pipe.params`` on the devices of ``mesh`` (replicated or FSDP-sharded), placed once per
+    parameter set."""
+    params, placement = pipe.params, (tuple(d.id for d in mesh.devices.flat), param_sharding)
+    hit = _PLACED.get(pipe)  # (the parameter dict itself, placement, its copy): identity, not id()
     if hit is None or hit[0] is not params or hit[1] != placement:
-        hit = (params, placement, jax.device_put(params, devices.data_shardings(mesh)[0]))
-        _REPLICATED[pipe] = hit
+        hit = (params, placement, jax.device_put(params, sharding.param_shardings(params, mesh, param_sharding)))
+        _PLACED[pipe] = hit
     return hit[2]
 
 
@@ -199,23 +201,24 @@ def latent_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
 
 def sample(pipe, prompts: Sequence[str], steps: int = 25, guidance: float = 7.5, scheduler: str = "ddim",
            seed: int = 0, *, height: int | None = None, width: int | None = None, negative_prompt: str = "",
-           start_index: int = 0, num_devices: int | None = None) -> np.ndarray:
+           start_index: int = 0, num_devices: int | None = None, param_sharding: str = "replicated") -> np.ndarray:
     """NHWC images in [0, 1] for `prompts` (no labels), through the same jitted sampler as generation.
 
     Example `k` of the call uses the noise of global index `start_index + k`, so the images do not
     depend on the batch or on the device count. The batch is split over all local devices (at most
-    ``num_devices``), padded to a multiple of their count.
+    ``num_devices``), padded to a multiple of their count. ``param_sharding``: 'replicated' or
+    'fsdp' (large weights split over those devices, `sharding.py`); the images are the same.
     """
     images, _ = sample_with_features(pipe, prompts, steps, guidance, scheduler, seed, capture=None, height=height,
                                      width=width, negative_prompt=negative_prompt, start_index=start_index,
-                                     num_devices=num_devices)
+                                     num_devices=num_devices, param_sharding=param_sharding)
     return images
 
 
 def sample_with_features(pipe, prompts: Sequence[str], steps: int = 25, guidance: float = 7.5,
                          scheduler: str = "ddim", seed: int = 0, *, capture: str | None = "datasetdm",
                          height: int | None = None, width: int | None = None, negative_prompt: str = "",
-                         start_index: int = 0, num_devices: int | None = None):
+                         start_index: int = 0, num_devices: int | None = None, param_sharding: str = "replicated"):
     """Like `sample`, plus the features captured at the last denoising step (`features.Features`,
     device arrays split over the devices like the batch)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -226,15 +229,16 @@ def sample_with_features(pipe, prompts: Sequence[str], steps: int = 25, guidance
     count = max(1, min(int(num_devices or len(local)), len(local)))
     mesh = devices.data_mesh(count, count)
     padded = -(-n // count) * count
-    fn = _compiled(pipe, mesh, steps=int(steps), guidance=float(guidance), scheduler=scheduler,
-                   latent_hw=latent_size(pipe, height, width), capture=capture)
+    fn = _compiled(pipe, mesh, sharding.check_mode(param_sharding), steps=int(steps), guidance=float(guidance),
+                   scheduler=scheduler, latent_hw=latent_size(pipe, height, width), capture=capture)
     texts = prompts + prompts[-1:] * (padded - n)
     cond = np.asarray(pipe.tokenize(texts), np.int32)
     uncond = np.asarray(pipe.tokenize([negative_prompt] * padded), np.int32)
     indices = np.arange(start_index, start_index + padded, dtype=np.int32)
     repl, data = devices.data_shardings(mesh)
     cond, uncond, indices = jax.device_put((cond, uncond, indices), data)
-    images, feats = fn(_replicated_params(pipe, mesh), cond, uncond, indices, jax.device_put(np.int32(seed), repl))
+    seed_arr = jax.device_put(np.int32(seed), repl)
+    images, feats = fn(_placed_params(pipe, mesh, param_sharding), cond, uncond, indices, seed_arr)
     feats = feats[0] if feats else None
     if padded != n and feats is not None:
         feats = jax.tree.map(lambda x: x[:n], feats)

@@ -11,7 +11,12 @@ latents) and batch B images:
 * `text`: both text encoders on 2B prompts of 77 tokens;
 * `vae_decode`: the VAE decoder on B latents (float32 when SDXL's VAE is force_upcast under fp16).
 
+With ``--devices N`` each program is compiled for a ``data`` mesh of N devices (on the CPU backend,
+N host devices), B images per device; ``--param-sharding fsdp`` splits the large weights over them
+(`sharding.py`). The memory analysis is then one device's: compare replicated and fsdp there.
+
     python -m datasetdm_jax.bench.sdxl --size 1024 --batches 1 2 4 --dtype bfloat16
+    python -m datasetdm_jax.bench.sdxl --size 1024 --batches 1 --devices 8 --param-sharding fsdp
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from datasetdm_jax import features
+from datasetdm_jax import devices, features, sharding
 from datasetdm_jax.bench.timing import compile_fn
 from datasetdm_jax.models import presets
 from datasetdm_jax.models.abstract import abstract_module
@@ -44,9 +49,12 @@ def abstract_split(cls, config: dict, dtype) -> tuple[Any, Any]:
     return nnx.split(abstract_module(lambda rngs: cls(config, dtype=dtype, param_dtype=dtype, rngs=rngs)))
 
 
-def programs(size: int, batch: int, dtype, configs: dict[str, dict] = SDXL_BASE) -> dict[str, tuple]:
+def programs(size: int, batch: int, dtype, configs: dict[str, dict] = SDXL_BASE,
+             param_sharding: str = "replicated", mesh=None) -> dict[str, tuple]:
     """name -> (function, abstract arguments) for one batch of `batch` images of `size` px, for the
-    architecture `configs` (config.json dicts of unet, text_encoder, text_encoder_2, vae)."""
+    architecture `configs` (config.json dicts of unet, text_encoder, text_encoder_2, vae). With a
+    ``data`` `mesh`, the batch-leading arguments are split over it and the weights placed by
+    `param_sharding` (`sharding.param_shardings`); without, they are unplaced (one device)."""
     lat = size // 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
     unet_gd, unet_state = abstract_split(UNet2DConditionModel, configs["unet"], dtype)
     t1_gd, t1_state = abstract_split(CLIPTextModel, configs["text_encoder"], dtype)
@@ -54,14 +62,26 @@ def programs(size: int, batch: int, dtype, configs: dict[str, dict] = SDXL_BASE)
     upcast = jnp.dtype(dtype) == jnp.float16 and configs["vae"].get("force_upcast", True)
     vae_dtype = jnp.float32 if upcast else dtype
     vae_gd, vae_state = abstract_split(AutoencoderKL, configs["vae"], vae_dtype)
-    spec = jax.ShapeDtypeStruct
+    if mesh is not None:
+        repl, rows_sh = devices.data_shardings(mesh)
+
+        def placed(state):
+            shardings = sharding.param_shardings(state, mesh, param_sharding)
+            return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
+
+        unet_state, t1_state, t2_state, vae_state = map(placed, (unet_state, t1_state, t2_state, vae_state))
+        spec = lambda shape, dt, sh=rows_sh: jax.ShapeDtypeStruct(shape, dt, sharding=sh)  # noqa: E731
+    else:
+        repl = None
+        spec = lambda shape, dt, sh=None: jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
     rows = 2 * batch
     x = spec((batch, lat, lat, configs["unet"].get("in_channels", 4)), dtype)
     hidden = configs["text_encoder"]["hidden_size"] + configs["text_encoder_2"]["hidden_size"]
     emb = PromptEmbeds(spec((rows, TOKENS, hidden), dtype), spec((rows, configs["text_encoder_2"]["projection_dim"]), dtype),
-                       spec((6,), jnp.float32))
+                       spec((6,), jnp.float32, repl))
 
     def guided(state, x, emb, capture):
+        # [x; x] and the [uncond; cond] rows, each device's slice of both halves side by side
         x2 = jnp.concatenate([x, x])
         out = nnx.merge(unet_gd, state)(x2, jnp.full((rows,), 500.0), emb, capture=capture)
         if not capture:
@@ -82,17 +102,24 @@ def programs(size: int, batch: int, dtype, configs: dict[str, dict] = SDXL_BASE)
 
 
 def report(size: int, batches: list[int], dtype, names: list[str] | None = None,
-           configs: dict[str, dict] = SDXL_BASE) -> list[dict]:
-    """One row per program and batch (printed as JSON lines as they come): peak and temporary GiB,
-    GFLOP of one call, compile seconds."""
+           configs: dict[str, dict] = SDXL_BASE, *, num_devices: int = 1,
+           param_sharding: str = "replicated") -> list[dict]:
+    """One row per program and batch (printed as JSON lines as they come): peak, argument and
+    temporary GiB of one device, GFLOP of one call, compile seconds. Batches are per device: with
+    `num_devices` > 1 each program runs on a ``data`` mesh of that many local devices."""
+    sharding.check_mode(param_sharding)
+    if num_devices > jax.local_device_count():
+        raise ValueError(f"--devices {num_devices}: only {jax.local_device_count()} local devices")
     rows = []
     for batch in batches:
-        for name, (fn, args) in programs(size, batch, dtype, configs).items():
+        mesh = devices.data_mesh(batch * num_devices, num_devices) if num_devices > 1 else None
+        for name, (fn, args) in programs(size, batch * num_devices, dtype, configs, param_sharding, mesh).items():
             if names and name not in names:
                 continue
-            c = compile_fn(fn, *args)
+            c = compile_fn(devices.MeshJit(fn, mesh) if mesh is not None else fn, *args)
             gib = lambda n: round(n / GIB, 4)  # noqa: E731
-            rows.append({"program": name, "size": size, "batch": batch, "dtype": jnp.dtype(dtype).name,
+            rows.append({"program": name, "size": size, "batch": batch, "devices": num_devices,
+                         "param_sharding": param_sharding, "dtype": jnp.dtype(dtype).name,
                          "peak_gib": gib(c.peak_bytes), "argument_gib": gib(c.memory.get("argument", 0)),
                          "temp_gib": gib(c.memory.get("temp", 0)), "gflop": round(c.gflop, 3),
                          "compile_s": round(c.compile_s, 1)})
@@ -103,11 +130,16 @@ def report(size: int, batches: list[int], dtype, names: list[str] | None = None,
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", type=int, default=1024)
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4], help="images per device")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--programs", nargs="*", default=None)
+    p.add_argument("--devices", type=int, default=1,
+                   help="data-mesh devices (on CPU: that many host devices, for compile-only analysis)")
+    p.add_argument("--param-sharding", default="replicated", choices=sharding.MODES)
     a = p.parse_args(argv)
-    report(a.size, a.batches, jnp.dtype(a.dtype), a.programs)
+    if a.devices > 1 and jax.config.jax_num_cpu_devices < a.devices:
+        jax.config.update("jax_num_cpu_devices", a.devices)  # the CPU backend only; before it starts
+    report(a.size, a.batches, jnp.dtype(a.dtype), a.programs, num_devices=a.devices, param_sharding=a.param_sharding)
 
 
 if __name__ == "__main__":

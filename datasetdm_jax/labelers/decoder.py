@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from datasetdm_jax import devices, generate
+from datasetdm_jax import devices, generate, sharding
 from datasetdm_jax.decoders import inference, postprocess, tasks
 from datasetdm_jax.labelers import grounding
 from datasetdm_jax.labelers.examples import LabelledExamples
@@ -64,7 +64,9 @@ class DecoderLabeler:
         # Its own mesh: the decoder trained at another batch size (the papers' 1) than it labels at.
         self.mesh = devices.data_mesh(self.batch_size)
         self.repl, self.data_sharding = devices.data_shardings(self.mesh)
-        self.frozen = jax.device_put(tr.frozen, self.repl)
+        # The frozen SD replicated, or FSDP-sharded over the mesh (``generate.param_sharding``, sharding.py).
+        frozen_shardings = sharding.param_shardings(tr.frozen, self.mesh, str(g.get("param_sharding", "replicated")))
+        self.frozen = jax.device_put(tr.frozen, frozen_shardings)
         self.params = jax.device_put([p for _, p, _, _ in decoders], self.repl)
         passes = [generate.feature_pass(c.generate, t.t) for t, _, _, c in decoders]
         self.feature_passes = tuple(dict.fromkeys(passes))  # distinct, in decoder order
@@ -101,8 +103,8 @@ class DecoderLabeler:
             return jnp.round(images * 255).astype(jnp.uint8), finish(labels)
 
         data, repl = self.data_sharding, self.repl
-        self.fn = devices.MeshJit(run, self.mesh, in_shardings=(repl, repl, data, data, data, repl, data, data),
-                                  out_shardings=data)
+        self.fn = devices.MeshJit(run, self.mesh, out_shardings=data,
+                                  in_shardings=(frozen_shardings, repl, data, data, data, repl, data, data))
 
     def _build_sampler(self, pipe, g, capture: str):
         """(frozen, cond, uncond, indices, seed, extra) -> (images, features per pass, labels): the
