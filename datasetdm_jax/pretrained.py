@@ -607,10 +607,12 @@ def random_params(abstract_state: Any, seed: int = 0) -> Any:
 
 def random_pipeline(configs: Mapping[str, dict], scheduler_config: dict, tokenizer_path: str | os.PathLike,
                     *, dtype: Any = jnp.float32, seed: int = 0) -> Pipeline:
-    """A Pipeline with random weights from diffusers-style `configs` (text_encoder, vae, unet)."""
+    """A Pipeline with random weights from diffusers-style `configs` (text_encoder, vae, unet; with
+    text_encoder_2 an SDXL pipeline, both towers reading the one tokenizer)."""
     dtype = check_dtype(dtype)
     graphdefs, params, model_configs = {}, {}, {}
-    for i, name in enumerate(("text_encoder", "vae", "unet")):
+    sdxl = "text_encoder_2" in configs
+    for i, name in enumerate(("text_encoder", "vae", "unet") + (("text_encoder_2",) if sdxl else ())):
         config_cls, model_cls, _, _ = model_classes(name)
         model_configs[name] = config = config_cls.from_dict(configs[name])
         abstract = nnx.eval_shape(lambda: model_cls(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
@@ -619,4 +621,6 @@ def random_pipeline(configs: Mapping[str, dict], scheduler_config: dict, tokeniz
     return Pipeline(tokenizer=load_tokenizer(tokenizer_path), graphdefs=graphdefs, params=params,
                     model_configs=model_configs, configs={k: dict(configs[k]) for k in graphdefs},
                     scheduler_config=dict(scheduler_config), dtype=dtype, tokenizer_path=str(tokenizer_path),
-                    model_index={"_class_name": "StableDiffusionPipeline"})
+                    model_index={"_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"},
+                    tokenizer_2=load_tokenizer(tokenizer_path) if sdxl else None,
+                    tokenizer_2_path=str(tokenizer_path) if sdxl else None)

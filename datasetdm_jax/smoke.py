@@ -29,9 +29,27 @@ TINY_VAE = {
 }
 TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
              "max_position_embeddings": 77, "hidden_act": "quick_gelu"}
+# A tiny SDXL (`datasetdm bench --model sdxl`; tests/tiny_sdxl.py builds it with diffusers): no
+# attention at the first level, 1 / 2 transformer layers, linear projections, text_time
+# micro-conditioning from the second text tower's pooled output.
+TINY_SDXL_UNET = {
+    "sample_size": 16, "block_out_channels": [32, 64], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "layers_per_block": 1, "attention_head_dim": [2, 4],
+    "transformer_layers_per_block": [1, 2], "cross_attention_dim": 32 + 48, "norm_num_groups": 8,
+    "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 6 * 8 + 24,
+}
+TINY_SDXL_TEXT = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 3, "num_attention_heads": 4,
+                  "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 32}
+TINY_SDXL_TEXT_2 = {**TINY_SDXL_TEXT, "hidden_size": 48, "intermediate_size": 40, "hidden_act": "gelu",
+                    "projection_dim": 24}
+TINY_SDXL_VAE = {**TINY_VAE, "scaling_factor": 0.13025, "force_upcast": True}
 PNDM_SD15 = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
              "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
              "prediction_type": "epsilon", "timestep_spacing": "leading"}
+# SDXL base's scheduler (Euler, leading spacing) on SD's betas; PNDM's keys stay for the other samplers.
+EULER_SDXL = {**PNDM_SD15, "_class_name": "EulerDiscreteScheduler", "interpolation_type": "linear",
+              "use_karras_sigmas": False}
 
 
 def random_pipeline(folder: str | Path, seed: int = 0) -> pretrained.Pipeline:

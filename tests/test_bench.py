@@ -84,3 +84,46 @@ def test_peak_table():
 def test_bad_model_is_a_one_line_error():
     with pytest.raises(ValueError, match="--model must be one of"):
         run_bench(bench.BenchConfig(model="sd3"))
+
+
+# --- --model sdxl: timings on the tiny random SDXL beside diffusers' StableDiffusionXLPipeline ----
+
+@pytest.fixture(scope="module")
+def sdxl_rep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench_sdxl")
+    argv = ["bench", "--model", "sdxl", "--batch", "1", "--steps", "2", "--repeats", "1", "--scheduler", "euler",
+            "--no-compile-probe", "--no-train-step", "--memory-model", "tiny_sdxl", "--memory-sizes", "32",
+            "--workdir", str(root / "work")]
+    return bench.main(bench.from_args(cli.build_parser().parse_args(argv)))
+
+
+def test_sdxl_rows_and_diffusers_images(sdxl_rep):
+    m = sdxl_rep["model"]
+    assert m["name"] == "sdxl" and "TINY_SDXL" in m["source"] and m["params"]["text_encoder_2"] > 0
+    for prefix in ("unet fwd (", "unet fwd +capture", "sampler step (euler", "generate b1", "generate b1 +capture",
+                   "generate.sample b1", "diffusers float32 b1", "diffusers bfloat16 b1"):
+        assert _row(sdxl_rep, prefix)["median_s"] > 0
+    assert _row(sdxl_rep, "generate b1 +capture")["gflop"] > 0
+    (g,) = sdxl_rep["generation"]
+    # diffusers' SDXL pipeline from the same folder, x_T, prompt and Euler steps draws the same image
+    assert g["max_abs_diff_vs_float32"] < 2e-3, g
+    assert g["max_abs_diff_vs_bfloat16"] < 0.1, g
+    text = report.format_report(sdxl_rep)
+    assert "max abs image diff vs float32" in text and "text 4" in text  # both towers' parameter counts
+
+
+def test_sdxl_memory_rows(sdxl_rep):
+    rows = sdxl_rep["memory"]
+    assert [r["program"] for r in rows] == ["unet_cfg", "unet_cfg_capture", "text", "vae_decode"]
+    for r in rows:
+        assert r["model"] == "tiny_sdxl" and r["size"] == 32 and r["batch"] == 1
+        assert r["peak_gib"] >= r["argument_gib"] > 0 and r["gflop"] > 0
+    assert "| tiny_sdxl | unet_cfg_capture | 32 | 1 |" in report.format_report(sdxl_rep)
+
+
+def test_sdxl_memory_defaults_to_sdxl_base():
+    from datasetdm_jax.bench.config import memory_settings
+
+    assert memory_settings(bench.BenchConfig(model="sdxl")) == ("sdxl", (1024,))
+    assert memory_settings(bench.BenchConfig(model="tiny")) == ("sd15", (512, 768))
+    assert memory_settings(bench.BenchConfig(model="sdxl", memory_model="sd21")) == ("sd21", (512, 768))

@@ -15,26 +15,10 @@ from pathlib import Path
 
 from tiny_sd import SCHEDULER_CONFIG, VAE_CONFIG, WORDS, _perturb
 
-HIDDEN_1, HIDDEN_2, POOLED, TIME_DIM = 32, 48, 24, 8
+from datasetdm_jax import smoke
 
-UNET_CONFIG = dict(
-    sample_size=16,
-    block_out_channels=(32, 64),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    layers_per_block=1,
-    attention_head_dim=(2, 4),
-    transformer_layers_per_block=(1, 2),
-    cross_attention_dim=HIDDEN_1 + HIDDEN_2,
-    norm_num_groups=8,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=TIME_DIM,
-    projection_class_embeddings_input_dim=6 * TIME_DIM + POOLED,
-)
-TEXT_CONFIG = dict(hidden_size=HIDDEN_1, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
-                   max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=HIDDEN_1)
-TEXT_CONFIG_2 = dict(TEXT_CONFIG, hidden_size=HIDDEN_2, intermediate_size=40, hidden_act="gelu", projection_dim=POOLED)
+# The package's tiny SDXL layout (`datasetdm bench --model sdxl` builds it with random JAX weights).
+UNET_CONFIG, TEXT_CONFIG, TEXT_CONFIG_2 = smoke.TINY_SDXL_UNET, smoke.TINY_SDXL_TEXT, smoke.TINY_SDXL_TEXT_2
 # SDXL base's scheduler: Euler, leading spacing; the sampler tests set DDIM/PNDM on both sides.
 EULER_CONFIG = dict(SCHEDULER_CONFIG, _class_name="EulerDiscreteScheduler", interpolation_type="linear",
                     use_karras_sigmas=False, timestep_spacing="leading")

@@ -6,12 +6,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-MODELS = ("shapes", "sd15", "sd21", "tiny")
+MODELS = ("shapes", "sd15", "sd21", "tiny", "sdxl")
+# compile-only architectures of the memory section: the models', and the tiny SDXL (tests)
+MEMORY_MODELS = MODELS + ("tiny_sdxl",)
+SDXL_MEMORY_MODELS = ("sdxl", "tiny_sdxl")  # measured per program by bench/sdxl.py
 
 
 @dataclasses.dataclass
 class BenchConfig:
-    model: str = "shapes"             # shapes | sd15 | sd21 | tiny
+    model: str = "shapes"             # shapes | sd15 | sd21 | tiny | sdxl (timed on the tiny SDXL)
     size: int | None = None           # image px; default the model's native size
     batches: tuple[int, ...] = (1, 4, 16)  # generation sweep; the last is the headline batch
     steps: int = 25
@@ -27,8 +30,8 @@ class BenchConfig:
     compile_probe: bool = True
     memory: bool = True
     memory_only: bool = False         # only the compile-only memory / FLOPs section (no model runs)
-    memory_model: str = "sd15"
-    memory_sizes: tuple[int, ...] = (512, 768)
+    memory_model: str | None = None   # default: sdxl (SDXL base) with --model sdxl, else sd15
+    memory_sizes: tuple[int, ...] | None = None  # default: 1024 for SDXL, else 512 and 768
     memory_dtype: str = "bfloat16"
     memory_budget_gib: float = 16.0   # TPU v5e HBM per chip
     workdir: str | None = None        # scratch (random models, exported folder); default a temp dir
@@ -46,12 +49,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = BenchConfig()
     p.add_argument("--model", default=d.model, choices=MODELS,
                    help="shapes: the shipped shapes-world SD (random weights with its config until it ships); "
-                        "sd15 / sd21: SD-shaped random weights; tiny: seconds, for tests")
+                        "sd15 / sd21: SD-shaped random weights; tiny: seconds, for tests; sdxl: timings on a tiny "
+                        "random SDXL beside diffusers' StableDiffusionXLPipeline, memory of SDXL base (compile only)")
     p.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's own)")
     p.add_argument("--batch", type=_ints, default=d.batches, dest="batches",
                    help="generation batch sweep, comma-separated; the last is the headline batch (default 1,4,16)")
     p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--scheduler", default=d.scheduler, choices=["pndm", "ddim", "dpmpp_2m"])
+    p.add_argument("--scheduler", default=d.scheduler, choices=["pndm", "ddim", "dpmpp_2m", "euler"])
     p.add_argument("--guidance", type=float, default=d.guidance)
     p.add_argument("--capture", default=d.capture, help="features preset of the +capture rows")
     p.add_argument("--repeats", type=int, default=d.repeats, help="timed repeats per program (median)")
@@ -67,8 +71,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-only", action="store_true",
                    help="only the memory section: compile SD-sized generation (never run) for peak memory, "
                         "largest batch in budget and GFLOP per image at --steps (no timing, no diffusers)")
-    p.add_argument("--memory-model", default=d.memory_model, choices=MODELS)
-    p.add_argument("--memory-sizes", type=_ints, default=d.memory_sizes, help="image sizes, comma-separated")
+    p.add_argument("--memory-model", default=d.memory_model, choices=MEMORY_MODELS,
+                   help="compile-only architecture (default sdxl with --model sdxl, else sd15); sdxl / tiny_sdxl: "
+                        "SDXL base / the tiny SDXL per program (bench/sdxl.py), batch 1")
+    p.add_argument("--memory-sizes", type=_ints, default=d.memory_sizes,
+                   help="image sizes, comma-separated (default 1024 for SDXL, else 512,768)")
     p.add_argument("--memory-dtype", default=d.memory_dtype, choices=["float32", "bfloat16"])
     p.add_argument("--memory-budget-gib", type=float, default=d.memory_budget_gib, help="per device (v5e: 16)")
     p.add_argument("--workdir", default=None, help="scratch folder for random models (default: a temp dir)")
@@ -78,3 +85,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def from_args(args: argparse.Namespace) -> BenchConfig:
     names = {f.name for f in dataclasses.fields(BenchConfig)}
     return BenchConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def memory_settings(cfg: BenchConfig) -> tuple[str, tuple[int, ...]]:
+    """(memory model, image sizes) of the memory section, the defaults filled in from ``--model``."""
+    model = cfg.memory_model or ("sdxl" if cfg.model == "sdxl" else "sd15")
+    sizes = cfg.memory_sizes or ((1024,) if model in SDXL_MEMORY_MODELS else (512, 768))
+    return model, tuple(sizes)

@@ -1,4 +1,5 @@
-"""The models `datasetdm bench` runs: the shapes-world SD, SD 1.5 / 2.1 shapes, and a tiny one.
+"""The models `datasetdm bench` runs: the shapes-world SD, SD 1.5 / 2.1 shapes, a tiny SD and a
+tiny SDXL (`smoke.TINY_SDXL_*`, timed beside diffusers' SDXL pipeline).
 
 All but the shipped shapes model get random weights (`pretrained.random_pipeline`): timings and
 FLOPs depend on shapes, not on weight values. Memory analysis needs no weights at all
@@ -67,14 +68,19 @@ def model_configs(name: str, workdir: str | os.PathLike) -> tuple[dict, dict, st
         return _shapes_configs(workdir)
     if name in ("sd15", "sd21"):
         return _sd_configs(name, workdir)
-    if name == "tiny":
+    if name in ("tiny", "sdxl"):
         tok_dir = workdir / "tokenizer"
         from datasetdm_jax.data import shapes
         from datasetdm_jax.tokenizer import write_clip_tokenizer
         vocab = write_clip_tokenizer(tok_dir, shapes.caption_vocabulary())
-        text = {**smoke.TINY_TEXT, "vocab_size": len(vocab), "bos_token_id": vocab["<|startoftext|>"],
-                "eos_token_id": vocab["<|endoftext|>"], "pad_token_id": vocab["<|endoftext|>"]}
-        return {"text_encoder": text, "vae": smoke.TINY_VAE, "unet": smoke.TINY_UNET}, dict(smoke.PNDM_SD15), str(tok_dir)
+        ids = {"vocab_size": len(vocab), "bos_token_id": vocab["<|startoftext|>"],
+               "eos_token_id": vocab["<|endoftext|>"], "pad_token_id": vocab["<|endoftext|>"]}
+        if name == "tiny":
+            configs = {"text_encoder": {**smoke.TINY_TEXT, **ids}, "vae": smoke.TINY_VAE, "unet": smoke.TINY_UNET}
+            return configs, dict(smoke.PNDM_SD15), str(tok_dir)
+        configs = {"text_encoder": {**smoke.TINY_SDXL_TEXT, **ids}, "text_encoder_2": {**smoke.TINY_SDXL_TEXT_2, **ids},
+                   "vae": smoke.TINY_SDXL_VAE, "unet": smoke.TINY_SDXL_UNET}
+        return configs, dict(smoke.EULER_SDXL), str(tok_dir)
     raise ValueError(f"--model must be one of {', '.join(MODELS)}, got {name!r}")
 
 
@@ -89,7 +95,8 @@ def load_model(name: str, workdir: str | os.PathLike, dtype: Any = jnp.float32
         except FileNotFoundError:
             pass
     configs, sched, tok_dir = model_configs(name, workdir)
-    source = "random weights, " + ("configs/shapes_sd.py (no shipped model yet)" if name == "shapes" else f"{name} config")
+    source = "random weights, " + {"shapes": "configs/shapes_sd.py (no shipped model yet)",
+                                   "sdxl": "tiny SDXL config (smoke.TINY_SDXL_*)"}.get(name, f"{name} config")
     return pretrained.random_pipeline(configs, sched, tok_dir, dtype=dtype), source, None
 
 

@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from datasetdm_jax import features, generate, schedulers
 from datasetdm_jax.devices import MeshJit, data_mesh, data_shardings
+from datasetdm_jax.models.clip_text import PromptEmbeds
 from datasetdm_jax.pretrained import Pipeline
 
 PROMPT = "a red circle and a blue person on a light striped background"
@@ -71,14 +72,20 @@ def loop_trips(pipe: Pipeline, steps: int, scheduler: str, capture: str | None) 
 
 
 def _inputs(pipe: Pipeline, batch: int, size: int, mesh: Mesh, abstract: bool):
-    """CFG-batch inputs: x (batch images) and emb (2 * batch rows), batch-sharded."""
-    _, data = data_shardings(mesh)
+    """CFG-batch inputs: x (batch images) and emb (2 * batch rows), batch-sharded; SDXL's emb is a
+    `PromptEmbeds` (pooled rows batch-sharded, the image size's time ids replicated)."""
+    repl, data = data_shardings(mesh)
     shape = latent_shape(pipe, size)
     dim = int(pipe.configs["unet"]["cross_attention_dim"])
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, *shape), np.float32).astype(pipe.dtype)
     emb = rng.standard_normal((2 * batch, pipe.max_length, dim), np.float32).astype(pipe.dtype)
-    return _put(x, data, abstract), _put(emb, data, abstract)
+    x, emb = _put(x, data, abstract), _put(emb, data, abstract)
+    if not pipe.is_sdxl:
+        return x, emb
+    pooled = rng.standard_normal((2 * batch, int(pipe.configs["text_encoder_2"]["projection_dim"])), np.float32)
+    return x, PromptEmbeds(emb, _put(pooled.astype(pipe.dtype), data, abstract),
+                           _put(pipe.time_ids(shape[:2]), repl, abstract))
 
 
 def unet_forward(pipe: Pipeline, batch: int, size: int, *, capture: str | None = None,

@@ -20,7 +20,7 @@ import numpy as np
 
 from datasetdm_jax import pretrained
 from datasetdm_jax.bench import memory, models, peaks, programs
-from datasetdm_jax.bench.config import BenchConfig
+from datasetdm_jax.bench.config import SDXL_MEMORY_MODELS, BenchConfig, memory_settings
 from datasetdm_jax.bench.timing import compile_fn, make_timing, time_interleaved
 
 
@@ -74,10 +74,12 @@ def _generation(cfg: BenchConfig, pipe, size: int, batch: int, peak: float, torc
         pipe, [programs.PROMPT] * batch, steps=cfg.steps, guidance=cfg.guidance, scheduler=cfg.scheduler,
         height=size, width=size, num_devices=cfg.devices)
     from datasetdm_jax.bench import torch_ref
+    x_T = generate.latent_noise(pipe, 0, np.arange(batch), programs.latent_shape(pipe, size)[:2])
     for dt, tp in torch_pipes.items():
         calls[f"diffusers {dt} b{batch}"] = torch_ref.generator(tp, programs.PROMPT, batch, size, cfg.steps,
-                                                                 cfg.guidance)
-    times = time_interleaved(calls, cfg.repeats)
+                                                                 cfg.guidance, x_T)
+    outputs: dict[str, Any] = {}
+    times = time_interleaved(calls, cfg.repeats, outputs)
     for name, secs in times.items():
         c, gflop, devs = comp.get(name, (None, 0.0, 1))
         rows.append(make_timing(name, secs, c, gflop=gflop, images=batch, devices=devs,
@@ -87,9 +89,13 @@ def _generation(cfg: BenchConfig, pipe, size: int, batch: int, peak: float, torc
     cmp = {"batch": batch, "jax_s": jax_s, "jax_capture_s": med[f"generate b{batch} +capture"],
            "capture_overhead": med[f"generate b{batch} +capture"] / jax_s - 1,
            "python_api_s": med[f"generate.sample b{batch}"]}
+    ours = np.asarray(outputs[f"generate.sample b{batch}"], np.float32)
     for dt in torch_pipes:
         cmp[f"diffusers_{dt}_s"] = med[f"diffusers {dt} b{batch}"]
         cmp[f"speedup_vs_{dt}"] = med[f"diffusers {dt} b{batch}"] / jax_s  # > 1: JAX is faster
+        # the same x_T, prompts and scheduler: the images agree up to float error (bf16's is larger)
+        theirs = np.asarray(outputs[f"diffusers {dt} b{batch}"], np.float32)
+        cmp[f"max_abs_diff_vs_{dt}"] = float(np.abs(ours - theirs).max())
     return rows, cmp
 
 
@@ -104,21 +110,37 @@ def _train_step(cfg: BenchConfig, pipe, size: int, peak: float):
     batch = jax.device_put(tr.host_batch(next(train.train_iterator(config, None)), 0), tr.data_sharding)
     state = jax.device_put({"step": np.zeros((), np.int32), "params": tr.init_params,
                             "opt": tr.tx.init(tr.init_params)}, tr.repl)
-    c = compile_fn(tr.step_fn, state, batch, tr.frozen)
-    times = time_interleaved({"p": lambda: c.fn(state, batch, tr.frozen)}, cfg.repeats)["p"]
+    # The step's two jits (frozen SD features under the mesh, then the decoder's update), as step_fn runs them.
+    key = jax.random.key(0)
+    feats_c = compile_fn(tr.features_fn, tr.frozen, batch["image"], batch["input_ids"], key)
+    feats = feats_c.fn(tr.frozen, batch["image"], batch["input_ids"], key)
+    update_c = compile_fn(tr.decoder_step, state, feats, batch, in_shardings=(tr.repl, tr.data_sharding,
+                                                                              tr.data_sharding))
+    c = dataclasses.replace(feats_c, fn=None, compile_s=feats_c.compile_s + update_c.compile_s,
+                            gflop=feats_c.gflop + update_c.gflop)
+    step = lambda: update_c.fn(state, feats_c.fn(tr.frozen, batch["image"], batch["input_ids"], key), batch)  # noqa: E731
+    times = time_interleaved({"p": step}, cfg.repeats)["p"]
     n = int(config.batch_size)
     return make_timing(f"P-Decoder train step ({config.task}, batch {n})", times, c, images=n,
                        devices=tr.mesh.size, peak_tflops=peak)
 
 
 def _memory(cfg: BenchConfig, workdir: str) -> list[dict[str, Any]]:
-    """Compile-only peak memory, largest batch in budget and GFLOP per image of SD-sized generation."""
+    """Compile-only memory: for SD, peak, largest batch in budget and GFLOP per image of generation;
+    for SDXL, peak and GFLOP of each program at batch 1 (bench/sdxl.py)."""
+    name, sizes = memory_settings(cfg)
     rows = []
-    abstract = models.abstract_pipeline(cfg.memory_model, f"{workdir}/{cfg.memory_model}_abstract",
-                                        jnp.dtype(cfg.memory_dtype))
-    for s in cfg.memory_sizes:
-        _log(f"memory analysis: {cfg.memory_model} at {s} px (compile only)")
-        rows.append({"model": cfg.memory_model, **memory.max_batch(
+    if name in SDXL_MEMORY_MODELS:
+        from datasetdm_jax.bench import sdxl
+        for s in sizes:
+            _log(f"memory analysis: {name} at {s} px, per program (compile only)")
+            rows += [{"model": name, **r} for r in sdxl.report(s, [1], jnp.dtype(cfg.memory_dtype),
+                                                                configs=sdxl.ARCHITECTURES[name], out=sys.stderr)]
+        return rows
+    abstract = models.abstract_pipeline(name, f"{workdir}/{name}_abstract", jnp.dtype(cfg.memory_dtype))
+    for s in sizes:
+        _log(f"memory analysis: {name} at {s} px (compile only)")
+        rows.append({"model": name, **memory.max_batch(
             abstract, s, capture=cfg.capture, budget_bytes=int(cfg.memory_budget_gib * memory.GIB),
             scheduler=cfg.scheduler, steps=cfg.steps)})
     return rows

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+import sys
+from typing import Any, TextIO
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from datasetdm_jax import devices, features, sharding
+from datasetdm_jax import devices, features, sharding, smoke
 from datasetdm_jax.bench.timing import compile_fn
 from datasetdm_jax.models import presets
 from datasetdm_jax.models.abstract import abstract_module
@@ -42,6 +43,10 @@ GIB = 2**30
 TOKENS = 77
 SDXL_BASE = {"unet": presets.SDXL_UNET, "text_encoder": presets.SDXL_TEXT_ENCODER,
              "text_encoder_2": presets.SDXL_TEXT_ENCODER_2, "vae": presets.SDXL_VAE}
+# The tiny SDXL's layout (`datasetdm bench --model sdxl` times it), for fast compile-only checks.
+TINY_SDXL = {"unet": smoke.TINY_SDXL_UNET, "text_encoder": {**smoke.TINY_SDXL_TEXT, "vocab_size": 1000},
+             "text_encoder_2": {**smoke.TINY_SDXL_TEXT_2, "vocab_size": 1000}, "vae": smoke.TINY_SDXL_VAE}
+ARCHITECTURES = {"sdxl": SDXL_BASE, "tiny_sdxl": TINY_SDXL}
 
 
 def abstract_split(cls, config: dict, dtype) -> tuple[Any, Any]:
@@ -103,8 +108,8 @@ def programs(size: int, batch: int, dtype, configs: dict[str, dict] = SDXL_BASE,
 
 def report(size: int, batches: list[int], dtype, names: list[str] | None = None,
            configs: dict[str, dict] = SDXL_BASE, *, num_devices: int = 1,
-           param_sharding: str = "replicated") -> list[dict]:
-    """One row per program and batch (printed as JSON lines as they come): peak, argument and
+           param_sharding: str = "replicated", out: TextIO = sys.stdout) -> list[dict]:
+    """One row per program and batch (printed to `out` as JSON lines as they come): peak, argument and
     temporary GiB of one device, GFLOP of one call, compile seconds. Batches are per device: with
     `num_devices` > 1 each program runs on a ``data`` mesh of that many local devices."""
     sharding.check_mode(param_sharding)
@@ -123,7 +128,7 @@ def report(size: int, batches: list[int], dtype, names: list[str] | None = None,
                          "peak_gib": gib(c.peak_bytes), "argument_gib": gib(c.memory.get("argument", 0)),
                          "temp_gib": gib(c.memory.get("temp", 0)), "gflop": round(c.gflop, 3),
                          "compile_s": round(c.compile_s, 1)})
-            print(json.dumps(rows[-1]), flush=True)
+            print(json.dumps(rows[-1]), file=out, flush=True)
     return rows
 
 

@@ -87,11 +87,15 @@ def compile_fn(fn: Callable, *args, **jit_kwargs) -> Compiled:
     return Compiled(c, compile_s, float(cost.get("flops", 0.0)) / 1e9, memory_stats(c))
 
 
-def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int,
+                     outputs: dict[str, Any] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each zero-argument callable: one warm-up each, then `repeats` rounds
-    in which every callable runs once. JAX results are blocked on before the clock stops."""
-    for fn in calls.values():
-        jax.block_until_ready(fn())
+    in which every callable runs once. JAX results are blocked on before the clock stops. The
+    warm-up results go into `outputs` when given (to compare what the variants computed)."""
+    for name, fn in calls.items():
+        out = jax.block_until_ready(fn())
+        if outputs is not None:
+            outputs[name] = out
     times: dict[str, list[float]] = {k: [] for k in calls}
     for _ in range(repeats):
         for name, fn in calls.items():
