@@ -82,3 +82,23 @@ def test_attention_settings_reach_the_sampler(setup, pipe, monkeypatch):
         composite.DecoderAttentionLabeler(config, pipe=pipe, attention_config={**ATTENTION, "max_timestep": 500,
                                                                                "normalisation": "peak"})
     assert seen["max_timestep"] == 500 and seen["normalisation"] == "peak"
+
+
+def test_fsdp_frozen_model_labels_the_same(setup, pipe, tiny_dir, monkeypatch):
+    """``generate.param_sharding=fsdp``: the frozen SD split over the 2 devices (threshold lowered so
+    the tiny weights split) gives the plain labeller's images and labels."""
+    import jax
+
+    from datasetdm_jax import sharding
+
+    root, _, ps, plain, _, _ = setup
+    monkeypatch.setattr(sharding, "MIN_ELEMENTS", 1024)
+    config = load_config(TINY, [f"pipeline={tiny_dir}", f"workdir={root / 'wd'}", "generate.param_sharding=fsdp"])
+    labeler = DecoderLabeler(config, pipe=pipe)
+    assert labeler.mesh.size == 2
+    assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(labeler.frozen))
+    res = labeler(ps, INDICES, 0)
+    assert np.abs(res.images.astype(int) - plain.images.astype(int)).max() <= 1
+    for a, b in zip(res.labels, plain.labels):
+        assert (a["segmentation"] == b["segmentation"]).mean() > 0.999
+        np.testing.assert_allclose(a["quality"], b["quality"], rtol=1e-4)
