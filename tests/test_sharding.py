@@ -100,16 +100,12 @@ def test_fsdp_compiled_argument_bytes_drop(monkeypatch):
     """Compile only: the guided SDXL UNet step (tiny SDXL layout) on a 2-device data mesh holds half
     the weights per device with fsdp, by XLA's own memory analysis."""
     import jax.numpy as jnp
-    import tiny_sdxl
 
     from datasetdm_jax import sharding
     from datasetdm_jax.bench import sdxl
 
     monkeypatch.setattr(sharding, "MIN_ELEMENTS", 1024)
-    text = lambda c: {**c, "vocab_size": 300}  # noqa: E731
-    configs = {"unet": tiny_sdxl.UNET_CONFIG, "text_encoder": text(tiny_sdxl.TEXT_CONFIG),
-               "text_encoder_2": text(tiny_sdxl.TEXT_CONFIG_2), "vae": {**tiny_sdxl.VAE_CONFIG, "force_upcast": True}}
-    rows = {m: sdxl.report(32, [1], jnp.float32, ["unet_cfg"], configs, num_devices=2, param_sharding=m)[0]
+    rows = {m: sdxl.report(32, [1], jnp.float32, ["unet_cfg"], sdxl.TINY_SDXL, num_devices=2, param_sharding=m)[0]
             for m in sharding.MODES}
     repl, fsdp = rows["replicated"], rows["fsdp"]
     assert repl["devices"] == fsdp["devices"] == 2 and fsdp["param_sharding"] == "fsdp"

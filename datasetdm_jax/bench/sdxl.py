@@ -67,18 +67,13 @@ def programs(size: int, batch: int, dtype, configs: dict[str, dict] = SDXL_BASE,
     upcast = jnp.dtype(dtype) == jnp.float16 and configs["vae"].get("force_upcast", True)
     vae_dtype = jnp.float32 if upcast else dtype
     vae_gd, vae_state = abstract_split(AutoencoderKL, configs["vae"], vae_dtype)
+    repl, split = devices.data_shardings(mesh) if mesh is not None else (None, None)
     if mesh is not None:
-        repl, rows_sh = devices.data_shardings(mesh)
-
-        def placed(state):
-            shardings = sharding.param_shardings(state, mesh, param_sharding)
-            return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
-
-        unet_state, t1_state, t2_state, vae_state = map(placed, (unet_state, t1_state, t2_state, vae_state))
-        spec = lambda shape, dt, sh=rows_sh: jax.ShapeDtypeStruct(shape, dt, sharding=sh)  # noqa: E731
-    else:
-        repl = None
-        spec = lambda shape, dt, sh=None: jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
+        unet_state, t1_state, t2_state, vae_state = (
+            jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state,
+                         sharding.param_shardings(state, mesh, param_sharding))
+            for state in (unet_state, t1_state, t2_state, vae_state))
+    spec = lambda shape, dt, sh=split: jax.ShapeDtypeStruct(shape, dt, sharding=sh)  # noqa: E731
     rows = 2 * batch
     x = spec((batch, lat, lat, configs["unet"].get("in_channels", 4)), dtype)
     hidden = configs["text_encoder"]["hidden_size"] + configs["text_encoder_2"]["hidden_size"]
@@ -86,7 +81,6 @@ def programs(size: int, batch: int, dtype, configs: dict[str, dict] = SDXL_BASE,
                        spec((6,), jnp.float32, repl))
 
     def guided(state, x, emb, capture):
-        # [x; x] and the [uncond; cond] rows, each device's slice of both halves side by side
         x2 = jnp.concatenate([x, x])
         out = nnx.merge(unet_gd, state)(x2, jnp.full((rows,), 500.0), emb, capture=capture)
         if not capture:
