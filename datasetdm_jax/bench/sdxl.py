@@ -107,8 +107,8 @@ def report(size: int, batches: list[int], dtype, names: list[str] | None = None,
     temporary GiB of one device, GFLOP of one call, compile seconds. Batches are per device: with
     `num_devices` > 1 each program runs on a ``data`` mesh of that many local devices."""
     sharding.check_mode(param_sharding)
-    if num_devices > jax.local_device_count():
-        raise ValueError(f"--devices {num_devices}: only {jax.local_device_count()} local devices")
+    if not 1 <= num_devices <= jax.local_device_count():
+        raise ValueError(f"--devices must be between 1 and the {jax.local_device_count()} local devices, got {num_devices}")
     rows = []
     for batch in batches:
         mesh = devices.data_mesh(batch * num_devices, num_devices) if num_devices > 1 else None
