@@ -10,6 +10,7 @@ its own process, timed, with its peak resident memory (`os.wait4`). The labels a
 
     python -m datasetdm_jax.bench.rehearsal --workdir /tmp/rehearsal            # 512 px, 2 images
     python -m datasetdm_jax.bench.rehearsal --workdir /tmp/r --size 256 --dtype bfloat16
+    DATASETDM_HOST_DEVICES=1 python -m datasetdm_jax.bench.rehearsal --workdir /tmp/x --model sdxl --size 256 --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -52,9 +53,24 @@ def write_voc_layout(root: str | os.PathLike, classes: Sequence[int] = CLASSES, 
     return root
 
 
+def _random_sdxl(workdir: Path, dtype) -> "pretrained.Pipeline":
+    """SDXL base 1.0's architecture (`bench.sdxl.SDXL_BASE`) with random weights, its scheduler, and a
+    small CLIP tokenizer (both towers read it) with the special token ids it assigns."""
+    from datasetdm_jax import pretrained, smoke
+    from datasetdm_jax.bench.sdxl import SDXL_BASE
+    from datasetdm_jax.data import shapes
+    from datasetdm_jax.tokenizer import write_clip_tokenizer
+
+    vocab = write_clip_tokenizer(workdir / "tokenizer", shapes.caption_vocabulary(), 77)
+    special = dict(bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                   pad_token_id=vocab["<|endoftext|>"])
+    configs = {k: {**v, **special} if k.startswith("text_encoder") else dict(v) for k, v in SDXL_BASE.items()}
+    return pretrained.random_pipeline(configs, dict(smoke.EULER_SDXL), workdir / "tokenizer", dtype=dtype)
+
+
 def write_random_model(folder: str | os.PathLike, model: str = "sd15", dtype: str = "float32") -> Path:
-    """A `datasetdm bench` model (SD 1.5's architecture; "tiny" for a quick check of this script)
-    with random weights, saved in diffusers format (safetensors)."""
+    """Random weights of SD 1.5's or SDXL base's architecture ("tiny": a quick check of this script),
+    saved in diffusers format (safetensors)."""
     import jax.numpy as jnp
 
     from datasetdm_jax import pretrained
@@ -63,7 +79,12 @@ def write_random_model(folder: str | os.PathLike, model: str = "sd15", dtype: st
     folder = Path(folder)
     if (folder / "model_index.json").is_file():
         return folder
-    pipe, _, _ = models.load_model(model, folder.parent / f"{model}_src", jnp.dtype(dtype))
+    src = folder.parent / f"{model}_src"
+    if model == "sdxl":
+        src.mkdir(parents=True, exist_ok=True)
+        pipe = _random_sdxl(src, jnp.dtype(dtype))
+    else:
+        pipe, _, _ = models.load_model(model, src, jnp.dtype(dtype))
     return Path(pretrained.save_pipeline(pipe, folder))
 
 
@@ -94,7 +115,7 @@ def rehearse(workdir: str, size: int = 512, images: int = 2, train_steps: int = 
     model = write_random_model(work / name, name, dtype)
     rows = [{"stage": f"random {name} weights, saved", "seconds": round(time.time() - t0, 1)}]
     voc = write_voc_layout(work / "VOCdevkit" / "VOC2012")
-    config = os.path.join(configs_dir(), "voc_semantic.py")
+    config = os.path.join(configs_dir(), "voc_semantic_sdxl.py" if name == "sdxl" else "voc_semantic.py")
     common = [f"pipeline={model}", f"workdir={work / 'train'}", f"dtype={dtype}", f"data.root={voc}",
               f"data.image_size={size}", "data.per_class=1", *overrides]
     train = ["train", "--config", config, *common, f"steps={train_steps}", "log_every=1", "eval_every=1000",
@@ -116,13 +137,15 @@ def rehearse(workdir: str, size: int = 512, images: int = 2, train_steps: int = 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m datasetdm_jax.bench.rehearsal", description=__doc__.split("\n")[0])
-    p.add_argument("--workdir", required=True, help="scratch folder (the model alone is 4.3 GB in float32)")
+    p.add_argument("--workdir", required=True,
+                   help="scratch folder (the model alone: SD 1.5 4.3 GB in float32, SDXL 7 GB in bfloat16)")
     p.add_argument("--size", type=int, default=512, help="image size in pixels (SD 1.5's own: 512)")
     p.add_argument("--images", type=int, default=2, help="images to generate")
     p.add_argument("--train-steps", type=int, default=2)
     p.add_argument("--steps", type=int, default=2, help="sampler steps per image")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the frozen SD's dtype")
-    p.add_argument("--model", default="sd15", choices=["sd15", "tiny"], help="tiny: a quick check of this script")
+    p.add_argument("--model", default="sd15", choices=["sd15", "sdxl", "tiny"],
+                   help="sdxl: SDXL base's architecture on configs/voc_semantic_sdxl.py; tiny: a quick check")
     p.add_argument("overrides", nargs="*", help="more config overrides (key=value) for train and generate")
     a = p.parse_args(argv)
     report = rehearse(a.workdir, a.size, a.images, a.train_steps, a.steps, a.dtype, a.model, a.overrides)
