@@ -104,7 +104,7 @@ def _has_shards(out: str) -> bool:
 def check_settings(config, num_images: int) -> None:
     """The ``generate`` section and ``num_images``, checked before a model loads or a file is written
     (one-line ``UserError`` naming the key and what it takes)."""
-    from datasetdm_jax import generate, schedulers
+    from datasetdm_jax import generate, schedulers, sharding
     from datasetdm_jax.data import records
     from datasetdm_jax.labelers import grounding
 
@@ -118,7 +118,7 @@ def check_settings(config, num_images: int) -> None:
     errors.check_number("generate.guidance", g.get("guidance", 1.0))
     choices = {"scheduler": tuple(schedulers.SAMPLERS), "image_format": ("png", "jpeg"),
                "labeler": tuple(labelers.LABELERS), "feature_pass": generate.FEATURE_PASSES,
-               "grounding": grounding.MODES}
+               "grounding": grounding.MODES, "param_sharding": sharding.MODES}
     for key, known in choices.items():
         if key in g and str(g[key]).lower() not in known:
             raise UserError(f"generate.{key}={g[key]!r}: expected one of {', '.join(known)}")

@@ -74,7 +74,8 @@ def test_override_of_the_wrong_type_names_key_value_and_type(tmp_path, capsys):
                                             ("generate.batch_size=0", "generate.batch_size=0"),
                                             ("generate.scheduler=nosuch", "generate.scheduler='nosuch': expected one of"),
                                             ("generate.guidance=1e999", "generate.guidance=inf: expected a number"),
-                                            ("dtype=fp8", "dtype='fp8': expected one of auto, float32, bfloat16")])
+                                            ("dtype=fp8", "dtype='fp8': expected one of auto, float32, bfloat16"),
+                                            ("generate.param_sharding=zero", "generate.param_sharding='zero': expected one of replicated, fsdp")])
 def test_bad_setting_is_refused_before_the_spec_is_written(tmp_path, capsys, setting, words):
     """A failed run must not lock its folder: nothing is written before the settings are checked."""
     out = tmp_path / "o"
