@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -112,7 +113,14 @@ def rehearse(workdir: str, size: int = 512, images: int = 2, train_steps: int = 
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     name = model
-    model = write_random_model(work / name, name, dtype)
+    # In a process of its own: a forked stage's peak RSS (``ru_maxrss``) would include this process's
+    # pages from before its exec, here the weights just built.
+    maker = multiprocessing.get_context("spawn").Process(target=write_random_model, args=(work / name, name, dtype))
+    maker.start()
+    maker.join()
+    if maker.exitcode:
+        raise SystemExit(f"rehearsal: building the random {name} weights failed (exit {maker.exitcode})")
+    model = work / name
     rows = [{"stage": f"random {name} weights, saved", "seconds": round(time.time() - t0, 1)}]
     voc = write_voc_layout(work / "VOCdevkit" / "VOC2012")
     config = os.path.join(configs_dir(), "voc_semantic_sdxl.py" if name == "sdxl" else "voc_semantic.py")
