@@ -1,14 +1,15 @@
 """PyTorch state dicts <-> NNX parameters, by naming convention (see docs/conventions.md).
 
 Our modules name their attributes exactly like the PyTorch modules they mirror, so one pair of
-numpy-only functions serves the UNet, the VAE and the CLIP text encoder: no per-model key tables,
-and no torch import.
+functions serves the UNet, the VAE and the CLIP text encoder: no per-model key tables, and no torch
+import.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, MutableMapping
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -28,12 +29,17 @@ def torch_key(path: tuple) -> str:
     return ".".join([*parents, _LEAF_TO_TORCH[leaf]])
 
 
+# PyTorch layout -> NNX layout of a kernel, by rank: conv (O, I, kh, kw) -> (kh, kw, I, O); linear
+# (out, in) -> (in, out).
+_TO_NNX_AXES = {4: (2, 3, 1, 0), 2: (1, 0)}
+
+
+def _nnx_axes(leaf: str, ndim: int) -> tuple[int, ...]:
+    return _TO_NNX_AXES.get(ndim, tuple(range(ndim))) if leaf == "kernel" else tuple(range(ndim))
+
+
 def _to_nnx_layout(leaf: str, value: np.ndarray) -> np.ndarray:
-    if leaf == "kernel" and value.ndim == 4:  # conv (O, I, kh, kw) -> (kh, kw, I, O)
-        return value.transpose(2, 3, 1, 0)
-    if leaf == "kernel" and value.ndim == 2:  # linear (out, in) -> (in, out)
-        return value.T
-    return value
+    return value.transpose(_nnx_axes(leaf, value.ndim))
 
 
 def _to_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
@@ -50,47 +56,47 @@ def _flat_params(model: nnx.Module):
 
 def load_torch_state_dict(
     model: nnx.Module,
-    tensors: Mapping[str, np.ndarray],
+    tensors: MutableMapping[str, np.ndarray],
     *,
     source: str = "state dict",
     rename: Callable[[str], str] | None = None,
     ignore: Iterable[str] = (),
 ) -> None:
-    """Copies PyTorch-layout `tensors` into `model`'s params, in place.
+    """Moves PyTorch-layout `tensors` into `model`'s params (device arrays), in place.
 
     `rename` maps legacy checkpoint keys to current ones (e.g. old VAE attention names);
     keys in `ignore` (non-parameter buffers such as CLIP's `position_ids`) are skipped.
-    Raises WeightsError naming every missing, unexpected or mis-shaped tensor; on error the
-    model is left untouched, so nothing half-loads.
+    Every shape is checked first: WeightsError names every missing, unexpected or mis-shaped
+    tensor, and on error neither the model nor `tensors` is touched, so nothing half-loads. Then
+    each tensor is converted, placed on the device and removed from `tensors`, so loading holds
+    one copy of the weights plus one tensor (SDXL's UNet alone is 5 GB in bfloat16), not three.
     """
     ignore = set(ignore)
-    incoming = {}
-    for key, value in tensors.items():
-        key = rename(key) if rename else key
-        if key not in ignore:
-            incoming[key] = value
-    problems, new_values, used = [], [], set()
+    source_key = {}  # model key -> key in `tensors`
+    for key in tensors:
+        new = rename(key) if rename else key
+        if new not in ignore:
+            source_key[new] = key
+    problems, plan = [], []
     for path, var in _flat_params(model):
-        key = torch_key(path)
+        key, leaf = torch_key(path), str(path[-1])
         expected = tuple(var.shape)
-        if key not in incoming:
+        if key not in source_key:
             problems.append(f"missing {key} (expected shape {expected})")
             continue
-        used.add(key)
-        value = _to_nnx_layout(str(path[-1]), np.asarray(incoming[key]))
-        if value.shape != expected:
-            problems.append(
-                f"{key}: expected shape {_to_torch_layout(str(path[-1]), np.empty(expected)).shape} "
-                f"(PyTorch layout), found {tuple(np.asarray(incoming[key]).shape)}"
-            )
+        found = tuple(np.shape(tensors[source_key[key]]))
+        if tuple(found[a] for a in _nnx_axes(leaf, len(found))) != expected:
+            problems.append(f"{key}: expected shape {_to_torch_layout(leaf, np.empty(expected)).shape} "
+                            f"(PyTorch layout), found {found}")
             continue
-        new_values.append((var, value.astype(var.dtype)))
-    problems += [f"unexpected {key} {tuple(np.shape(incoming[key]))}" for key in sorted(set(incoming) - used)]
+        plan.append((var, leaf, source_key.pop(key)))
+    problems += [f"unexpected {key} {tuple(np.shape(tensors[src]))}" for key, src in sorted(source_key.items())]
     if problems:
         shown = "; ".join(problems[:20]) + (f"; ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         raise WeightsError(f"{source}: {len(problems)} tensor(s) do not fit the model: {shown}")
-    for var, value in new_values:
-        var.set_value(value)
+    for var, leaf, src in plan:
+        value = _to_nnx_layout(leaf, np.asarray(tensors.pop(src)))
+        var.set_value(jax.device_put(value.astype(var.dtype, copy=False)))
 
 
 def to_torch_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:

@@ -149,8 +149,22 @@ def test_misshaped_tensor_is_named(tiny):
     config, sd = tiny
     key = "text_model.embeddings.token_embedding.weight"
     sd = {**sd, key: sd[key][:-1]}
+    before = dict(sd)
+    model = CLIPTextModel(config, rngs=nnx.Rngs(0))
     with pytest.raises(WeightsError, match=key):
-        load_torch_state_dict(CLIPTextModel(config, rngs=nnx.Rngs(0)), sd, ignore={POSITION_IDS_KEY})
+        load_torch_state_dict(model, sd, ignore={POSITION_IDS_KEY})
+    assert sd.keys() == before.keys()  # nothing consumed, nothing half-loaded
+
+
+def test_loading_moves_the_tensors_out_of_the_state_dict(tiny):
+    """Each tensor leaves the state dict as its device copy enters the model: loading never holds
+    the weights twice (numpy and device), only the ignored buffers stay behind."""
+    config, sd = tiny
+    sd = dict(sd)
+    model = CLIPTextModel(config, rngs=nnx.Rngs(0))
+    load_torch_state_dict(model, sd, ignore={POSITION_IDS_KEY})
+    assert set(sd) <= {POSITION_IDS_KEY}
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
 def test_config_validation():
@@ -167,7 +181,7 @@ def test_bf16_compute_stays_close_to_fp32(tiny):
     outs = []
     for dtype in (jnp.float32, jnp.bfloat16):
         model = CLIPTextModel(config, dtype=dtype, rngs=nnx.Rngs(0))
-        load_torch_state_dict(model, sd, ignore={POSITION_IDS_KEY})
+        load_torch_state_dict(model, dict(sd), ignore={POSITION_IDS_KEY})
         outs.append(model.encode(ids))
     assert outs[1].dtype == jnp.bfloat16
     assert rel_err(outs[1].astype(jnp.float32), outs[0]) < 5e-2
