@@ -10,9 +10,9 @@ datasetdm_jax/config_common.py.
 from datasetdm_jax import config_common as common
 
 
-def task_config(task, num_classes, steps, model, batch_size=16):
-    """Shapes-scale training: lr 2e-3, short warmup, frequent logs."""
-    return common.downstream_task(task, num_classes, steps, model, batch_size=batch_size, lr=2e-3,
+def task_config(task, num_classes, steps, model, batch_size=16, lr=2e-3):
+    """Shapes-scale training: short warmup, frequent logs."""
+    return common.downstream_task(task, num_classes, steps, model, batch_size=batch_size, lr=lr,
                                   warmup_steps=min(100, steps // 10), log_every=25)
 
 
@@ -26,9 +26,14 @@ def get_config(arg=None):
         max_depth=0.0,               # 0: no cap
     )
     # 8 classes: shapes.CLASSES (background + 7 shapes; 'star' is absent from the default world).
+    # lr 2e-2: the rate that trains the real-only baseline (a) best, so synthetic data is measured
+    # against a strong baseline, not an undertrained one. Picked on held-out real images (256 scenes
+    # of each test split drawn with seed 1, not the test images), 1,000 steps, mean mIoU over both
+    # splits: 2e-3 53.5, 6e-3 67.3, 1e-2 68.7, 2e-2 71.2, 4e-2 70.8, 8e-2 65.3
+    # (docs/experiments/downstream.md). The depth net keeps 2e-3 (not swept).
     c.semantic = task_config("semantic", 8, 1500, dict(
         stages=((16, 2, 1), (32, 2, 1), (64, 2, 1), (96, 1, 2)), depth=2, aspp_width=64, aspp_rates=(2, 4, 6),
-        skip_stage=1, skip_width=24, decoder_width=64))
+        skip_stage=1, skip_width=24, decoder_width=64), lr=2e-2)
     c.depth = task_config("depth", 8, 1500, dict(widths=(16, 32, 64, 96), depth=2, init_depth=8.0, stem_stride=2))
     if arg == "tiny":
         c.real.num_images, c.test.num, c.real.image_size, c.test.image_size = 8, 8, 32, 32
