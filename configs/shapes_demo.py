@@ -45,8 +45,9 @@ def get_config(arg=None):
         enabled=True, labeler=load_config(os.path.join(here, "shapes_attention.py:both")).generate.labeler_config))
     # 1,000 segmenter steps at the learning rate that trains (a) real-only best on held-out real
     # images (configs/downstream_shapes.py); every row trains with that same recipe.
+    # ``overrides``: key=value for that config (e.g. "downstream.overrides=('semantic.lr=2e-3',)").
     c.downstream = ml_collections.ConfigDict(dict(config="downstream_shapes.py", semantic_steps=1000,
-                                                  depth_steps=700, test_images=256))
+                                                  depth_steps=700, test_images=256, overrides=()))
     # What the paper claims, checked against the measured table (reported either way).
     c.claims = ml_collections.ConfigDict(dict(min_miou_gain=5.0))
     if arg == "small":

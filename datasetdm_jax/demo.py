@@ -57,7 +57,7 @@ def decoder_configs(config: ml_collections.ConfigDict, workdir: str, model: str)
 def downstream_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The downstream comparison config the demo trains with (its steps set)."""
     d = config.downstream
-    ds = _config(d.config)
+    ds = _config(d.config, list(d.get("overrides", ())))
     ds.semantic.steps, ds.depth.steps = int(d.semantic_steps), int(d.depth_steps)
     return ds
 

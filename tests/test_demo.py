@@ -100,3 +100,13 @@ def test_figure_shows_both_label_sets(tmp_path):
     expected = np.mean([(s == 0).mean() for s in segs[::2]])
     stats = demo.attention_label_stats(str(tmp_path))
     assert stats["ignored_fraction"] == 0.5 and abs(stats["agreement_with_p_decoder"] - expected) < 1e-4
+
+
+def test_downstream_overrides_reach_the_downstream_config():
+    """`downstream.overrides` sets fields of the downstream config the demo trains with (its recipe)."""
+    from datasetdm_jax.config_utils import load_config
+
+    base = demo.downstream_config(load_config("shapes_demo"))
+    assert base.semantic.steps == 1000 and base.semantic.lr == 2e-2
+    tuned = demo.downstream_config(load_config("shapes_demo", ["downstream.overrides=('semantic.lr=6e-3',)"]))
+    assert tuned.semantic.lr == 6e-3 and tuned.semantic.steps == 1000 and tuned.depth.lr == base.depth.lr
