@@ -49,9 +49,10 @@ def data_mesh(batch_size: int, devices: int | None = None) -> Mesh:
 class MeshJit:
     """``jax.jit(fn, **jit_kwargs)`` traced, compiled and run under ``jax.set_mesh(mesh)``.
 
-    Why: XLA splits ordinary ops over the mesh by itself, but not a Pallas kernel; under the context
-    mesh the splash-attention kernel sees the ``data`` axis and splits itself (``jax.shard_map``),
-    so multi-chip hosts and pods get the fast kernel (models/attention.py).
+    Why: XLA splits ordinary ops over the mesh by itself, but not a Pallas kernel or a host
+    callback; under the context mesh they see the ``data`` axis and split themselves
+    (``jax.shard_map``): multi-chip hosts and pods get the fast attention kernel
+    (models/attention.py), and each device matches its own examples (decoders/matching.py).
     """
 
     def __init__(self, fn, mesh: Mesh, **jit_kwargs):
@@ -64,6 +65,13 @@ class MeshJit:
     def lower(self, *args):
         with jax.set_mesh(self.mesh):
             return self.jitted.lower(*args)
+
+
+def data_axis_size() -> int:
+    """The ``data`` axis size of the context mesh being traced under (1: none). Code that cannot be
+    split by XLA itself (a Pallas kernel, a host callback) uses it to split over the batch."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else int(dict(mesh.shape).get("data", 1))
 
 
 def data_shardings(mesh: Mesh) -> tuple[NamedSharding, NamedSharding]:

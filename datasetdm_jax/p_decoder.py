@@ -108,9 +108,8 @@ class Trainer:
         self.features_fn = devices.MeshJit(self.features, self.mesh, in_shardings=(
             self.repl, self.data_sharding, self.data_sharding, self.repl))
         self._noise_key = jax.jit(lambda step: jax.random.split(jax.random.fold_in(self.base_key, step))[0])
-        self._decoder_step = jax.jit(self.decoder_step, in_shardings=(self.repl, self.data_sharding,
-                                                                      self.data_sharding),
-                                     out_shardings=(self.repl, self.repl))
+        self._decoder_step = devices.MeshJit(self.decoder_step, self.mesh, in_shardings=(
+            self.repl, self.data_sharding, self.data_sharding), out_shardings=(self.repl, self.repl))
         self.decode_fn = jax.jit(self.decode)
 
     # -- pure pieces -----------------------------------------------------------------------------

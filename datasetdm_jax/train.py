@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from datasetdm_jax import pretrained, storage
+from datasetdm_jax import devices, pretrained, storage
 from datasetdm_jax.config_utils import load_config
 from datasetdm_jax.data import pipeline, sources
 from datasetdm_jax.decoders import tasks
@@ -175,7 +175,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *, pipe: 
 
     if bool(config.get("cache_features", False)) and start < total:  # a finished run needs no bank
         bank = jax.device_put(trainer.feature_bank(train_source(config)), repl)
-        bank_step = jax.jit(trainer.bank_step, in_shardings=(repl, repl, data_sh), out_shardings=(repl, repl))
+        bank_step = devices.MeshJit(trainer.bank_step, trainer.mesh, in_shardings=(repl, repl, data_sh),
+                                    out_shardings=(repl, repl))
         step_fn = lambda st, b, _frozen: bank_step(st, bank, b)  # noqa: E731
     it = train_iterator(config, data_state)
     log_every, eval_every = max(1, int(config.log_every)), int(config.eval_every)

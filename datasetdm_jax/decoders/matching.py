@@ -6,7 +6,8 @@ all masks of an image. The cost matrix is computed in JAX; the assignment itself
 `scipy.optimize.linear_sum_assignment` run through `jax.pure_callback`. Why a callback rather than
 matching on the host between two jitted halves: the whole train step (forward, matching, loss,
 update) stays one jitted function with static shapes, and the callback moves only a (Q, M) matrix
-per image (<= 100 x a few dozen floats), negligible next to the forward pass. Matching is not
+per image (<= 100 x a few dozen floats), negligible next to the forward pass. Under a data mesh
+each device matches its own examples (``jax.shard_map``), as the batch is laid out. Matching is not
 differentiated (the indices are integers; the cost is stop_gradient'ed).
 """
 
@@ -16,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import linear_sum_assignment
+
+from datasetdm_jax import devices
 
 _INVALID_COST = 1e6
 
@@ -69,8 +72,15 @@ def assign(cost: jax.Array) -> jax.Array:
     """Optimal assignment inside jit: cost (..., Q, M) -> (..., M) int32 query index per GT."""
     if cost.shape[-2] < cost.shape[-1]:
         raise ValueError(f"need at least as many queries as GT slots, got Q={cost.shape[-2]} < M={cost.shape[-1]}")
-    out = jax.ShapeDtypeStruct(cost.shape[:-2] + (cost.shape[-1],), jnp.int32)
-    return jax.pure_callback(_assign_host, out, jax.lax.stop_gradient(cost), vmap_method="expand_dims")
+    def host(c):
+        out = jax.ShapeDtypeStruct(c.shape[:-2] + (c.shape[-1],), jnp.int32)
+        return jax.pure_callback(_assign_host, out, c, vmap_method="expand_dims")
+
+    n = devices.data_axis_size()
+    if n > 1 and cost.ndim > 2 and cost.shape[0] % n == 0:  # each device matches its own examples
+        spec = jax.sharding.PartitionSpec("data")
+        host = jax.shard_map(host, in_specs=spec, out_specs=spec, check_vma=False)
+    return host(jax.lax.stop_gradient(cost))
 
 
 def hungarian_match(logits: jax.Array, pred_masks: jax.Array, gt_classes: jax.Array, gt_masks: jax.Array,

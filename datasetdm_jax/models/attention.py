@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from datasetdm_jax import devices
+
 Kernel = Literal["auto", "xla", "dot_product", "splash"]
 IMPLS: tuple[str, ...] = ("auto", "xla", "dot_product", "splash")
 _SPLASH_LANES = 128  # splash tiles: sequence blocks and head dim in multiples of this
@@ -62,7 +64,7 @@ def resolve_impl(impl: Kernel | None = None) -> str:
     if impl != "auto":
         return impl
     backend = jax.default_backend()
-    if backend == "tpu" and (jax.device_count() == 1 or _data_axis_size() > 1):  # see splash_attention
+    if backend == "tpu" and (jax.device_count() == 1 or devices.data_axis_size() > 1):  # see splash_attention
         return "splash"
     return "dot_product" if backend == "gpu" else "xla"
 
@@ -115,12 +117,6 @@ def _splash_kernel(heads: int, lq: int, lk: int, interpret: bool):
         return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def _data_axis_size() -> int:
-    """The ``data`` axis size of the context mesh being traced under (1: none)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return 1 if mesh.empty else int(dict(mesh.shape).get("data", 1))
-
-
 def splash_fits(q: jax.Array, k: jax.Array) -> bool:
     """Whether the splash kernel takes these shapes (both sequence lengths multiples of 128)."""
     return q.shape[1] % _SPLASH_LANES == 0 and k.shape[1] % _SPLASH_LANES == 0
@@ -142,7 +138,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: boo
     def per_device(q, k, v):
         return jax.vmap(kern)(prep(q), prep(k.astype(v.dtype)), prep(v))[..., :d].transpose(0, 2, 1, 3)
 
-    n = _data_axis_size()
+    n = devices.data_axis_size()
     if n > 1 and q.shape[0] % n == 0:  # each device its rows of the batch, as the mesh lays them out
         spec = jax.sharding.PartitionSpec("data")
         per_device = jax.shard_map(per_device, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
