@@ -206,8 +206,14 @@ def export_folder(data: str, out: str, min_quality: float | None = None, jpeg_qu
         {**data_id, "note": f"this export did not finish: rerun `datasetdm export --data {data} --out {out}` "
                             "to redo it"}, indent=1))
     best = None  # the highest quality seen, for the message when nothing reaches min_quality
-    for sub in _SUBDIRS:
-        storage.makedirs(storage.join(out, sub))
+    made: set[str] = set()  # sub-folders are made on their first file: no empty depth/ for a mask-only set
+
+    def put(sub: str, name: str, data: bytes) -> None:
+        if sub not in made:
+            storage.makedirs(storage.join(out, sub))
+            made.add(sub)
+        records.atomic_write(storage.join(out, sub, name), data)
+
     kept = dropped = 0
     coco = CocoWriter(storage.join(out, "annotations.json"), class_names)
     prompts_path = storage.join(out, "prompts.jsonl")
@@ -222,14 +228,12 @@ def export_folder(data: str, out: str, min_quality: float | None = None, jpeg_qu
                     best = q if best is None or q > best else best
                     continue
                 stem = f"{ex['index']:08d}"
-                records.atomic_write(storage.join(out, "images", stem + ".jpg"),
-                                     records.encode_jpeg(ex["image"], jpeg_quality))
+                put("images", stem + ".jpg", records.encode_jpeg(ex["image"], jpeg_quality))
                 if "segmentation" in ex:
-                    records.atomic_write(storage.join(out, "segmentation", stem + ".png"),
-                                         records.encode_png(ex["segmentation"].astype(np.uint8)))
+                    put("segmentation", stem + ".png", records.encode_png(ex["segmentation"].astype(np.uint8)))
                 if "depth" in ex:
                     mm = np.clip(np.round(ex["depth"] / records.DEPTH_SCALE), 0, 65535).astype(np.uint16)
-                    records.atomic_write(storage.join(out, "depth", stem + ".png"), records.encode_png(mm))
+                    put("depth", stem + ".png", records.encode_png(mm))
                 prompts_file.write(json.dumps({"file_name": stem + ".jpg", "prompt": ex["prompt"],
                                                "index": ex["index"]}) + "\n")
                 coco.add(ex, f"images/{stem}.jpg")

@@ -160,6 +160,7 @@ def test_export_folder_and_coco(setup):
     coco = COCO(str(out / "annotations.json"))
     assert len(coco.getImgIds()) == NUM and len(coco.getAnnIds()) == stats["annotations"]
     exs = {e["index"]: e for e in records.read_tfrecords(str(ref))}
+    assert (out / "depth").exists() == ("depth" in exs[0])  # no empty folder for a label the set lacks
     for ann in coco.loadAnns(coco.getAnnIds()):
         seg = exs[ann["image_id"]]["segmentation"]
         np.testing.assert_array_equal(coco.annToMask(ann).astype(bool), seg == ann["category_id"])
