@@ -325,3 +325,22 @@ def test_deep_supervision_adds_every_layer_and_is_refused_for_depth(models):
     assert np.isfinite(float(deep)) and float(deep) > float(last) > 0
     with pytest.raises(ValueError, match="deep_supervision"):
         tasks.TaskSpec("depth", deep_supervision=True, **kw)
+
+
+def test_evaluator_scores_semantic_labels_grounded_in_the_image_classes():
+    # Truth: class 2 on the left half, background on the right. The decoder prefers class 3 (absent
+    # from the image) on the left: wrong over all classes, right once only the image's classes count.
+    spec = tasks.TaskSpec("semantic", image_size=8, num_classes=4)
+    scores = np.zeros((1, 4, 8, 8), np.float32)
+    scores[0, 0, :, 4:] = 1.0
+    scores[0, 3, :, :4], scores[0, 2, :, :4] = 0.9, 0.6
+    gt = np.zeros((1, 8, 8), np.int32)
+    gt[0, :, :4] = 2
+    assert tasks.classes_present(gt, 4).tolist() == [[True, False, True, False]]
+    ev = tasks.Evaluator(spec)
+    ev.update({"segmentation": scores.argmax(1), "scores": scores}, {"segmentation": gt})
+    r = ev.compute()
+    assert r["miou_grounded"] == pytest.approx(1.0) and r["miou"] < 0.5
+    ev = tasks.Evaluator(spec)                          # predictions without scores: no grounded score
+    ev.update({"segmentation": scores.argmax(1)}, {"segmentation": gt})
+    assert "miou_grounded" not in ev.compute()

@@ -21,6 +21,15 @@ def test_claims_fail_when_it_does_not():
     assert [c["holds"] for c in claims] == [False, False, False]
 
 
+def test_the_labeller_is_set_against_the_real_only_row():
+    decoders = {"semantic": {"miou": 0.30, "miou_grounded": 0.38}, "depth": {"rel": 0.1}}
+    claims = demo.check_claims(_result(0.40, 0.42, 0.30, 0.31, 0.20, 0.25), min_gain=5.0, decoders=decoders)
+    assert [c["holds"] for c in claims] == [False, False, None, False]
+    assert claims[2]["measured"] == {"p_decoder_grounded": 38.0, "p_decoder_all_classes": 30.0, "real_only": 40.0}
+    # a decoder scored before the grounded metric existed: no such line
+    assert len(demo.check_claims(_result(0.40, 0.42, 0.30, 0.31, 0.20, 0.25), 5.0, {"semantic": {"miou": 0.3}})) == 3
+
+
 # --- attention-labelled rows (d), (e): semantic only, reported as measured ---------------------
 
 def _with_attention(base, att, real_att):

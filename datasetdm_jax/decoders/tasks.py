@@ -26,7 +26,8 @@ from flax import nnx
 
 from datasetdm_jax import metrics as mt
 from datasetdm_jax.decoders import get_decoder
-from datasetdm_jax.decoders.inference import class_map, instance_inference, pixel_confidence, semantic_scores
+from datasetdm_jax.decoders.inference import (class_map, grounded_class_map, instance_inference, pixel_confidence,
+                                              semantic_scores)
 from datasetdm_jax.decoders.losses import heatmap_softmax_loss, joints_mse_loss, segmentation_loss, silog_loss
 from datasetdm_jax.decoders.pixel_stem import FeatureSpec
 from datasetdm_jax.decoders.pose import decode_heatmaps, gaussian_heatmaps, softmax_heatmaps
@@ -175,14 +176,15 @@ def pose_heatmaps(spec: TaskSpec, out: jax.Array) -> jax.Array:
 def task_predict(spec: TaskSpec, out: Any) -> dict[str, jax.Array]:
     """Decoder output -> labels at image resolution (jittable).
 
-    semantic: {'segmentation' (B,H,W) int32, 'confidence' (B,H,W) (`pixel_confidence`)}; depth:
+    semantic: {'segmentation' (B,H,W) int32, 'confidence' (B,H,W) (`pixel_confidence`), 'scores'
+    (B,K,H,W) (`semantic_scores`, for the grounded score)}; depth:
     {'depth' (B,H,W)}; instance: {'masks' (B,k,H,W) bool, 'scores' (B,k), 'labels' (B,k) data class
     ids}; pose: {'keypoints' (B,1,17,3) as (x, y, score) in image pixels, 'scores' (B,1) mean joint
     score}.
     """
     if spec.task == "semantic":
         scores = semantic_scores(out["logits"][-1], out["masks"][-1], spec.image_size)
-        return {"segmentation": class_map(scores), "confidence": pixel_confidence(scores)}
+        return {"segmentation": class_map(scores), "confidence": pixel_confidence(scores), "scores": scores}
     if spec.task == "instance":
         r = instance_inference(out["logits"][-1], out["masks"][-1], top_k=spec.top_k, out_size=spec.image_size)
         return {"masks": r["masks"], "scores": r["scores"], "labels": r["labels"] + 1}
@@ -195,14 +197,18 @@ def task_predict(spec: TaskSpec, out: Any) -> dict[str, jax.Array]:
 class Evaluator:
     """Accumulates host-side predictions and labels; ``compute()`` gives the task's metrics.
 
-    semantic: miou; instance: COCO mask AP/AP50/AP75 class-aware, plus ap_agnostic (the official
-    class-agnostic protocol); depth: rel/rmse/delta1; pose: COCO keypoint AP/AP50/AP75 (OKS, object
+    semantic: miou (argmax over all classes), and with the predictions' ``scores`` miou_grounded: the
+    labels restricted to background + the classes each image holds, as generation restricts them to the
+    classes its prompt names (`labelers.grounding`), so it scores the labeller as generation uses it;
+    instance: COCO mask AP/AP50/AP75 class-aware, plus ap_agnostic (the official class-agnostic protocol); depth: rel/rmse/delta1; pose: COCO keypoint AP/AP50/AP75 (OKS, object
     area = the person's visible mask area when instance masks are given).
     """
 
     def __init__(self, spec: TaskSpec):
         self.spec = spec
         self.miou = mt.MeanIoU(spec.num_classes) if spec.task == "semantic" else None
+        self.miou_grounded = mt.MeanIoU(spec.num_classes) if spec.task == "semantic" else None
+        self.grounded_seen = False
         self.preds: list = []
         self.gts: list = []
 
@@ -211,6 +217,11 @@ class Evaluator:
         task = self.spec.task
         if task == "semantic":
             self.miou.update(pred["segmentation"], batch["segmentation"])
+            if "scores" in pred:
+                gt = np.asarray(batch["segmentation"])
+                seg, _ = grounded_class_map(pred["scores"], classes_present(gt, self.spec.num_classes))
+                self.miou_grounded.update(np.asarray(seg), gt)
+                self.grounded_seen = True
         elif task == "depth":
             self.preds.append(pred["depth"])
             self.gts.append(np.asarray(batch["depth"]))
@@ -235,7 +246,10 @@ class Evaluator:
         task = self.spec.task
         if task == "semantic":
             miou, iou = self.miou.compute()
-            return {"miou": float(miou), **({"per_class_iou": [float(v) for v in iou]} if per_class else {})}
+            out = {"miou": float(miou), **({"per_class_iou": [float(v) for v in iou]} if per_class else {})}
+            if self.grounded_seen:
+                out["miou_grounded"] = float(self.miou_grounded.compute()[0])
+            return out
         if task == "depth":
             return {k: float(v) for k, v in mt.depth_metrics(np.concatenate(self.preds),
                                                              np.concatenate(self.gts)).items()}
@@ -243,6 +257,17 @@ class Evaluator:
             ap = mt.coco_mask_ap(self.gts, self.preds)
             return {**ap, "ap_agnostic": mt.coco_mask_ap(self.gts, self.preds, class_agnostic=True)["AP"]}
         return mt.coco_keypoint_ap(self.gts, self.preds)
+
+
+def classes_present(segmentation: np.ndarray, num_classes: int) -> np.ndarray:
+    """(B, H, W) label maps -> (B, K) bool: background and every class the image holds (255 ignored)."""
+    seg = np.asarray(segmentation).reshape(len(segmentation), -1)
+    allowed = np.zeros((len(seg), num_classes), bool)
+    allowed[:, 0] = True
+    for i, row in enumerate(seg):
+        present = np.unique(row)
+        allowed[i, present[present < num_classes]] = True
+    return allowed
 
 
 def _person_areas(batch: Mapping[str, np.ndarray], i: int, n: int) -> np.ndarray:
