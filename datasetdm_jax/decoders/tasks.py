@@ -200,15 +200,15 @@ class Evaluator:
     semantic: miou (argmax over all classes), and with the predictions' ``scores`` miou_grounded: the
     labels restricted to background + the classes each image holds, as generation restricts them to the
     classes its prompt names (`labelers.grounding`), so it scores the labeller as generation uses it;
-    instance: COCO mask AP/AP50/AP75 class-aware, plus ap_agnostic (the official class-agnostic protocol); depth: rel/rmse/delta1; pose: COCO keypoint AP/AP50/AP75 (OKS, object
-    area = the person's visible mask area when instance masks are given).
+    instance: COCO mask AP/AP50/AP75 class-aware, plus ap_agnostic (the official class-agnostic
+    protocol); depth: rel/rmse/delta1; pose: COCO keypoint AP/AP50/AP75 (OKS, object area = the
+    person's visible mask area when instance masks are given).
     """
 
     def __init__(self, spec: TaskSpec):
         self.spec = spec
         self.miou = mt.MeanIoU(spec.num_classes) if spec.task == "semantic" else None
-        self.miou_grounded = mt.MeanIoU(spec.num_classes) if spec.task == "semantic" else None
-        self.grounded_seen = False
+        self.miou_grounded: mt.MeanIoU | None = None  # made by the first predictions with scores
         self.preds: list = []
         self.gts: list = []
 
@@ -220,8 +220,9 @@ class Evaluator:
             if "scores" in pred:
                 gt = np.asarray(batch["segmentation"])
                 seg, _ = grounded_class_map(pred["scores"], classes_present(gt, self.spec.num_classes))
+                if self.miou_grounded is None:
+                    self.miou_grounded = mt.MeanIoU(self.spec.num_classes)
                 self.miou_grounded.update(np.asarray(seg), gt)
-                self.grounded_seen = True
         elif task == "depth":
             self.preds.append(pred["depth"])
             self.gts.append(np.asarray(batch["depth"]))
@@ -247,7 +248,7 @@ class Evaluator:
         if task == "semantic":
             miou, iou = self.miou.compute()
             out = {"miou": float(miou), **({"per_class_iou": [float(v) for v in iou]} if per_class else {})}
-            if self.grounded_seen:
+            if self.miou_grounded is not None:
                 out["miou_grounded"] = float(self.miou_grounded.compute()[0])
             return out
         if task == "depth":
