@@ -71,8 +71,8 @@ class Trainer:
 
     ``step_fn(state, batch, frozen)``: one train step; ``predict_fn(params, frozen, batch, key)``:
     images + captions -> labels (``tasks.task_predict``);
-    ``decode_fn(params, features)``: captured Features (e.g. from ``generate.sample_with_features``
-    with the same capture preset) -> labels, for generation.
+    ``decode_fn(params, features[, truth])``: captured Features (e.g. from ``generate.sample_with_features``
+    with the same capture preset) -> labels, for generation (``truth``: see ``decode``).
     """
 
     def __init__(self, config: ml_collections.ConfigDict, pipe: pretrained.Pipeline | None = None):
@@ -149,13 +149,15 @@ class Trainer:
     def loss(self, params, feats, batch, key):
         return tasks.task_loss(self.spec, self.apply(params, feats), batch, key)
 
-    def decode(self, params, feats) -> dict[str, jax.Array]:
-        """Features -> labels at image resolution (see ``tasks.task_predict``)."""
-        return tasks.task_predict(self.spec, self.apply(params, feats))
+    def decode(self, params, feats, truth=None) -> dict[str, jax.Array]:
+        """Features -> labels at image resolution (see ``tasks.task_predict``; ``truth``: the true
+        semantic label maps, for the grounded labels)."""
+        return tasks.task_predict(self.spec, self.apply(params, feats), truth)
 
     def predict(self, params, frozen, batch, key) -> dict[str, jax.Array]:
-        """Labels for one batch of real images with captions."""
-        return self.decode(params, self.features(frozen, batch["image"], batch["input_ids"], key))
+        """Labels for one batch of real images with captions (semantic: grounded in their true labels too)."""
+        feats = self.features(frozen, batch["image"], batch["input_ids"], key)
+        return self.decode(params, feats, batch.get("segmentation"))
 
     def decoder_step(self, state, feats, batch):
         """One Adam step of the decoder on captured features (pure; keys from (seed, step))."""
@@ -172,7 +174,8 @@ class Trainer:
 
     def predict_fn(self, params, frozen, batch, key) -> dict[str, jax.Array]:
         """Jitted ``predict``: labels for one batch of real images with captions."""
-        return self.decode_fn(params, self.features_fn(frozen, batch["image"], batch["input_ids"], key))
+        feats = self.features_fn(frozen, batch["image"], batch["input_ids"], key)
+        return self.decode_fn(params, feats, batch.get("segmentation"))
 
     # -- host side -------------------------------------------------------------------------------
     def host_batch(self, b: dict, step: int, augment: bool = True) -> dict:

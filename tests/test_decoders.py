@@ -336,11 +336,12 @@ def test_evaluator_scores_semantic_labels_grounded_in_the_image_classes():
     scores[0, 3, :, :4], scores[0, 2, :, :4] = 0.9, 0.6
     gt = np.zeros((1, 8, 8), np.int32)
     gt[0, :, :4] = 2
-    assert tasks.classes_present(gt, 4).tolist() == [[True, False, True, False]]
+    assert np.asarray(tasks.classes_present(gt, 4)).tolist() == [[True, False, True, False]]
+    pred = jax.jit(lambda s, t: tasks.semantic_predictions(spec, s, t))(scores, gt)
     ev = tasks.Evaluator(spec)
-    ev.update({"segmentation": scores.argmax(1), "scores": scores}, {"segmentation": gt})
+    ev.update(pred, {"segmentation": gt})
     r = ev.compute()
     assert r["miou_grounded"] == pytest.approx(1.0) and r["miou"] < 0.5
-    ev = tasks.Evaluator(spec)                          # predictions without scores: no grounded score
-    ev.update({"segmentation": scores.argmax(1)}, {"segmentation": gt})
+    ev = tasks.Evaluator(spec)                          # predictions made without the truth: no grounded score
+    ev.update(tasks.semantic_predictions(spec, scores), {"segmentation": gt})
     assert "miou_grounded" not in ev.compute()

@@ -173,18 +173,16 @@ def pose_heatmaps(spec: TaskSpec, out: jax.Array) -> jax.Array:
     return softmax_heatmaps(out, spec.sigma) if spec.pose_loss == "softmax" else out.astype(jnp.float32)
 
 
-def task_predict(spec: TaskSpec, out: Any) -> dict[str, jax.Array]:
+def task_predict(spec: TaskSpec, out: Any, truth: jax.Array | None = None) -> dict[str, jax.Array]:
     """Decoder output -> labels at image resolution (jittable).
 
-    semantic: {'segmentation' (B,H,W) int32, 'confidence' (B,H,W) (`pixel_confidence`), 'scores'
-    (B,K,H,W) (`semantic_scores`, for the grounded score)}; depth:
-    {'depth' (B,H,W)}; instance: {'masks' (B,k,H,W) bool, 'scores' (B,k), 'labels' (B,k) data class
-    ids}; pose: {'keypoints' (B,1,17,3) as (x, y, score) in image pixels, 'scores' (B,1) mean joint
-    score}.
+    semantic: see `semantic_predictions` (``truth``: the batch's label maps, for the grounded labels);
+    depth: {'depth' (B,H,W)}; instance: {'masks' (B,k,H,W) bool, 'scores' (B,k), 'labels' (B,k) data
+    class ids}; pose: {'keypoints' (B,1,17,3) as (x, y, score) in image pixels, 'scores' (B,1) mean
+    joint score}.
     """
     if spec.task == "semantic":
-        scores = semantic_scores(out["logits"][-1], out["masks"][-1], spec.image_size)
-        return {"segmentation": class_map(scores), "confidence": pixel_confidence(scores), "scores": scores}
+        return semantic_predictions(spec, semantic_scores(out["logits"][-1], out["masks"][-1], spec.image_size), truth)
     if spec.task == "instance":
         r = instance_inference(out["logits"][-1], out["masks"][-1], top_k=spec.top_k, out_size=spec.image_size)
         return {"masks": r["masks"], "scores": r["scores"], "labels": r["labels"] + 1}
@@ -194,12 +192,23 @@ def task_predict(spec: TaskSpec, out: Any) -> dict[str, jax.Array]:
     return {"keypoints": kp[:, None], "scores": kp[:, None, :, 2].mean(-1)}
 
 
+def semantic_predictions(spec: TaskSpec, scores: jax.Array, truth: jax.Array | None = None) -> dict[str, jax.Array]:
+    """(B,K,H,W) class scores -> {'segmentation' (B,H,W) int32 argmax over all classes, 'confidence'
+    (B,H,W) (`pixel_confidence`)}; with the true label maps ``truth`` (B,H,W) also
+    'segmentation_grounded': the labels restricted to background + the classes each image holds, as
+    generation restricts them to the prompt's classes (jittable: scored on the device, only label maps
+    come back)."""
+    pred = {"segmentation": class_map(scores), "confidence": pixel_confidence(scores)}
+    if truth is not None:
+        pred["segmentation_grounded"], _ = grounded_class_map(scores, classes_present(truth, spec.num_classes))
+    return pred
+
+
 class Evaluator:
     """Accumulates host-side predictions and labels; ``compute()`` gives the task's metrics.
 
-    semantic: miou (argmax over all classes), and with the predictions' ``scores`` miou_grounded: the
-    labels restricted to background + the classes each image holds, as generation restricts them to the
-    classes its prompt names (`labelers.grounding`), so it scores the labeller as generation uses it;
+    semantic: miou (argmax over all classes), and when the predictions hold ``segmentation_grounded``
+    (`semantic_predictions`) miou_grounded: the labeller scored as generation uses it (`labelers.grounding`);
     instance: COCO mask AP/AP50/AP75 class-aware, plus ap_agnostic (the official class-agnostic
     protocol); depth: rel/rmse/delta1; pose: COCO keypoint AP/AP50/AP75 (OKS, object area = the
     person's visible mask area when instance masks are given).
@@ -217,12 +226,10 @@ class Evaluator:
         task = self.spec.task
         if task == "semantic":
             self.miou.update(pred["segmentation"], batch["segmentation"])
-            if "scores" in pred:
-                gt = np.asarray(batch["segmentation"])
-                seg, _ = grounded_class_map(pred["scores"], classes_present(gt, self.spec.num_classes))
+            if "segmentation_grounded" in pred:
                 if self.miou_grounded is None:
                     self.miou_grounded = mt.MeanIoU(self.spec.num_classes)
-                self.miou_grounded.update(np.asarray(seg), gt)
+                self.miou_grounded.update(pred["segmentation_grounded"], batch["segmentation"])
         elif task == "depth":
             self.preds.append(pred["depth"])
             self.gts.append(np.asarray(batch["depth"]))
@@ -260,15 +267,12 @@ class Evaluator:
         return mt.coco_keypoint_ap(self.gts, self.preds)
 
 
-def classes_present(segmentation: np.ndarray, num_classes: int) -> np.ndarray:
-    """(B, H, W) label maps -> (B, K) bool: background and every class the image holds (255 ignored)."""
-    seg = np.asarray(segmentation).reshape(len(segmentation), -1)
-    allowed = np.zeros((len(seg), num_classes), bool)
-    allowed[:, 0] = True
-    for i, row in enumerate(seg):
-        present = np.unique(row)
-        allowed[i, present[present < num_classes]] = True
-    return allowed
+def classes_present(segmentation: jax.Array, num_classes: int) -> jax.Array:
+    """(B, H, W) label maps -> (B, K) bool: background and every class the image holds (255 ignored;
+    jittable)."""
+    seg = jnp.asarray(segmentation).astype(jnp.int32)
+    present = (seg[:, None] == jnp.arange(num_classes)[None, :, None, None]).any((2, 3))
+    return present.at[:, 0].set(True)
 
 
 def _person_areas(batch: Mapping[str, np.ndarray], i: int, n: int) -> np.ndarray:

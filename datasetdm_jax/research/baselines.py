@@ -131,7 +131,8 @@ class Scratch:
             return optax.apply_updates(p, updates), opt, loss
 
         self.step_fn = jax.jit(step_fn)
-        self.predict_fn = jax.jit(lambda p, image: tasks.task_predict(spec, nnx.merge(graph, p, rest)(image)))
+        self.predict_fn = jax.jit(
+            lambda p, image, truth=None: tasks.task_predict(spec, nnx.merge(graph, p, rest)(image), truth))
 
 
 def train_scratch(config: ml_collections.ConfigDict, *, steps: int | None = None, width: int | None = None,
@@ -192,7 +193,8 @@ def predict_split(scratch: Scratch, params: Any, split: str | None = None, num: 
     transform = transform or scratch.transform
     for b in pipeline.grain_dataset(src, int(ecfg.batch_size), None, drop_remainder=False):
         images = np.asarray(b["image"], np.float32)
-        yield jax.device_get(scratch.predict_fn(params, transform(images) if transform else images)), b
+        truth = b.get("segmentation") if scratch.spec.task == "semantic" else None
+        yield jax.device_get(scratch.predict_fn(params, transform(images) if transform else images, truth)), b
 
 
 def evaluate(scratch: Scratch, params: Any, split: str | None = None, num: int | None = None,
