@@ -345,3 +345,50 @@ def test_evaluator_scores_semantic_labels_grounded_in_the_image_classes():
     ev = tasks.Evaluator(spec)                          # predictions made without the truth: no grounded score
     ev.update(tasks.semantic_predictions(spec, scores), {"segmentation": gt})
     assert "miou_grounded" not in ev.compute()
+
+
+def test_per_pixel_head_learns_ignores_255_and_scores_sum_to_one():
+    spec = tasks.TaskSpec("semantic", image_size=16, num_classes=3, semantic_head="per_pixel")
+    f = fake_features(3)
+    model = tasks.build_decoder(spec, feature_spec(f), {"hidden": 8}, rngs=nnx.Rngs(0))
+    seg = np.zeros((2, 16, 16), np.int32)
+    seg[:, :8] = 1
+    seg[1, 8:, 8:] = 2
+    ignored = seg.copy()
+    ignored[:, :, :4] = 255
+    graph, params = nnx.split(model)
+    tx = optax.adam(1e-2)
+
+    @jax.jit
+    def step(p, opt, seg):
+        loss, g = jax.value_and_grad(lambda p: tasks.task_loss(spec, nnx.merge(graph, p)(f), {"segmentation": seg},
+                                                               jax.random.key(0))[0])(p)
+        u, opt = tx.update(g, opt, p)
+        return optax.apply_updates(p, u), opt, loss
+
+    out = nnx.merge(graph, params)(f)
+    assert out["logits"].shape == (2, 16, 16, 3)
+    # 255 pixels carry no loss: the same logits score differently once a wrong region is ignored
+    logits = np.zeros((2, 16, 16, 3), np.float32)
+    logits[:, :, :4, 2] = 10.0                                     # confidently wrong where 255
+    full = float(tasks.per_pixel_cross_entropy(jnp.asarray(logits), jnp.asarray(seg)))
+    assert float(tasks.per_pixel_cross_entropy(jnp.asarray(logits), jnp.asarray(ignored))) < full
+    opt, losses = tx.init(params), []
+    for _ in range(30):
+        params, opt, loss = step(params, opt, jnp.asarray(seg))
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0], losses
+    scores = tasks.semantic_class_scores(spec, nnx.merge(graph, params)(f))
+    assert scores.shape == (2, 3, 16, 16)
+    np.testing.assert_allclose(np.asarray(scores.sum(1)), 1.0, rtol=1e-5)
+    pred = tasks.task_predict(spec, nnx.merge(graph, params)(f), jnp.asarray(seg))
+    assert float((pred["segmentation_grounded"] == seg).mean()) > 0.9
+
+
+def test_per_pixel_head_is_refused_where_it_does_not_apply():
+    with pytest.raises(ValueError, match="semantic_head='per_pixel' applies to task 'semantic'"):
+        tasks.TaskSpec("instance", image_size=8, num_classes=3, semantic_head="per_pixel")
+    with pytest.raises(ValueError, match="deep_supervision applies to the Mask2Former head"):
+        tasks.TaskSpec("semantic", image_size=8, num_classes=3, semantic_head="per_pixel", deep_supervision=True)
+    with pytest.raises(ValueError, match="semantic_head must be one of"):
+        tasks.TaskSpec("semantic", image_size=8, num_classes=3, semantic_head="fcn")

@@ -228,6 +228,38 @@ def test_deep_supervision_trains(sd):
     assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
 
 
+def test_per_pixel_semantic_decoder_trains_scores_and_labels_grounded_in_the_prompt(sd):
+    """configs/shapes_semantic_per_pixel.py (the demo's labeller): it learns, `results.json` holds both
+    semantic scores, and generation's labels carry only background and the classes each prompt names."""
+    from datasetdm_jax import prompts
+    from datasetdm_jax.data import shapes
+    from datasetdm_jax.labelers.decoder import DecoderLabeler
+
+    path, pipe, root = sd
+    config = load_config(os.path.join(CONFIGS, "shapes_semantic_per_pixel.py") + ":tiny",
+                         [f"pipeline={path}", f"workdir={root / 'per_pixel'}"])
+    tr = train.Trainer(config, pipe)
+    assert tr.spec.decoder_name == "per_pixel" and not tr.spec.deep_supervision
+    batch = jax.device_put(tr.host_batch(next(train.train_iterator(config, None)), 0), tr.data_sharding)
+    state = jax.device_put({"step": np.zeros((), np.int32), "params": tr.init_params,
+                            "opt": tr.tx.init(tr.init_params)}, tr.repl)
+    losses = []
+    for _ in range(6):
+        state, m = tr.step_fn(state, batch, tr.frozen)
+        losses.append(float(m["loss"]))
+    assert np.all(np.isfinite(losses)) and np.mean(losses[-2:]) < np.mean(losses[:2]), losses
+    done, _, _ = train.run(config, str(config.workdir), trainer=tr)
+    res = json.load(open(root / "per_pixel" / train.RESULTS_FILE))
+    assert done and 0.0 <= res["miou"] <= 1.0 and 0.0 <= res["miou_grounded"] <= 1.0, res
+    indices = np.arange(4)
+    ps = prompts.from_config(config.generate.prompts).batch(indices)
+    out = DecoderLabeler(config, pipe=pipe)(ps, indices, 0)
+    for p, lab in zip(ps, out.labels):
+        named = {0} | {shapes.CLASS_TO_ID[c] for c in p.classes}
+        assert lab["segmentation"].shape == (config.data.image_size,) * 2
+        assert set(np.unique(lab["segmentation"]).tolist()) <= named, (p.text, np.unique(lab["segmentation"]))
+
+
 def test_bfloat16_frozen_sd_trains_a_float32_decoder(sd):
     """``dtype=bfloat16``: the frozen SD loads and runs in bf16, the decoder's weights and Adam state
     stay fp32, and its loss is finite; "auto" is float32 on this CPU; a bad value is one line."""

@@ -1,4 +1,4 @@
-"""P-Decoders: pixel stem, Mask2Former-style segmentation, depth, pose; losses and matching.
+"""P-Decoders: pixel stem, Mask2Former-style and per-pixel segmentation, depth, pose; losses and matching.
 
 `get_decoder(name, spec, config, rngs=...)` builds one by name; `spec` is a FeatureSpec
 (res -> (map_channels, attention_channels)), e.g. `feature_spec(features)`.
@@ -14,6 +14,7 @@ from datasetdm_jax.decoders.depth import DepthDecoder
 from datasetdm_jax.decoders.inference import instance_inference, semantic_inference
 from datasetdm_jax.decoders.losses import joints_mse_loss, segmentation_loss, silog_loss
 from datasetdm_jax.decoders.matching import hungarian_match, point_sample
+from datasetdm_jax.decoders.per_pixel import PerPixelDecoder
 from datasetdm_jax.decoders.pixel_stem import FeatureSpec, PixelStem, SegBlock, feature_spec
 from datasetdm_jax.decoders.pose import PoseDecoder, decode_heatmaps, gaussian_heatmaps
 from datasetdm_jax.decoders.segmentation import SegmentationDecoder
@@ -22,6 +23,7 @@ DECODERS: dict[str, Callable[..., nnx.Module]] = {
     "segmentation": SegmentationDecoder,
     "depth": DepthDecoder,
     "pose": PoseDecoder,
+    "per_pixel": PerPixelDecoder,
 }
 
 
@@ -34,7 +36,7 @@ def get_decoder(name: str, spec: FeatureSpec, config: Mapping[str, Any] | None =
 
 
 __all__ = [
-    "DECODERS", "DepthDecoder", "FeatureSpec", "PixelStem", "PoseDecoder", "SegBlock", "SegmentationDecoder",
+    "DECODERS", "DepthDecoder", "FeatureSpec", "PerPixelDecoder", "PixelStem", "PoseDecoder", "SegBlock", "SegmentationDecoder",
     "decode_heatmaps", "feature_spec", "gaussian_heatmaps", "get_decoder", "hungarian_match",
     "instance_inference", "joints_mse_loss", "point_sample", "segmentation_loss", "semantic_inference",
     "silog_loss",

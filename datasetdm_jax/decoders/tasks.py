@@ -4,7 +4,8 @@ One place that both the P-Decoder trainer (`train.py`) and the scratch baselines
 use, so the two are trained on the same targets and scored by the same code.
 
 Tasks (batch keys as produced by `data.pipeline`; labels at image resolution):
-- ``semantic``: class map ``segmentation`` (B,H,W); Mask2Former head, one GT mask per present class.
+- ``semantic``: class map ``segmentation`` (B,H,W); Mask2Former head, one GT mask per present class,
+  or (``semantic_head='per_pixel'``) a per-pixel classifier with cross-entropy.
 - ``instance``: class-aware instances ``instances`` (B,M,H,W), ``instance_classes`` (B,M),
   ``num_instances`` (B,); Mask2Former head, Hungarian matching on class + mask costs. The head's
   classes are the object classes (background dropped): head class k is data class k + 1.
@@ -22,6 +23,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from datasetdm_jax import metrics as mt
@@ -29,11 +31,12 @@ from datasetdm_jax.decoders import get_decoder
 from datasetdm_jax.decoders.inference import (class_map, grounded_class_map, instance_inference, pixel_confidence,
                                               semantic_scores)
 from datasetdm_jax.decoders.losses import heatmap_softmax_loss, joints_mse_loss, segmentation_loss, silog_loss
-from datasetdm_jax.decoders.pixel_stem import FeatureSpec
+from datasetdm_jax.decoders.pixel_stem import FeatureSpec, resize
 from datasetdm_jax.decoders.pose import decode_heatmaps, gaussian_heatmaps, softmax_heatmaps
 
 TASKS: tuple[str, ...] = ("semantic", "instance", "depth", "pose")
 POSE_LOSSES: tuple[str, ...] = ("mse", "softmax")
+SEMANTIC_HEADS: tuple[str, ...] = ("mask2former", "per_pixel")
 _DECODER = {"semantic": "segmentation", "instance": "segmentation", "depth": "depth", "pose": "pose"}
 # Left/right keypoint swap for horizontal flips (COCO order).
 FLIP_PAIRS: tuple[tuple[int, int], ...] = ((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16))
@@ -47,6 +50,7 @@ class TaskSpec:
     Mask2Former loss over every decoder layer (segmentation tasks only). ``sigma``: heatmap
     Gaussian in heatmap pixels. ``top_k``: instances kept per image at inference. ``pose_loss``:
     'mse' (official JointsMSE on heatmaps) or 'softmax' (`heatmap_softmax_loss` on logits).
+    ``semantic_head``: 'mask2former' (official) or 'per_pixel' (`decoders.per_pixel`).
     """
 
     task: str
@@ -58,15 +62,25 @@ class TaskSpec:
     top_k: int = 20
     num_joints: int = 17
     pose_loss: str = "mse"
+    semantic_head: str = "mask2former"
 
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.pose_loss not in POSE_LOSSES:
             raise ValueError(f"pose_loss must be one of {POSE_LOSSES}, got {self.pose_loss!r}")
-        if self.deep_supervision and _DECODER[self.task] != "segmentation":
-            raise ValueError(f"deep_supervision applies to the segmentation head (semantic, instance), "
-                             f"not to task {self.task!r}")
+        if self.semantic_head not in SEMANTIC_HEADS:
+            raise ValueError(f"semantic_head must be one of {SEMANTIC_HEADS}, got {self.semantic_head!r}")
+        if self.semantic_head != "mask2former" and self.task != "semantic":
+            raise ValueError(f"semantic_head={self.semantic_head!r} applies to task 'semantic', not {self.task!r}")
+        if self.deep_supervision and self.decoder_name != "segmentation":
+            raise ValueError(f"deep_supervision applies to the Mask2Former head (semantic, instance), "
+                             f"not to {self.decoder_name!r} (task {self.task!r})")
+
+    @property
+    def decoder_name(self) -> str:
+        """The registered decoder (`decoders.get_decoder`) this task trains."""
+        return "per_pixel" if self.semantic_head == "per_pixel" else _DECODER[self.task]
 
     @property
     def head_classes(self) -> int:
@@ -83,14 +97,18 @@ def spec_from_config(config) -> TaskSpec:
                     num_points=int(get("num_points", 12544) or 1),
                     deep_supervision=bool(get("deep_supervision", False)),
                     sigma=float(get("pose_sigma", 2.0)), top_k=int(get("top_k", 20)),
-                    pose_loss=str(get("pose_loss", "mse")))
+                    pose_loss=str(get("pose_loss", "mse")),
+                    semantic_head=str(get("semantic_head", "mask2former")))
 
 
 def build_decoder(spec: TaskSpec, features: FeatureSpec, decoder_config: Mapping[str, Any], *,
                   rngs: nnx.Rngs) -> nnx.Module:
     """The task's registered decoder on a feature spec; fills in what the task fixes."""
     dcfg = dict(decoder_config)
-    if _DECODER[spec.task] == "segmentation":
+    if spec.decoder_name == "per_pixel":
+        dcfg["num_classes"] = spec.num_classes
+        dcfg.setdefault("out_size", spec.image_size)
+    elif spec.decoder_name == "segmentation":
         dcfg["num_classes"] = spec.head_classes
         queries = int(dcfg.get("num_queries", 100))
         if spec.task == "semantic" and queries < spec.num_classes:
@@ -99,7 +117,7 @@ def build_decoder(spec: TaskSpec, features: FeatureSpec, decoder_config: Mapping
                              "semantic segmentation needs at least one query per class")
     elif spec.task == "depth":
         dcfg.setdefault("out_size", spec.image_size)
-    return get_decoder(_DECODER[spec.task], features, dcfg, rngs=rngs)
+    return get_decoder(spec.decoder_name, features, dcfg, rngs=rngs)
 
 
 def _flip_keypoints(kp: np.ndarray, width: int) -> np.ndarray:
@@ -156,6 +174,9 @@ def pose_targets(spec: TaskSpec, keypoints: jax.Array, num_persons: jax.Array,
 def task_loss(spec: TaskSpec, out: Any, batch: Mapping[str, jax.Array],
               key: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(total loss, named parts) of the decoder output ``out`` on ``batch``."""
+    if spec.decoder_name == "per_pixel":
+        ce = per_pixel_cross_entropy(out["logits"], batch["segmentation"])
+        return ce, {"ce": ce}
     if spec.task in ("semantic", "instance"):
         classes, masks, valid = _segmentation_targets(spec, batch)
         total, parts = segmentation_loss(out, classes, masks, valid, key, num_classes=spec.head_classes,
@@ -166,6 +187,24 @@ def task_loss(spec: TaskSpec, out: Any, batch: Mapping[str, jax.Array],
     target, weight = pose_targets(spec, batch["keypoints"], batch["num_persons"], out.shape[1])
     loss = heatmap_softmax_loss if spec.pose_loss == "softmax" else joints_mse_loss
     return loss(out, target, weight), {}
+
+
+def per_pixel_cross_entropy(logits: jax.Array, segmentation: jax.Array) -> jax.Array:
+    """Mean cross-entropy of (B,H,W,K) logits against (B,H,W) class maps, 255 (and any id >= K) ignored."""
+    k = logits.shape[-1]
+    seg = segmentation.astype(jnp.int32)
+    valid = seg < k
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), jnp.where(valid, seg, 0))
+    return (ce * valid).sum() / jnp.maximum(valid.sum(), 1)
+
+
+def semantic_class_scores(spec: TaskSpec, out: Any, size: int | tuple[int, int] | None = None) -> jax.Array:
+    """A semantic decoder's output -> (B, K, H, W) per-class scores at ``size`` (default: the image
+    size): Mask2Former `semantic_scores`, or the per-pixel head's softmax."""
+    size = size or spec.image_size
+    if spec.decoder_name == "per_pixel":
+        return jnp.moveaxis(jax.nn.softmax(resize(out["logits"].astype(jnp.float32), size), axis=-1), -1, 1)
+    return semantic_scores(out["logits"][-1], out["masks"][-1], size)
 
 
 def pose_heatmaps(spec: TaskSpec, out: jax.Array) -> jax.Array:
@@ -182,7 +221,7 @@ def task_predict(spec: TaskSpec, out: Any, truth: jax.Array | None = None) -> di
     joint score}.
     """
     if spec.task == "semantic":
-        return semantic_predictions(spec, semantic_scores(out["logits"][-1], out["masks"][-1], spec.image_size), truth)
+        return semantic_predictions(spec, semantic_class_scores(spec, out), truth)
     if spec.task == "instance":
         r = instance_inference(out["logits"][-1], out["masks"][-1], top_k=spec.top_k, out_size=spec.image_size)
         return {"masks": r["masks"], "scores": r["scores"], "labels": r["labels"] + 1}

@@ -86,7 +86,7 @@ class DecoderLabeler:
         def label(t, params, feats, allowed):
             out = nnx.merge(t.graph, params, t.rest)(feats)
             if t.task == "semantic":
-                scores = inference.semantic_scores(out["logits"][-1], out["masks"][-1], size)
+                scores = tasks.semantic_class_scores(t.spec, out, size)
                 seg, confidence = inference.grounded_class_map(scores, allowed, min_area=min_area, weak_threshold=weak)
                 return {"segmentation": seg, "quality": confidence.mean((1, 2))}
             if t.task == "depth":
