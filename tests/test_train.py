@@ -25,6 +25,7 @@ TASKS = ("semantic", "instance", "depth", "pose")
 
 
 def tiny(task, *overrides):
+    """configs/shapes_<task>.py:tiny (``task`` may name a variant config, e.g. 'semantic_per_pixel')."""
     return os.path.join(CONFIGS, f"shapes_{task}.py") + ":tiny", list(overrides)
 
 
@@ -48,7 +49,7 @@ def trainers(sd):
     return get
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", TASKS + ("semantic_per_pixel",))
 def test_loss_finite_and_decreasing_on_a_fixed_batch(trainers, task):
     tr = trainers(task)
     it = train.train_iterator(tr.config, None)
@@ -228,26 +229,18 @@ def test_deep_supervision_trains(sd):
     assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
 
 
-def test_per_pixel_semantic_decoder_trains_scores_and_labels_grounded_in_the_prompt(sd):
-    """configs/shapes_semantic_per_pixel.py (the demo's labeller): it learns, `results.json` holds both
-    semantic scores, and generation's labels carry only background and the classes each prompt names."""
+def test_per_pixel_semantic_decoder_scores_and_labels_grounded_in_the_prompt(trainers, sd):
+    """configs/shapes_semantic_per_pixel.py (the demo's labeller; that it learns: the fixed-batch test):
+    `results.json` holds both semantic scores, and generation's labels carry only background and the
+    classes each prompt names."""
     from datasetdm_jax import prompts
     from datasetdm_jax.data import shapes
     from datasetdm_jax.labelers.decoder import DecoderLabeler
 
     path, pipe, root = sd
-    config = load_config(os.path.join(CONFIGS, "shapes_semantic_per_pixel.py") + ":tiny",
-                         [f"pipeline={path}", f"workdir={root / 'per_pixel'}"])
-    tr = train.Trainer(config, pipe)
+    tr = trainers("semantic_per_pixel")
     assert tr.spec.decoder_name == "per_pixel" and not tr.spec.deep_supervision
-    batch = jax.device_put(tr.host_batch(next(train.train_iterator(config, None)), 0), tr.data_sharding)
-    state = jax.device_put({"step": np.zeros((), np.int32), "params": tr.init_params,
-                            "opt": tr.tx.init(tr.init_params)}, tr.repl)
-    losses = []
-    for _ in range(6):
-        state, m = tr.step_fn(state, batch, tr.frozen)
-        losses.append(float(m["loss"]))
-    assert np.all(np.isfinite(losses)) and np.mean(losses[-2:]) < np.mean(losses[:2]), losses
+    config = load_config(*tiny("semantic_per_pixel", f"pipeline={path}", f"workdir={root / 'per_pixel'}"))
     done, _, _ = train.run(config, str(config.workdir), trainer=tr)
     res = json.load(open(root / "per_pixel" / train.RESULTS_FILE))
     assert done and 0.0 <= res["miou"] <= 1.0 and 0.0 <= res["miou_grounded"] <= 1.0, res
