@@ -252,9 +252,10 @@ def run(config: ml_collections.ConfigDict, *, progress: bool = True) -> dict[str
     pipe = pretrained.load_pipeline(model, dtype=jnp.float32)
     times["load"] = time.time() - t0
 
-    print("[1/4] P-Decoders on 100 labelled real images")
     t = time.time()
     decoder_cfgs = decoder_configs(config, workdir, model)
+    counts = sorted({int(c.data.num_images) for c in decoder_cfgs.values()})
+    print(f"[1/4] P-Decoders on {' and '.join(map(str, counts))} labelled real images")
     decoder_results = {}
     for task, cfg in decoder_cfgs.items():
         train.run(cfg, pipe=pipe)

@@ -139,6 +139,7 @@ def test_quickstart_notebook(tmp_path):
     assert report["generated"]["images"] == small.generate.num_images and report["claims"]
     text = "".join(_outputs(nb, "text"))
     assert compare.format_table(down) in text  # the printed table
+    assert "P-Decoders on 16 labelled real images" in text  # the count the overrides set, not a fixed 100
     for claim in report["claims"]:
         assert claim["claim"] in text
     assert (workdir / "figure.png").is_file() and (workdir / "synthetic" / records.MANIFEST).is_file()
