@@ -11,7 +11,7 @@ from flax import nnx
 
 from datasetdm_jax.decoders import (
     decode_heatmaps, feature_spec, gaussian_heatmaps, get_decoder, hungarian_match, instance_inference,
-    joints_mse_loss, segmentation_loss, semantic_inference, silog_loss)
+    joints_mse_loss, per_pixel_cross_entropy, segmentation_loss, semantic_inference, silog_loss)
 from datasetdm_jax.decoders.matching import assign
 from datasetdm_jax.features import Features
 
@@ -371,8 +371,8 @@ def test_per_pixel_head_learns_ignores_255_and_scores_sum_to_one():
     # 255 pixels carry no loss: the same logits score differently once a wrong region is ignored
     logits = np.zeros((2, 16, 16, 3), np.float32)
     logits[:, :, :4, 2] = 10.0                                     # confidently wrong where 255
-    full = float(tasks.per_pixel_cross_entropy(jnp.asarray(logits), jnp.asarray(seg)))
-    assert float(tasks.per_pixel_cross_entropy(jnp.asarray(logits), jnp.asarray(ignored))) < full
+    full = float(per_pixel_cross_entropy(jnp.asarray(logits), jnp.asarray(seg)))
+    assert float(per_pixel_cross_entropy(jnp.asarray(logits), jnp.asarray(ignored))) < full
     opt, losses = tx.init(params), []
     for _ in range(30):
         params, opt, loss = step(params, opt, jnp.asarray(seg))

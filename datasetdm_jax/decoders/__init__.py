@@ -12,7 +12,7 @@ from flax import nnx
 
 from datasetdm_jax.decoders.depth import DepthDecoder
 from datasetdm_jax.decoders.inference import instance_inference, semantic_inference
-from datasetdm_jax.decoders.losses import joints_mse_loss, segmentation_loss, silog_loss
+from datasetdm_jax.decoders.losses import joints_mse_loss, per_pixel_cross_entropy, segmentation_loss, silog_loss
 from datasetdm_jax.decoders.matching import hungarian_match, point_sample
 from datasetdm_jax.decoders.per_pixel import PerPixelDecoder
 from datasetdm_jax.decoders.pixel_stem import FeatureSpec, PixelStem, SegBlock, feature_spec
@@ -36,8 +36,8 @@ def get_decoder(name: str, spec: FeatureSpec, config: Mapping[str, Any] | None =
 
 
 __all__ = [
-    "DECODERS", "DepthDecoder", "FeatureSpec", "PerPixelDecoder", "PixelStem", "PoseDecoder", "SegBlock", "SegmentationDecoder",
-    "decode_heatmaps", "feature_spec", "gaussian_heatmaps", "get_decoder", "hungarian_match",
-    "instance_inference", "joints_mse_loss", "point_sample", "segmentation_loss", "semantic_inference",
-    "silog_loss",
+    "DECODERS", "DepthDecoder", "FeatureSpec", "PerPixelDecoder", "PixelStem", "PoseDecoder", "SegBlock",
+    "SegmentationDecoder", "decode_heatmaps", "feature_spec", "gaussian_heatmaps", "get_decoder", "hungarian_match",
+    "instance_inference", "joints_mse_loss", "per_pixel_cross_entropy", "point_sample", "segmentation_loss",
+    "semantic_inference", "silog_loss",
 ]

@@ -1,4 +1,5 @@
-"""P-Decoder losses (the official code's): Mask2Former set criterion, scale-invariant log depth, joints MSE.
+"""P-Decoder losses (the official code's): Mask2Former set criterion, scale-invariant log depth, joints MSE;
+and per-pixel cross-entropy for the per-pixel semantic head.
 
 Segmentation ground truth is padded to a fixed number of slots M per image so shapes are static:
 `gt_classes` (B, M) int, `gt_masks` (B, M, H, W) {0,1}, `gt_valid` (B, M) bool.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from datasetdm_jax.decoders.matching import hungarian_match, point_sample
 
@@ -116,3 +118,12 @@ def joints_mse_loss(pred: jax.Array, target: jax.Array, weight: jax.Array) -> ja
     """JointsMSELoss: 0.5 * MSE(pred*w, target*w), averaged over joints. pred/target (B, H, W, J), weight (B, J)."""
     w = weight.astype(jnp.float32)[:, None, None, :]
     return 0.5 * jnp.mean((pred.astype(jnp.float32) * w - target.astype(jnp.float32) * w) ** 2)
+
+
+def per_pixel_cross_entropy(logits: jax.Array, segmentation: jax.Array) -> jax.Array:
+    """Mean cross-entropy of (B,H,W,K) logits against (B,H,W) class maps, 255 (and any id >= K) ignored."""
+    k = logits.shape[-1]
+    seg = segmentation.astype(jnp.int32)
+    valid = seg < k
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), jnp.where(valid, seg, 0))
+    return (ce * valid).sum() / jnp.maximum(valid.sum(), 1)

@@ -23,14 +23,14 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from datasetdm_jax import metrics as mt
 from datasetdm_jax.decoders import get_decoder
 from datasetdm_jax.decoders.inference import (class_map, grounded_class_map, instance_inference, pixel_confidence,
                                               semantic_scores)
-from datasetdm_jax.decoders.losses import heatmap_softmax_loss, joints_mse_loss, segmentation_loss, silog_loss
+from datasetdm_jax.decoders.losses import (heatmap_softmax_loss, joints_mse_loss, per_pixel_cross_entropy,
+                                           segmentation_loss, silog_loss)
 from datasetdm_jax.decoders.pixel_stem import FeatureSpec, resize
 from datasetdm_jax.decoders.pose import decode_heatmaps, gaussian_heatmaps, softmax_heatmaps
 
@@ -187,15 +187,6 @@ def task_loss(spec: TaskSpec, out: Any, batch: Mapping[str, jax.Array],
     target, weight = pose_targets(spec, batch["keypoints"], batch["num_persons"], out.shape[1])
     loss = heatmap_softmax_loss if spec.pose_loss == "softmax" else joints_mse_loss
     return loss(out, target, weight), {}
-
-
-def per_pixel_cross_entropy(logits: jax.Array, segmentation: jax.Array) -> jax.Array:
-    """Mean cross-entropy of (B,H,W,K) logits against (B,H,W) class maps, 255 (and any id >= K) ignored."""
-    k = logits.shape[-1]
-    seg = segmentation.astype(jnp.int32)
-    valid = seg < k
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), jnp.where(valid, seg, 0))
-    return (ce * valid).sum() / jnp.maximum(valid.sum(), 1)
 
 
 def semantic_class_scores(spec: TaskSpec, out: Any, size: int | tuple[int, int] | None = None) -> jax.Array:
