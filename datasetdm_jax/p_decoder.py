@@ -5,8 +5,9 @@ timestep ``config.timestep`` (default 0: the official code's ``timesteps[-1]`` o
 schedule) with fresh noise -> one UNet pass on the CFG batch [uncond "" ; the image's caption] with
 feature capture -> decoder -> task loss (``decoders/tasks.py``: Mask2Former set loss for semantic
 (or per-pixel cross-entropy, ``semantic_head='per_pixel'``) and class-aware instance segmentation,
-SILog for depth, JointsMSE on Gaussian heatmaps for pose) -> Adam. The step is one jitted pure function of the decoder's (params, opt state), the batch, and
-the frozen pipeline params, over a data-parallel ``('data',)`` mesh of the local devices. With
+SILog for depth, JointsMSE on Gaussian heatmaps for pose) -> Adam. The step is one jitted pure
+function of the decoder's (params, opt state), the batch, and the frozen pipeline params, over a
+data-parallel ``('data',)`` mesh of the local devices. With
 ``config.cache_features`` the frozen half runs once per (training image, mirror) before training
 (``Trainer.feature_bank``, noise fixed per row) and each step gathers its rows from that bank.
 """

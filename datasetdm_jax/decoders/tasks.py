@@ -247,7 +247,7 @@ class Evaluator:
     def __init__(self, spec: TaskSpec):
         self.spec = spec
         self.miou = mt.MeanIoU(spec.num_classes) if spec.task == "semantic" else None
-        self.miou_grounded: mt.MeanIoU | None = None  # made by the first predictions with scores
+        self.miou_grounded: mt.MeanIoU | None = None  # made by the first predictions with segmentation_grounded
         self.preds: list = []
         self.gts: list = []
 
